@@ -1,0 +1,1 @@
+//! cqrsd: a CQRS / event-sourcing backend declared in TOML and served as a REST API.
