@@ -1,0 +1,316 @@
+//! Aggregates: commands decide which events happen, event handlers fold
+//! events into the aggregate's state.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value as Json;
+
+use super::error::{ApplyError, CommandError, Violation};
+use super::expr::{self, Expression, Vars};
+
+/// An aggregate type: its initial state, commands and event handlers.
+#[derive(Debug)]
+pub struct Aggregate {
+    pub(crate) name: String,
+    pub(crate) initial_state: Json,
+    pub(crate) commands: BTreeMap<String, Command>,
+    pub(crate) events: BTreeMap<String, EventHandler>,
+}
+
+/// A command of an aggregate.
+#[derive(Debug)]
+pub struct Command {
+    pub(crate) name: String,
+    /// The schema as written, for API documentation.
+    pub(crate) schema_json: Option<Json>,
+    pub(crate) schema: Option<jsonschema::Validator>,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) emit: Vec<Emit>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Rule {
+    pub(crate) require: Expression,
+    pub(crate) message: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Emit {
+    pub(crate) event: String,
+    pub(crate) data: Vec<(String, Expression)>,
+    pub(crate) when: Option<Expression>,
+}
+
+/// How one event type changes the state: each `set` field is replaced by its
+/// expression's value, the others are kept.
+#[derive(Debug)]
+pub(crate) struct EventHandler {
+    pub(crate) set: Vec<(String, Expression)>,
+}
+
+/// What a command is run with, besides its body and the current state.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub aggregate_id: String,
+    /// The aggregate's version before the command (0 for a new aggregate).
+    pub version: u64,
+    pub now: DateTime<Utc>,
+    /// Request metadata, visible to expressions as `meta`.
+    pub meta: Json,
+}
+
+/// The outcome of an accepted command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The new events, in order; empty if the command changed nothing.
+    pub events: Vec<NewEvent>,
+    /// The state after applying `events` in order.
+    pub new_state: Json,
+}
+
+/// An event decided by a command, not yet recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_type: String,
+    /// A JSON object.
+    pub data: Json,
+}
+
+/// A recorded event, as handed to `apply` functions.
+#[derive(Debug, Clone, Copy)]
+pub struct EventInput<'a> {
+    pub event_type: &'a str,
+    pub data: &'a Json,
+    pub aggregate_id: &'a str,
+    pub version: u64,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// The names an event's metadata takes in the `event` variable; event data
+/// may not use them, so `event.type` always means the event type.
+pub(crate) const EVENT_META_FIELDS: [&str; 5] = [
+    "type",
+    "aggregate_id",
+    "aggregate_type",
+    "version",
+    "timestamp",
+];
+
+impl EventInput<'_> {
+    /// The `event` variable: the event's data with its metadata beside it.
+    pub(crate) fn to_cel(&self, aggregate_type: &str) -> cel::Value {
+        let mut fields = match self.data {
+            Json::Object(map) => map.clone(),
+            _ => serde_json::Map::new(),
+        };
+        fields.insert("type".into(), Json::from(self.event_type));
+        fields.insert("aggregate_id".into(), Json::from(self.aggregate_id));
+        fields.insert("aggregate_type".into(), Json::from(aggregate_type));
+        fields.insert("version".into(), Json::from(self.version));
+        let mut value = expr::from_json(&Json::Object(fields));
+        if let cel::Value::Map(map) = &mut value {
+            std::sync::Arc::make_mut(&mut map.map).insert(
+                cel::objects::Key::String(std::sync::Arc::new("timestamp".to_owned())),
+                expr::timestamp(self.timestamp),
+            );
+        }
+        value
+    }
+}
+
+impl Command {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The command's JSON Schema as written in the domain file, if any.
+    pub fn schema(&self) -> Option<&Json> {
+        self.schema_json.as_ref()
+    }
+
+    /// The event types this command may emit, in order, possibly repeated.
+    pub fn emitted_events(&self) -> impl Iterator<Item = &str> {
+        self.emit.iter().map(|e| e.event.as_str())
+    }
+
+    fn validate(&self, body: &Json) -> Result<(), CommandError> {
+        let Some(schema) = &self.schema else {
+            return Ok(());
+        };
+        let violations: Vec<Violation> = schema
+            .iter_errors(body)
+            .map(|error| Violation {
+                path: error.instance_path().as_str().to_owned(),
+                message: error.to_string(),
+            })
+            .collect();
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(CommandError::Schema(violations))
+        }
+    }
+}
+
+impl Aggregate {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The state of an aggregate that has no events yet: a JSON object.
+    pub fn initial_state(&self) -> &Json {
+        &self.initial_state
+    }
+
+    pub fn command(&self, name: &str) -> Option<&Command> {
+        self.commands.get(name)
+    }
+
+    pub fn command_names(&self) -> impl Iterator<Item = &str> {
+        self.commands.keys().map(String::as_str)
+    }
+
+    pub fn event_names(&self) -> impl Iterator<Item = &str> {
+        self.events.keys().map(String::as_str)
+    }
+
+    fn find_command(&self, command: &str) -> Result<&Command, CommandError> {
+        self.commands
+            .get(command)
+            .ok_or_else(|| CommandError::UnknownCommand {
+                command: command.to_owned(),
+            })
+    }
+
+    /// Validates a command body against the command's JSON Schema only.
+    /// Every violation is returned, each with its JSON Pointer.
+    pub fn validate(&self, command: &str, body: &Json) -> Result<(), CommandError> {
+        self.find_command(command)?.validate(body)
+    }
+
+    /// Runs a command: schema, then rules, then `emit` (with `when`), then
+    /// folds the new events over `state` to give the new state. A rejected
+    /// command emits nothing.
+    pub fn execute(
+        &self,
+        command: &str,
+        state: &Json,
+        body: &Json,
+        ctx: &CommandContext,
+    ) -> Result<Decision, CommandError> {
+        let cmd = self.find_command(command)?;
+        cmd.validate(body)?;
+        let vars = Vars {
+            state: Some(expr::from_json(state)),
+            command: Some(expr::from_json(body)),
+            id: Some(cel::Value::String(std::sync::Arc::new(
+                ctx.aggregate_id.clone(),
+            ))),
+            meta: Some(expr::from_json(&ctx.meta)),
+            now: Some(expr::timestamp(ctx.now)),
+            ..Vars::default()
+        };
+        let place = format!("aggregates.{}.commands.{}", self.name, cmd.name);
+        for (i, rule) in cmd.rules.iter().enumerate() {
+            let allowed =
+                rule.require
+                    .eval_bool(&vars)
+                    .map_err(|reason| CommandError::Evaluation {
+                        place: format!("{place}.rules[{i}]"),
+                        reason,
+                    })?;
+            if !allowed {
+                return Err(CommandError::Rejected {
+                    message: rule.message.clone(),
+                });
+            }
+        }
+        let mut events = Vec::new();
+        for (i, emit) in cmd.emit.iter().enumerate() {
+            let here = format!("{place}.emit[{i}]");
+            if let Some(when) = &emit.when {
+                let wanted = when
+                    .eval_bool(&vars)
+                    .map_err(|reason| CommandError::Evaluation {
+                        place: format!("{here}.when"),
+                        reason,
+                    })?;
+                if !wanted {
+                    continue;
+                }
+            }
+            let mut data = serde_json::Map::new();
+            for (field, expression) in &emit.data {
+                let value =
+                    expression
+                        .eval_json(&vars)
+                        .map_err(|reason| CommandError::Evaluation {
+                            place: format!("{here}.data.{field}"),
+                            reason,
+                        })?;
+                data.insert(field.clone(), value);
+            }
+            events.push(NewEvent {
+                event_type: emit.event.clone(),
+                data: Json::Object(data),
+            });
+        }
+        let mut new_state = state.clone();
+        for (i, event) in events.iter().enumerate() {
+            let input = EventInput {
+                event_type: &event.event_type,
+                data: &event.data,
+                aggregate_id: &ctx.aggregate_id,
+                version: ctx.version.saturating_add(i as u64).saturating_add(1),
+                timestamp: ctx.now,
+            };
+            new_state = self.apply(&new_state, &input).map_err(|e| match e {
+                ApplyError::UnknownEvent { event_type } => CommandError::Evaluation {
+                    place: place.clone(),
+                    reason: format!("no handler for event `{event_type}`"),
+                },
+                ApplyError::Evaluation { place, reason } => {
+                    CommandError::Evaluation { place, reason }
+                }
+            })?;
+        }
+        Ok(Decision { events, new_state })
+    }
+
+    /// Applies one recorded event to a state, as when replaying the log.
+    pub fn apply(&self, state: &Json, event: &EventInput<'_>) -> Result<Json, ApplyError> {
+        let handler =
+            self.events
+                .get(event.event_type)
+                .ok_or_else(|| ApplyError::UnknownEvent {
+                    event_type: event.event_type.to_owned(),
+                })?;
+        let place = format!("aggregates.{}.events.{}", self.name, event.event_type);
+        let Json::Object(fields) = state else {
+            return Err(ApplyError::Evaluation {
+                place,
+                reason: "the state is not a JSON object".to_owned(),
+            });
+        };
+        let vars = Vars {
+            state: Some(expr::from_json(state)),
+            event: Some(event.to_cel(&self.name)),
+            id: Some(cel::Value::String(std::sync::Arc::new(
+                event.aggregate_id.to_owned(),
+            ))),
+            ..Vars::default()
+        };
+        let mut fields = fields.clone();
+        for (field, expression) in &handler.set {
+            let value = expression
+                .eval_json(&vars)
+                .map_err(|reason| ApplyError::Evaluation {
+                    place: format!("{place}.set.{field}"),
+                    reason,
+                })?;
+            fields.insert(field.clone(), value);
+        }
+        Ok(Json::Object(fields))
+    }
+}

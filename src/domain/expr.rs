@@ -1,0 +1,659 @@
+//! CEL expressions as cqrsd uses them: compiled once with load-time bounds,
+//! evaluated with cqrsd's number semantics, time helpers and a cost budget,
+//! and converted to and from JSON.
+//!
+//! Numbers: cel 0.15 refuses `int + double`, which surprises users whose
+//! JSON bodies mix `10` and `10.5`. After parsing, the arithmetic operator
+//! calls of the AST (`_+_`, `_-_`, `_*_`, `_/_`, `_%_`) are renamed to
+//! functions of ours (`@add`, ...); `@` cannot start a name in CEL source, so
+//! users cannot call them or shadow them. Those functions keep integers
+//! integers (checked, so overflow is an error rather than a wrap), switch to
+//! floating point as soon as one side is a double, and hand every other
+//! operand type back to cel's own operators. Comparisons already work across
+//! int, uint and double in cel 0.15, so they are left alone.
+
+use std::collections::{BTreeSet, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, operators};
+use cel::objects::{Key, Map};
+use cel::{Context, Env, ExecutionError, Value};
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// Longest expression source accepted. Real rules are a line or two; the cap
+/// keeps parse time and AST size small whatever a domain file contains.
+pub const MAX_EXPRESSION_LEN: usize = 4096;
+
+/// Deepest bracket nesting accepted before the parser runs. The ANTLR parser
+/// recurses once per nesting level and a few thousand levels would overflow
+/// the stack, so this is checked on the raw text, before parsing.
+pub const MAX_BRACKET_DEPTH: usize = 32;
+
+/// The parser's own nesting limit, passed on to cel's recursion guard.
+const MAX_PARSER_DEPTH: u16 = 64;
+
+/// Deepest AST accepted after parsing. Evaluation recurses once per level, so
+/// this bounds the evaluator's stack use (long `a + b + c + ...` chains nest
+/// without brackets).
+pub const MAX_AST_DEPTH: usize = 96;
+
+/// Most comprehension iterations (`all`, `exists`, `map`, `filter`, ...) one
+/// evaluation may run, counted over all nested macros. The input is bounded
+/// by the HTTP body limit, but `l.map(a, l.map(b, ...))` is quadratic in it.
+pub const MAX_ITERATIONS: u64 = 100_000;
+
+/// Longest string or list one `+` may produce: concatenation is the only way
+/// an expression grows a value beyond its inputs.
+pub const MAX_CONCAT_LEN: usize = 1 << 20;
+
+/// Largest JSON value (approximate bytes) an expression may produce. CEL
+/// shares values internally, so a list holding the same big string many times
+/// is cheap until it is turned into JSON; this stops it there.
+pub const MAX_RESULT_BYTES: usize = 4 << 20;
+
+/// The variables an expression may name. Which ones are allowed depends on
+/// where the expression is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Var {
+    State,
+    Command,
+    Event,
+    Doc,
+    Id,
+    Meta,
+    Now,
+}
+
+impl Var {
+    pub(crate) const ALL: [Var; 7] = [
+        Var::State,
+        Var::Command,
+        Var::Event,
+        Var::Doc,
+        Var::Id,
+        Var::Meta,
+        Var::Now,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Var::State => "state",
+            Var::Command => "command",
+            Var::Event => "event",
+            Var::Doc => "doc",
+            Var::Id => "id",
+            Var::Meta => "meta",
+            Var::Now => "now",
+        }
+    }
+}
+
+/// The values of the variables for one evaluation; absent ones are not bound.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Vars {
+    pub state: Option<Value>,
+    pub command: Option<Value>,
+    pub event: Option<Value>,
+    pub doc: Option<Value>,
+    pub id: Option<Value>,
+    pub meta: Option<Value>,
+    pub now: Option<Value>,
+}
+
+/// A compiled expression, ready to be evaluated any number of times.
+#[derive(Debug, Clone)]
+pub(crate) struct Expression {
+    ast: IdedExpr,
+}
+
+/// The standard CEL environment, shared by every evaluation: it holds no
+/// state of ours, only cel's standard library.
+fn env() -> Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| Arc::new(Env::stdlib())).clone()
+}
+
+const ARITHMETIC: [(&str, &str); 5] = [
+    (operators::ADD, "@add"),
+    (operators::SUBSTRACT, "@sub"),
+    (operators::MULTIPLY, "@mul"),
+    (operators::DIVIDE, "@div"),
+    (operators::MODULO, "@rem"),
+];
+
+/// The guard wrapped around every comprehension range, which charges its
+/// size to the evaluation's iteration budget.
+const RANGE_GUARD: &str = "@range";
+
+impl Expression {
+    /// Parses `source`, checks its bounds and that it only names variables of
+    /// `allowed`, and rewrites it for cqrsd's number semantics.
+    pub(crate) fn compile(source: &str, allowed: &[Var]) -> Result<Expression, String> {
+        if source.len() > MAX_EXPRESSION_LEN {
+            return Err(format!(
+                "expression is {} bytes long, the limit is {MAX_EXPRESSION_LEN}",
+                source.len()
+            ));
+        }
+        if source.trim().is_empty() {
+            return Err("expression is empty".to_owned());
+        }
+        let depth = bracket_depth(source);
+        if depth > MAX_BRACKET_DEPTH {
+            return Err(format!(
+                "expression nests brackets {depth} deep, the limit is {MAX_BRACKET_DEPTH}"
+            ));
+        }
+        let parsed = catch_unwind(|| {
+            env()
+                .parser()
+                .max_recursion_depth(MAX_PARSER_DEPTH)
+                .parse(source)
+        })
+        .map_err(|_| "the CEL parser failed on this expression".to_owned())?;
+        let mut ast = parsed.map_err(|errors| {
+            let messages: Vec<String> = errors.errors.iter().map(|e| e.msg.clone()).collect();
+            format!("invalid CEL: {}", messages.join("; "))
+        })?;
+        let mut walk = Walk {
+            scopes: Vec::new(),
+            accumulators: Vec::new(),
+            free: BTreeSet::new(),
+        };
+        walk.visit(&mut ast, 0)?;
+        let env = env();
+        let unknown: Vec<&String> = walk
+            .free
+            .iter()
+            .filter(|name| {
+                !allowed.iter().any(|v| v.name() == name.as_str())
+                    && env.types().find_type(name).is_none()
+            })
+            .collect();
+        if let Some(name) = unknown.first() {
+            let known = Var::ALL.iter().any(|v| v.name() == name.as_str());
+            let allowed: Vec<&str> = allowed.iter().map(|v| v.name()).collect();
+            return Err(if known {
+                format!(
+                    "variable `{name}` is not available here (available: {})",
+                    allowed.join(", ")
+                )
+            } else {
+                format!(
+                    "unknown variable `{name}` (available here: {})",
+                    allowed.join(", ")
+                )
+            });
+        }
+        Ok(Expression { ast })
+    }
+
+    /// Evaluates the expression. Errors are messages for the caller to place.
+    pub(crate) fn eval(&self, vars: &Vars) -> Result<Value, String> {
+        let budget = Arc::new(AtomicU64::new(0));
+        let mut ctx = Context::with_env(env());
+        register_functions(&mut ctx, budget)?;
+        let bindings = [
+            (Var::State, &vars.state),
+            (Var::Command, &vars.command),
+            (Var::Event, &vars.event),
+            (Var::Doc, &vars.doc),
+            (Var::Id, &vars.id),
+            (Var::Meta, &vars.meta),
+            (Var::Now, &vars.now),
+        ];
+        for (var, value) in bindings {
+            if let Some(value) = value {
+                ctx.add_variable_from_value(var.name(), value.clone());
+            }
+        }
+        // cel is not known to panic on a checked AST, but a panic here would
+        // take a request (or a projection worker) down with it: a panic is
+        // turned into an evaluation error as a last line of defence.
+        let result = catch_unwind(AssertUnwindSafe(|| Value::resolve(&self.ast, &ctx)))
+            .map_err(|_| "the expression evaluator failed on this input".to_owned())?;
+        result.map_err(|error| error.to_string())
+    }
+
+    /// Evaluates the expression and requires a boolean.
+    pub(crate) fn eval_bool(&self, vars: &Vars) -> Result<bool, String> {
+        match self.eval(vars)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!(
+                "expected a boolean, got a value of type {}",
+                other.type_of()
+            )),
+        }
+    }
+
+    /// Evaluates the expression and converts the result to JSON.
+    pub(crate) fn eval_json(&self, vars: &Vars) -> Result<serde_json::Value, String> {
+        to_json(&self.eval(vars)?)
+    }
+}
+
+/// The deepest nesting of `(`, `[` and `{` in `source`, ignoring quoted text.
+/// It errs on the side of counting too much (raw and triple-quoted strings
+/// are treated like ordinary ones), which can only make the bound stricter.
+fn bracket_depth(source: &str) -> usize {
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in source.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// One pass over a parsed AST: checks its depth and node kinds, collects the
+/// free variables, and rewrites arithmetic and comprehension ranges.
+struct Walk {
+    /// Variables bound by enclosing comprehensions.
+    scopes: Vec<String>,
+    /// Accumulators of enclosing comprehensions: the macro-generated
+    /// `@result + [x]` steps must stay as they are, because cel recognises
+    /// that exact shape to build `map`/`filter` results in linear time.
+    accumulators: Vec<String>,
+    free: BTreeSet<String>,
+}
+
+impl Walk {
+    fn visit(&mut self, node: &mut IdedExpr, depth: usize) -> Result<(), String> {
+        if depth > MAX_AST_DEPTH {
+            return Err(format!(
+                "expression nests more than {MAX_AST_DEPTH} operations deep"
+            ));
+        }
+        let next = depth + 1;
+        match &mut node.expr {
+            Expr::Unspecified => return Err("invalid CEL: incomplete expression".to_owned()),
+            Expr::Literal(_) => {}
+            Expr::Ident(name) => {
+                if !self.scopes.iter().any(|s| s == name) {
+                    self.free.insert(name.clone());
+                }
+            }
+            Expr::Select(select) => self.visit(&mut select.operand, next)?,
+            Expr::List(list) => {
+                for element in &mut list.elements {
+                    self.visit(element, next)?;
+                }
+            }
+            Expr::Map(map) => {
+                for entry in &mut map.entries {
+                    match &mut entry.expr {
+                        EntryExpr::MapEntry(e) => {
+                            self.visit(&mut e.key, next)?;
+                            self.visit(&mut e.value, next)?;
+                        }
+                        EntryExpr::StructField(_) => {
+                            return Err("invalid CEL: a field entry in a map literal".to_owned());
+                        }
+                    }
+                }
+            }
+            Expr::Struct(s) => {
+                return Err(format!(
+                    "message construction (`{}{{...}}`) is not supported",
+                    s.type_name
+                ));
+            }
+            Expr::Call(call) => {
+                let accumulator_step = call.func_name == operators::ADD
+                    && matches!(call.args.first().map(|a| &a.expr),
+                        Some(Expr::Ident(name)) if self.accumulators.contains(name));
+                if call.target.is_none() && call.args.len() == 2 && !accumulator_step {
+                    if let Some((_, ours)) = ARITHMETIC.iter().find(|(op, _)| *op == call.func_name)
+                    {
+                        call.func_name = (*ours).to_owned();
+                    }
+                }
+                if let Some(target) = &mut call.target {
+                    self.visit(target, next)?;
+                }
+                for arg in &mut call.args {
+                    self.visit(arg, next)?;
+                }
+            }
+            Expr::Comprehension(c) => {
+                // The range and the initial accumulator are evaluated outside
+                // the comprehension's scope; the rest inside it.
+                self.visit(&mut c.iter_range, next)?;
+                self.visit(&mut c.accu_init, next)?;
+                let range = std::mem::take(&mut c.iter_range);
+                c.iter_range = IdedExpr {
+                    id: range.id,
+                    expr: Expr::Call(cel::common::ast::CallExpr {
+                        func_name: RANGE_GUARD.to_owned(),
+                        target: None,
+                        args: vec![range],
+                    }),
+                };
+                let bound = self.scopes.len();
+                self.scopes.push(c.iter_var.clone());
+                if let Some(second) = &c.iter_var2 {
+                    self.scopes.push(second.clone());
+                }
+                self.scopes.push(c.accu_var.clone());
+                self.accumulators.push(c.accu_var.clone());
+                let inner = (|| {
+                    self.visit(&mut c.loop_cond, next)?;
+                    self.visit(&mut c.loop_step, next)?;
+                    self.visit(&mut c.result, next)
+                })();
+                self.accumulators.pop();
+                self.scopes.truncate(bound);
+                inner?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn register_functions(ctx: &mut Context<'_, '_>, budget: Arc<AtomicU64>) -> Result<(), String> {
+    let declare = |e: cel::DeclarationError| format!("internal error declaring a function: {e}");
+    ctx.add_function("@add", |a: Value, b: Value| arithmetic(Op::Add, a, b))
+        .map_err(declare)?;
+    ctx.add_function("@sub", |a: Value, b: Value| arithmetic(Op::Sub, a, b))
+        .map_err(declare)?;
+    ctx.add_function("@mul", |a: Value, b: Value| arithmetic(Op::Mul, a, b))
+        .map_err(declare)?;
+    ctx.add_function("@div", |a: Value, b: Value| arithmetic(Op::Div, a, b))
+        .map_err(declare)?;
+    ctx.add_function("@rem", |a: Value, b: Value| arithmetic(Op::Rem, a, b))
+        .map_err(declare)?;
+    ctx.add_function(RANGE_GUARD, move |range: Value| {
+        charge(&budget, &range)?;
+        Ok::<Value, ExecutionError>(range)
+    })
+    .map_err(declare)?;
+    ctx.add_function("hour", |ts: Value| bucket(&ts, "hour", "%Y-%m-%dT%H"))
+        .map_err(declare)?;
+    ctx.add_function("day", |ts: Value| bucket(&ts, "day", "%Y-%m-%d"))
+        .map_err(declare)?;
+    ctx.add_function("month", |ts: Value| bucket(&ts, "month", "%Y-%m"))
+        .map_err(declare)?;
+    Ok(())
+}
+
+/// Charges the size of a comprehension range to the evaluation's budget.
+fn charge(budget: &AtomicU64, range: &Value) -> Result<(), ExecutionError> {
+    let size = match range {
+        Value::List(list) => list.len(),
+        Value::Map(map) => map.map.len(),
+        _ => 0,
+    };
+    let size = u64::try_from(size).unwrap_or(u64::MAX);
+    let before = budget.fetch_add(size, Ordering::Relaxed);
+    if before.saturating_add(size) > MAX_ITERATIONS {
+        return Err(ExecutionError::function_error(
+            "comprehension",
+            format!("too costly: more than {MAX_ITERATIONS} iterations in one expression"),
+        ));
+    }
+    Ok(())
+}
+
+/// A time bucket of a timestamp, or of an RFC 3339 string, in UTC.
+fn bucket(ts: &Value, name: &str, format: &str) -> Result<Value, ExecutionError> {
+    let ts: DateTime<Utc> = match ts {
+        Value::Timestamp(t) => t.with_timezone(&Utc),
+        Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .map_err(|e| {
+                ExecutionError::function_error(name, format!("not an RFC 3339 timestamp: {e}"))
+            })?
+            .with_timezone(&Utc),
+        other => {
+            return Err(ExecutionError::function_error(
+                name,
+                format!("expected a timestamp, got {}", other.type_of()),
+            ));
+        }
+    };
+    Ok(Value::String(Arc::new(ts.format(format).to_string())))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Add => "add",
+            Op::Sub => "sub",
+            Op::Mul => "mul",
+            Op::Div => "div",
+            Op::Rem => "rem",
+        }
+    }
+}
+
+fn is_number(v: &Value) -> bool {
+    matches!(v, Value::Int(_) | Value::UInt(_) | Value::Float(_))
+}
+
+/// cqrsd's arithmetic: numbers as users expect, everything else as cel does.
+fn arithmetic(op: Op, a: Value, b: Value) -> Result<Value, ExecutionError> {
+    if is_number(&a) && is_number(&b) {
+        return numeric(op, a, b);
+    }
+    let result = match op {
+        Op::Add => a + b,
+        Op::Sub => a - b,
+        Op::Mul => a * b,
+        Op::Div => a / b,
+        Op::Rem => a % b,
+    }?;
+    let len = match &result {
+        Value::String(s) => s.len(),
+        Value::List(l) => l.len(),
+        _ => 0,
+    };
+    if len > MAX_CONCAT_LEN {
+        return Err(ExecutionError::function_error(
+            op.name(),
+            format!("too costly: the result would be longer than {MAX_CONCAT_LEN}"),
+        ));
+    }
+    Ok(result)
+}
+
+fn numeric(op: Op, a: Value, b: Value) -> Result<Value, ExecutionError> {
+    let overflow = || ExecutionError::Overflow(op.name(), a.clone(), b.clone());
+    match (as_integer(&a), as_integer(&b)) {
+        (Some(x), Some(y)) => {
+            let result = match op {
+                Op::Add => x.checked_add(y),
+                Op::Sub => x.checked_sub(y),
+                Op::Mul => x.checked_mul(y),
+                Op::Div if y == 0 => return Err(ExecutionError::DivisionByZero(a.clone())),
+                Op::Rem if y == 0 => return Err(ExecutionError::RemainderByZero(a.clone())),
+                Op::Div => x.checked_div(y),
+                Op::Rem => x.checked_rem(y),
+            }
+            .ok_or_else(overflow)?;
+            // Two uints stay a uint, as in CEL; otherwise the result is an
+            // int when it fits, which is what a JSON integer becomes.
+            if matches!((&a, &b), (Value::UInt(_), Value::UInt(_))) {
+                u64::try_from(result)
+                    .map(Value::UInt)
+                    .map_err(|_| overflow())
+            } else if let Ok(i) = i64::try_from(result) {
+                Ok(Value::Int(i))
+            } else {
+                u64::try_from(result)
+                    .map(Value::UInt)
+                    .map_err(|_| overflow())
+            }
+        }
+        _ => {
+            let (x, y) = (as_float(&a), as_float(&b));
+            if matches!(op, Op::Div | Op::Rem) && y == 0.0 {
+                return Err(if matches!(op, Op::Div) {
+                    ExecutionError::DivisionByZero(a.clone())
+                } else {
+                    ExecutionError::RemainderByZero(a.clone())
+                });
+            }
+            let result = match op {
+                Op::Add => x + y,
+                Op::Sub => x - y,
+                Op::Mul => x * y,
+                Op::Div => x / y,
+                Op::Rem => x % y,
+            };
+            if result.is_finite() || !(x.is_finite() && y.is_finite()) {
+                Ok(Value::Float(result))
+            } else {
+                Err(overflow())
+            }
+        }
+    }
+}
+
+fn as_integer(v: &Value) -> Option<i128> {
+    match v {
+        Value::Int(i) => Some(i128::from(*i)),
+        Value::UInt(u) => Some(i128::from(*u)),
+        _ => None,
+    }
+}
+
+fn as_float(v: &Value) -> f64 {
+    match v {
+        Value::Int(i) => *i as f64,
+        Value::UInt(u) => *u as f64,
+        Value::Float(f) => *f,
+        _ => f64::NAN,
+    }
+}
+
+/// JSON to CEL: integers that fit an i64 become ints, larger ones uints, all
+/// other numbers doubles.
+pub(crate) fn from_json(value: &serde_json::Value) -> Value {
+    match value {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::UInt(u)
+            } else {
+                Value::Float(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        serde_json::Value::String(s) => Value::String(Arc::new(s.clone())),
+        serde_json::Value::Array(items) => {
+            Value::List(Arc::new(items.iter().map(from_json).collect()))
+        }
+        serde_json::Value::Object(fields) => {
+            let map: HashMap<Key, Value> = fields
+                .iter()
+                .map(|(k, v)| (Key::String(Arc::new(k.clone())), from_json(v)))
+                .collect();
+            Value::Map(Map { map: Arc::new(map) })
+        }
+    }
+}
+
+/// A CEL timestamp for a UTC time.
+pub(crate) fn timestamp(t: DateTime<Utc>) -> Value {
+    Value::Timestamp(t.fixed_offset())
+}
+
+/// CEL to JSON: ints and uints become JSON integers, doubles JSON floats
+/// (non-finite ones are an error), timestamps RFC 3339 strings in UTC.
+pub(crate) fn to_json(value: &Value) -> Result<serde_json::Value, String> {
+    let mut size = 0usize;
+    to_json_sized(value, &mut size)
+}
+
+fn to_json_sized(value: &Value, size: &mut usize) -> Result<serde_json::Value, String> {
+    // Every node costs a little beyond its text, so that a huge list of
+    // empty values is bounded too.
+    *size = size.saturating_add(8);
+    if *size > MAX_RESULT_BYTES {
+        return Err(format!(
+            "too costly: the result is larger than {MAX_RESULT_BYTES} bytes"
+        ));
+    }
+    Ok(match value {
+        Value::Null => serde_json::Value::Null,
+        Value::Bool(b) => serde_json::Value::Bool(*b),
+        Value::Int(i) => serde_json::Value::from(*i),
+        Value::UInt(u) => serde_json::Value::from(*u),
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| format!("the number {f} cannot be stored in JSON"))?,
+        Value::String(s) => {
+            *size = size.saturating_add(s.len());
+            if *size > MAX_RESULT_BYTES {
+                return Err(format!(
+                    "too costly: the result is larger than {MAX_RESULT_BYTES} bytes"
+                ));
+            }
+            serde_json::Value::String(s.as_str().to_owned())
+        }
+        Value::Timestamp(t) => serde_json::Value::String(
+            t.with_timezone(&Utc)
+                .to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        ),
+        Value::List(items) => serde_json::Value::Array(
+            items
+                .iter()
+                .map(|item| to_json_sized(item, size))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Map(map) => {
+            let mut object = serde_json::Map::new();
+            // Sorted keys give the same JSON for the same value every time.
+            let mut entries: Vec<(&Key, &Value)> = map.map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            for (key, item) in entries {
+                let key = match key {
+                    Key::String(s) => s.as_str().to_owned(),
+                    Key::Int(i) => i.to_string(),
+                    Key::Uint(u) => u.to_string(),
+                    Key::Bool(b) => b.to_string(),
+                };
+                *size = size.saturating_add(key.len());
+                object.insert(key, to_json_sized(item, size)?);
+            }
+            serde_json::Value::Object(object)
+        }
+        other => {
+            return Err(format!(
+                "a value of type {} cannot be stored in JSON",
+                other.type_of()
+            ));
+        }
+    })
+}

@@ -1,0 +1,274 @@
+//! Projections, the pure part: which events they handle and what each event
+//! changes. Storing the results is another module's job.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value as Json;
+
+use super::aggregate::EventInput;
+use super::error::ApplyError;
+use super::expr::{self, Expression, Vars};
+
+/// A read model fed by the events of its source aggregates.
+#[derive(Debug)]
+pub struct Projection {
+    pub(crate) name: String,
+    pub(crate) kind: ProjectionKind,
+    pub(crate) sources: Vec<String>,
+}
+
+impl Projection {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn kind(&self) -> &ProjectionKind {
+        &self.kind
+    }
+
+    /// The aggregate types whose events feed this projection. For a search
+    /// projection these are its view's sources.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
+    }
+}
+
+#[derive(Debug)]
+pub enum ProjectionKind {
+    View(ViewDef),
+    Aggregation(AggregationDef),
+    Search(SearchDef),
+}
+
+/// A view: one JSON document per aggregate id.
+#[derive(Debug)]
+pub struct ViewDef {
+    pub(crate) name: String,
+    pub(crate) indexes: Vec<String>,
+    pub(crate) on: BTreeMap<String, ViewHandler>,
+}
+
+#[derive(Debug)]
+pub(crate) enum ViewHandler {
+    Set(Vec<(String, Expression)>),
+    Delete,
+}
+
+/// The change a view makes to the document of `event.aggregate_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ViewChange {
+    Put(Json),
+    Delete,
+    Unchanged,
+}
+
+impl ViewDef {
+    /// The document fields usable in filters and sorting.
+    pub fn indexes(&self) -> &[String] {
+        &self.indexes
+    }
+
+    pub fn handles(&self, event_type: &str) -> bool {
+        self.on.contains_key(event_type)
+    }
+
+    /// The fields some handler of this view sets.
+    pub fn fields(&self) -> impl Iterator<Item = &str> {
+        let mut fields: Vec<&str> = self
+            .on
+            .values()
+            .flat_map(|h| match h {
+                ViewHandler::Set(set) => set.iter().map(|(f, _)| f.as_str()).collect(),
+                ViewHandler::Delete => Vec::new(),
+            })
+            .collect();
+        fields.sort_unstable();
+        fields.dedup();
+        fields.into_iter()
+    }
+
+    /// What `event` does to the current document `doc` (None if absent).
+    /// Handlers see `doc` as an empty object when there is no document yet.
+    pub fn apply(
+        &self,
+        doc: Option<&Json>,
+        event: &EventInput<'_>,
+        aggregate_type: &str,
+    ) -> Result<ViewChange, ApplyError> {
+        let Some(handler) = self.on.get(event.event_type) else {
+            return Ok(ViewChange::Unchanged);
+        };
+        let set = match handler {
+            ViewHandler::Delete if doc.is_some() => return Ok(ViewChange::Delete),
+            ViewHandler::Delete => return Ok(ViewChange::Unchanged),
+            ViewHandler::Set(set) => set,
+        };
+        let place = format!("projections.{}.on.{}", self.name, event.event_type);
+        let mut fields = match doc {
+            Some(Json::Object(fields)) => fields.clone(),
+            Some(_) => {
+                return Err(ApplyError::Evaluation {
+                    place,
+                    reason: "the current document is not a JSON object".to_owned(),
+                });
+            }
+            None => serde_json::Map::new(),
+        };
+        let vars = Vars {
+            doc: Some(expr::from_json(&Json::Object(fields.clone()))),
+            event: Some(event.to_cel(aggregate_type)),
+            id: Some(cel::Value::String(std::sync::Arc::new(
+                event.aggregate_id.to_owned(),
+            ))),
+            ..Vars::default()
+        };
+        for (field, expression) in set {
+            let value = expression
+                .eval_json(&vars)
+                .map_err(|reason| ApplyError::Evaluation {
+                    place: format!("{place}.set.{field}"),
+                    reason,
+                })?;
+            fields.insert(field.clone(), value);
+        }
+        Ok(ViewChange::Put(Json::Object(fields)))
+    }
+}
+
+/// An aggregation: measures kept per group, updated incrementally.
+#[derive(Debug)]
+pub struct AggregationDef {
+    pub(crate) name: String,
+    pub(crate) events: Vec<String>,
+    pub(crate) group_fields: Vec<String>,
+    pub(crate) group_by: Vec<Expression>,
+    pub(crate) measures: Vec<Measure>,
+}
+
+/// One measure of an aggregation.
+#[derive(Debug)]
+pub struct Measure {
+    pub name: String,
+    pub kind: MeasureKind,
+    pub(crate) input: Option<Expression>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeasureKind {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+impl MeasureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeasureKind::Count => "count",
+            MeasureKind::Sum => "sum",
+            MeasureKind::Min => "min",
+            MeasureKind::Max => "max",
+            MeasureKind::Avg => "avg",
+        }
+    }
+}
+
+/// The group key of one event (group field → value) and, per measure in
+/// order, its input number (`None` for `count`, which has none).
+pub type AggregationInput = (
+    serde_json::Map<String, Json>,
+    Vec<Option<serde_json::Number>>,
+);
+
+impl AggregationDef {
+    pub fn handles(&self, event_type: &str) -> bool {
+        self.events.iter().any(|e| e == event_type)
+    }
+
+    pub fn group_fields(&self) -> &[String] {
+        &self.group_fields
+    }
+
+    pub fn measures(&self) -> &[Measure] {
+        &self.measures
+    }
+
+    /// Evaluates the group key and the measures' inputs for one event.
+    /// Numbers keep their kind: an integer input stays an integer.
+    pub fn evaluate(
+        &self,
+        event: &EventInput<'_>,
+        aggregate_type: &str,
+    ) -> Result<AggregationInput, ApplyError> {
+        let place = format!("projections.{}", self.name);
+        let vars = Vars {
+            event: Some(event.to_cel(aggregate_type)),
+            id: Some(cel::Value::String(std::sync::Arc::new(
+                event.aggregate_id.to_owned(),
+            ))),
+            ..Vars::default()
+        };
+        let mut group = serde_json::Map::new();
+        for (field, expression) in self.group_fields.iter().zip(&self.group_by) {
+            let value = expression
+                .eval_json(&vars)
+                .map_err(|reason| ApplyError::Evaluation {
+                    place: format!("{place}.group_by.{field}"),
+                    reason,
+                })?;
+            group.insert(field.clone(), value);
+        }
+        let mut inputs = Vec::with_capacity(self.measures.len());
+        for measure in &self.measures {
+            let Some(expression) = &measure.input else {
+                inputs.push(None);
+                continue;
+            };
+            let here = format!("{place}.measures.{}", measure.name);
+            match expression.eval_json(&vars) {
+                Ok(Json::Number(n)) => inputs.push(Some(n)),
+                Ok(other) => {
+                    return Err(ApplyError::Evaluation {
+                        place: here,
+                        reason: format!("expected a number, got {other}"),
+                    });
+                }
+                Err(reason) => {
+                    return Err(ApplyError::Evaluation {
+                        place: here,
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok((group, inputs))
+    }
+}
+
+/// A full-text search index over a view's documents.
+#[derive(Debug)]
+pub struct SearchDef {
+    pub(crate) view: String,
+    pub(crate) fields: Vec<(String, SearchFieldKind)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchFieldKind {
+    /// Tokenized full text.
+    Text,
+    /// One exact term.
+    Keyword,
+    Number,
+}
+
+impl SearchDef {
+    /// The view projection whose documents are indexed.
+    pub fn view(&self) -> &str {
+        &self.view
+    }
+
+    pub fn fields(&self) -> &[(String, SearchFieldKind)] {
+        &self.fields
+    }
+}
