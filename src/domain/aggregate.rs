@@ -99,7 +99,7 @@ pub(crate) const EVENT_META_FIELDS: [&str; 5] = [
 
 impl EventInput<'_> {
     /// The `event` variable: the event's data with its metadata beside it.
-    pub(crate) fn to_cel(&self, aggregate_type: &str) -> cel::Value {
+    pub(crate) fn cel_variable(&self, aggregate_type: &str) -> cel::Value {
         let mut fields = match self.data {
             Json::Object(map) => map.clone(),
             _ => serde_json::Map::new(),
@@ -295,7 +295,7 @@ impl Aggregate {
         };
         let vars = Vars {
             state: Some(expr::from_json(state)),
-            event: Some(event.to_cel(&self.name)),
+            event: Some(event.cel_variable(&self.name)),
             id: Some(cel::Value::String(std::sync::Arc::new(
                 event.aggregate_id.to_owned(),
             ))),

@@ -323,11 +323,12 @@ impl Walk {
                 let accumulator_step = call.func_name == operators::ADD
                     && matches!(call.args.first().map(|a| &a.expr),
                         Some(Expr::Ident(name)) if self.accumulators.contains(name));
-                if call.target.is_none() && call.args.len() == 2 && !accumulator_step {
-                    if let Some((_, ours)) = ARITHMETIC.iter().find(|(op, _)| *op == call.func_name)
-                    {
-                        call.func_name = (*ours).to_owned();
-                    }
+                if call.target.is_none()
+                    && call.args.len() == 2
+                    && !accumulator_step
+                    && let Some((_, ours)) = ARITHMETIC.iter().find(|(op, _)| *op == call.func_name)
+                {
+                    call.func_name = (*ours).to_owned();
                 }
                 if let Some(target) = &mut call.target {
                     self.visit(target, next)?;
@@ -499,18 +500,21 @@ fn numeric(op: Op, a: Value, b: Value) -> Result<Value, ExecutionError> {
                 Op::Rem => x.checked_rem(y),
             }
             .ok_or_else(overflow)?;
-            // Two uints stay a uint, as in CEL; otherwise the result is an
-            // int when it fits, which is what a JSON integer becomes.
-            if matches!((&a, &b), (Value::UInt(_), Value::UInt(_))) {
-                u64::try_from(result)
+            // Two ints give an int and two uints a uint, as in CEL, and
+            // leaving their range is an overflow. A mix gives an int when it
+            // fits, which is what a JSON integer becomes, else a uint.
+            match (&a, &b) {
+                (Value::Int(_), Value::Int(_)) => i64::try_from(result)
+                    .map(Value::Int)
+                    .map_err(|_| overflow()),
+                (Value::UInt(_), Value::UInt(_)) => u64::try_from(result)
                     .map(Value::UInt)
-                    .map_err(|_| overflow())
-            } else if let Ok(i) = i64::try_from(result) {
-                Ok(Value::Int(i))
-            } else {
-                u64::try_from(result)
-                    .map(Value::UInt)
-                    .map_err(|_| overflow())
+                    .map_err(|_| overflow()),
+                _ => i64::try_from(result).map(Value::Int).or_else(|_| {
+                    u64::try_from(result)
+                        .map(Value::UInt)
+                        .map_err(|_| overflow())
+                }),
             }
         }
         _ => {

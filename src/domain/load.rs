@@ -222,10 +222,10 @@ pub(crate) fn load(source: &str) -> Result<Loaded, Vec<DomainError>> {
     for (name, value) in file.aggregates {
         let place = format!("aggregates.{name}");
         let ok = p.name(&place, &name);
-        if let Some(aggregate) = load_aggregate(&mut p, &place, &name, value) {
-            if ok {
-                aggregates.insert(name, aggregate);
-            }
+        if let Some(aggregate) = load_aggregate(&mut p, &place, &name, value)
+            && ok
+        {
+            aggregates.insert(name, aggregate);
         }
     }
     let mut projections = BTreeMap::new();

@@ -116,7 +116,7 @@ impl ViewDef {
         };
         let vars = Vars {
             doc: Some(expr::from_json(&Json::Object(fields.clone()))),
-            event: Some(event.to_cel(aggregate_type)),
+            event: Some(event.cel_variable(aggregate_type)),
             id: Some(cel::Value::String(std::sync::Arc::new(
                 event.aggregate_id.to_owned(),
             ))),
@@ -203,7 +203,7 @@ impl AggregationDef {
     ) -> Result<AggregationInput, ApplyError> {
         let place = format!("projections.{}", self.name);
         let vars = Vars {
-            event: Some(event.to_cel(aggregate_type)),
+            event: Some(event.cel_variable(aggregate_type)),
             id: Some(cel::Value::String(std::sync::Arc::new(
                 event.aggregate_id.to_owned(),
             ))),
