@@ -784,3 +784,51 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn emit_when_and_command_variables() {
+    let domain = Domain::from_toml_str(
+        r#"
+[aggregates.door]
+state = { opens = 0, last = "" }
+[aggregates.door.commands.push]
+emit = [
+  { event = "Opened", data = { by = "meta.user", at = "now", door = "id" } },
+  { event = "Opened", data = { by = "'echo'", at = "now", door = "id" }, when = "command.twice" },
+]
+[aggregates.door.events.Opened]
+set = { opens = "state.opens + 1", last = "event.by + '@' + string(event.version) + '/' + hour(event.timestamp)" }
+"#,
+    )
+    .unwrap();
+    let door = domain.aggregate("door").unwrap();
+    let state = door.initial_state().clone();
+    let once = door
+        .execute("push", &state, &json!({"twice": false}), &ctx(4))
+        .unwrap();
+    assert_eq!(once.events.len(), 1);
+    assert_eq!(
+        once.events[0].data,
+        json!({"by": "tester", "at": "2026-11-26T13:45:00Z", "door": "acc-1"})
+    );
+    assert_eq!(
+        once.new_state,
+        json!({"opens": 1, "last": "tester@5/2026-11-26T13"})
+    );
+    let twice = door
+        .execute("push", &state, &json!({"twice": true}), &ctx(4))
+        .unwrap();
+    assert_eq!(twice.events.len(), 2);
+    // Each handler sees the state after the previous event and its own version.
+    assert_eq!(
+        twice.new_state,
+        json!({"opens": 2, "last": "echo@6/2026-11-26T13"})
+    );
+    let err = door
+        .execute("push", &state, &json!({"twice": "yes"}), &ctx(4))
+        .unwrap_err();
+    assert!(
+        matches!(&err, CommandError::Evaluation { place, .. } if place == "aggregates.door.commands.push.emit[1].when"),
+        "{err:?}"
+    );
+}
