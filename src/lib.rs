@@ -1,3 +1,12 @@
 //! cqrsd: a CQRS / event-sourcing backend declared in TOML and served as a REST API.
+//!
+//! See ARCHITECTURE.md for the map of the modules and their invariants.
 
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod domain;
+pub mod health;
+pub mod http;
+mod systemd;
+pub mod telemetry;

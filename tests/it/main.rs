@@ -1,1 +1,11 @@
+//! Integration tests: one binary, one module per feature. Every test talks to
+//! a real listening server, either the `cqrsd` binary in a child process or a
+//! daemon started in-process when the test needs handlers of its own.
 
+mod harness;
+
+mod cli;
+mod dispatch;
+mod operations;
+mod protection;
+mod shutdown;

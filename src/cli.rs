@@ -1,0 +1,205 @@
+//! The command line: `serve`, `check`, `init`, `completions`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::daemon::{Daemon, StartOptions};
+use crate::domain::Domain;
+
+/// cqrsd: a CQRS / event-sourcing backend declared in TOML and served as a REST API.
+#[derive(Debug, Parser)]
+#[command(name = "cqrsd", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Format of the daemon's log lines (overrides `[logging] format`).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon. Without --config: embedded log, ./cqrsd-data, 127.0.0.1:8080, example domain.
+    Serve {
+        /// The configuration file (TOML).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check the configuration and the domain file; exit non-zero listing every problem.
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Write a working config.toml and the example domain.toml into DIR (never overwrites).
+    Init {
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Runs the command line; the binary's `main` is only this.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config.as_deref(), cli.log_format),
+        Command::Check { config } => check(config.as_deref()),
+        Command::Init { dir } => init(&dir),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "cqrsd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn serve(config_path: Option<&Path>, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init_logging(
+        &config.logging.level,
+        log_format.unwrap_or(config.logging.format),
+    );
+    if config_path.is_none() {
+        tracing::info!(
+            "no --config given: running on the defaults (embedded log, ./cqrsd-data, 127.0.0.1:8080)"
+        );
+    }
+    let options = StartOptions {
+        handle_signals: true,
+        ..StartOptions::default()
+    };
+    let result = Daemon::start(config, options).and_then(Daemon::wait);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(config_path: Option<&Path>) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprint!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    let domain_name = config.domain_path().map_or_else(
+        || "built-in example".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let source = match config.domain_source() {
+        Ok(source) => source,
+        Err(error) => {
+            eprint!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    match Domain::from_toml_str(&source) {
+        Ok(domain) => {
+            println!(
+                "configuration OK; domain {domain_name}: {} aggregate(s), {} projection(s)",
+                domain.aggregates().count(),
+                domain.projections().count()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!(
+                "invalid domain {domain_name} ({} problem(s)):",
+                errors.0.len()
+            );
+            for error in &errors.0 {
+                eprintln!("  - {}: {}", error.place, error.reason);
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The configuration `init` writes: every fixed key of the design, pointing at
+/// the domain file written beside it.
+const INIT_CONFIG: &str = r#"# cqrsd configuration, written by `cqrsd init`.
+# Every key and its default is documented in config.toml.example.
+
+[http]
+listen = "127.0.0.1:8080"
+
+[storage]
+data_dir = "./cqrsd-data"
+
+[domain]
+path = "domain.toml"          # relative to this file
+
+[log]
+backend = "embedded"
+
+[command]
+threads = 1
+
+[query]
+threads = 1
+
+[projections]
+workers = 1
+"#;
+
+fn init(dir: &Path) -> ExitCode {
+    let files = [
+        ("config.toml", INIT_CONFIG),
+        ("domain.toml", crate::domain::EXAMPLE_DOMAIN),
+    ];
+    let existing: Vec<String> = files
+        .iter()
+        .map(|(name, _)| dir.join(name))
+        .filter(|path| path.exists())
+        .map(|path| path.display().to_string())
+        .collect();
+    if !existing.is_empty() {
+        eprintln!(
+            "refusing to overwrite existing files: {}",
+            existing.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    if let Err(error) = std::fs::create_dir_all(dir) {
+        eprintln!("cannot create {}: {error}", dir.display());
+        return ExitCode::FAILURE;
+    }
+    for (name, text) in files {
+        let path = dir.join(name);
+        // `create_new` closes the race with another process creating the file
+        // between the check above and this write.
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(text.as_bytes()));
+        if let Err(error) = written {
+            eprintln!("cannot write {}: {error}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "next: cqrsd serve --config {}",
+        dir.join("config.toml").display()
+    );
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,743 @@
+//! Daemon configuration: a TOML file layered under `CQRSD__SECTION__KEY`
+//! environment overrides, with a default for every key.
+//!
+//! Loading never stops at the first problem: unknown keys and invalid values
+//! are all collected, each naming its key, so `cqrsd check` can list every
+//! mistake in one run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The prefix of environment overrides: `CQRSD__HTTP__LISTEN` sets `[http] listen`.
+pub const ENV_PREFIX: &str = "CQRSD";
+/// The separator between the prefix, the section and the key in environment overrides.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// The whole configuration of one daemon.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub domain: DomainConfig,
+    pub log: LogConfig,
+    pub command: CommandConfig,
+    pub query: QueryConfig,
+    pub projections: ProjectionsConfig,
+    pub logging: LoggingConfig,
+    /// The directory the configuration file lives in; relative `[domain] path`
+    /// values are resolved against it. Not a configuration key.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
+}
+
+/// `[http]`: the one listener that serves the whole API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub listen: String,
+    /// Threads of the runtime that accepts connections and parses HTTP; the
+    /// handlers themselves run on the command or query runtime.
+    pub threads: usize,
+    /// Time a client has to send a complete request head (defeats slowloris).
+    pub header_read_timeout_ms: u64,
+    /// Time a handler may take before the request is answered 503.
+    pub request_timeout_ms: u64,
+    /// Largest accepted request body; larger bodies are answered 413.
+    pub body_limit_bytes: usize,
+    /// Requests handled at once; more are answered 503 instead of queueing without bound.
+    pub max_concurrent_requests: usize,
+    /// Open connections at once; further connections wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// How long shutdown waits for in-flight requests before closing connections.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            threads: 1,
+            header_read_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+            body_limit_bytes: 1024 * 1024,
+            max_concurrent_requests: 1024,
+            max_connections: 4096,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[storage]`: where the embedded stores keep their files.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// Relative paths are resolved against the working directory.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./cqrsd-data"),
+        }
+    }
+}
+
+/// `[domain]`: the domain file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DomainConfig {
+    /// Relative to the configuration file. Absent: the built-in bank example.
+    pub path: Option<PathBuf>,
+}
+
+/// Which event log backs the daemon.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    #[default]
+    Embedded,
+    Kafka,
+}
+
+/// How event payloads are encoded in log records.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadEncoding {
+    #[default]
+    Msgpack,
+    Json,
+}
+
+/// `[log]`: the event log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LogConfig {
+    pub backend: LogBackend,
+    pub encoding: PayloadEncoding,
+    pub embedded: EmbeddedLogConfig,
+    pub kafka: KafkaConfig,
+}
+
+/// `[log.embedded]`: the sled log used when no Kafka is configured.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct EmbeddedLogConfig {
+    /// Partitions per aggregate type, as Kafka partitions are per topic.
+    pub partitions: u32,
+    /// Most records made durable by one flush (group commit).
+    pub group_commit_max_records: usize,
+    /// Extra time the committer waits to gather a larger batch; 0 flushes as soon as it can.
+    pub group_commit_max_delay_us: u64,
+    /// Whether appends are flushed and `fdatasync`ed before they are acknowledged.
+    /// Turning it off loses acknowledged commands on power loss; only for throwaway data.
+    pub fsync: bool,
+}
+
+impl Default for EmbeddedLogConfig {
+    fn default() -> Self {
+        Self {
+            partitions: 8,
+            group_commit_max_records: 4096,
+            group_commit_max_delay_us: 0,
+            fsync: true,
+        }
+    }
+}
+
+/// `[log.kafka]`: the Kafka cluster, used when `backend = "kafka"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// Topics are named `<topic_prefix>.<aggregate>`; the embedded log uses the same names.
+    pub topic_prefix: String,
+    pub partitions: u32,
+    /// Passed to librdkafka's producer as they are (e.g. SASL or TLS settings).
+    pub producer: BTreeMap<String, String>,
+    /// Passed to librdkafka's consumers as they are.
+    pub consumer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".to_owned(),
+            topic_prefix: "cqrsd".to_owned(),
+            partitions: 8,
+            producer: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[command]`: the write side's runtime and limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CommandConfig {
+    pub threads: usize,
+    /// Aggregates kept in memory across all partitions.
+    pub cache_capacity: usize,
+    /// Commands waiting per partition writer before new ones are answered 503.
+    pub queue_depth: usize,
+    /// Most commands one partition writer decides and appends in one batch.
+    pub max_batch: usize,
+    /// How long an `Idempotency-Key` answer is remembered.
+    pub idempotency_ttl_secs: u64,
+    /// Records appended to a partition between two snapshot checkpoints.
+    pub snapshot_every: u64,
+}
+
+impl Default for CommandConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            cache_capacity: 100_000,
+            queue_depth: 4096,
+            max_batch: 512,
+            idempotency_ttl_secs: 24 * 60 * 60,
+            snapshot_every: 1000,
+        }
+    }
+}
+
+/// `[query]`: the read side's runtime and limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct QueryConfig {
+    pub threads: usize,
+    /// Longest wait of a `consistent_with` query before it is answered 504.
+    pub consistency_timeout_ms: u64,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            threads: 1,
+            consistency_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[projections]`: the pool that keeps read models up to date.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ProjectionsConfig {
+    pub workers: usize,
+    /// Most events applied and committed in one atomic write.
+    pub batch_size: usize,
+}
+
+impl Default for ProjectionsConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            batch_size: 1000,
+        }
+    }
+}
+
+/// Output format of the daemon's own log lines.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[logging]`: the daemon's diagnostic output (not the event log).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct LoggingConfig {
+    /// A `tracing` filter such as `info` or `cqrsd=debug,tower_http=info`; `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// One thing wrong with a configuration, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The dotted key, e.g. `http.listen`, or the file for problems of the file itself.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Every problem found while loading a configuration.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
+        for problem in &self.problems {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn single(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            problems: vec![ConfigProblem {
+                key: key.into(),
+                reason: reason.into(),
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration from an optional file and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// Loads the configuration with an explicit environment instead of the
+    /// process's (tests use this to avoid mutating global state).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::single(
+                    path.display().to_string(),
+                    "the configuration file does not exist or is not a file",
+                ));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let mut environment = config::Environment::with_prefix(ENV_PREFIX)
+            .separator(ENV_SEPARATOR)
+            .try_parsing(true)
+            .ignore_empty(true);
+        if let Some(env) = env {
+            environment = environment.source(Some(env.into_iter().collect()));
+        }
+        let merged = builder.add_source(environment).build().map_err(|error| {
+            ConfigError::single(
+                file.map_or_else(|| "environment".to_owned(), |p| p.display().to_string()),
+                error.to_string(),
+            )
+        })?;
+
+        // Unknown keys are collected rather than rejected one by one, so that
+        // a file with several typos is reported in one run.
+        let mut unknown = Vec::new();
+        let parsed: Result<Config, _> =
+            serde_ignored::deserialize(merged, |path| unknown.push(path.to_string()));
+        let mut config = parsed.map_err(|error| {
+            ConfigError::single(config_key_of(&error.to_string()), error.to_string())
+        })?;
+        config.base_dir = file.and_then(Path::parent).map(Path::to_path_buf);
+
+        let mut problems: Vec<ConfigProblem> = unknown
+            .into_iter()
+            .map(|key| ConfigProblem {
+                key,
+                reason: "unknown key".to_owned(),
+            })
+            .collect();
+        problems.extend(config.validate());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Checks every value against its allowed range and returns every problem.
+    pub fn validate(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, reason: String| {
+            problems.push(ConfigProblem {
+                key: key.to_owned(),
+                reason,
+            });
+        };
+        if let Err(error) = self.http.listen.parse::<SocketAddr>() {
+            problem(
+                "http.listen",
+                format!(
+                    "`{}` is not an IP address and port ({error})",
+                    self.http.listen
+                ),
+            );
+        }
+        for (key, value) in [
+            ("http.threads", self.http.threads),
+            ("command.threads", self.command.threads),
+            ("query.threads", self.query.threads),
+            ("projections.workers", self.projections.workers),
+        ] {
+            if value == 0 {
+                problem(key, "must be at least 1".to_owned());
+            } else if value > 1024 {
+                problem(
+                    key,
+                    format!("{value} threads is more than the limit of 1024"),
+                );
+            }
+        }
+        for (key, value) in [
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+            ("http.request_timeout_ms", self.http.request_timeout_ms),
+            ("http.drain_timeout_ms", self.http.drain_timeout_ms),
+            (
+                "query.consistency_timeout_ms",
+                self.query.consistency_timeout_ms,
+            ),
+            (
+                "command.idempotency_ttl_secs",
+                self.command.idempotency_ttl_secs,
+            ),
+            ("command.snapshot_every", self.command.snapshot_every),
+        ] {
+            if value == 0 {
+                problem(key, "must be greater than 0".to_owned());
+            }
+        }
+        for (key, value) in [
+            ("http.body_limit_bytes", self.http.body_limit_bytes),
+            (
+                "http.max_concurrent_requests",
+                self.http.max_concurrent_requests,
+            ),
+            ("http.max_connections", self.http.max_connections),
+            ("command.cache_capacity", self.command.cache_capacity),
+            ("command.queue_depth", self.command.queue_depth),
+            ("command.max_batch", self.command.max_batch),
+            ("projections.batch_size", self.projections.batch_size),
+            (
+                "log.embedded.group_commit_max_records",
+                self.log.embedded.group_commit_max_records,
+            ),
+        ] {
+            if value == 0 {
+                problem(key, "must be greater than 0".to_owned());
+            }
+        }
+        for (key, value) in [
+            ("log.embedded.partitions", self.log.embedded.partitions),
+            ("log.kafka.partitions", self.log.kafka.partitions),
+        ] {
+            if !(1..=1024).contains(&value) {
+                problem(
+                    key,
+                    format!("{value} partitions: must be between 1 and 1024"),
+                );
+            }
+        }
+        let prefix = &self.log.kafka.topic_prefix;
+        if prefix.is_empty()
+            || prefix.len() > 200
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            problem(
+                "log.kafka.topic_prefix",
+                format!("`{prefix}` must be 1 to 200 characters of A-Z, a-z, 0-9, '.', '_', '-'"),
+            );
+        }
+        if self.log.backend == LogBackend::Kafka {
+            if self.log.kafka.brokers.trim().is_empty() {
+                problem(
+                    "log.kafka.brokers",
+                    "must name at least one broker".to_owned(),
+                );
+            }
+            problem(
+                "log.backend",
+                "the kafka backend is not available in this build yet; use \"embedded\"".to_owned(),
+            );
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            problem(
+                "logging.level",
+                format!("`{}` is not a valid filter: {error}", self.logging.level),
+            );
+        }
+        if let Err(reason) = check_dir_creatable(&self.storage.data_dir) {
+            problem("storage.data_dir", reason);
+        }
+        if let Some(path) = self.domain_path()
+            && !path.is_file()
+        {
+            problem(
+                "domain.path",
+                format!("{} does not exist or is not a file", path.display()),
+            );
+        }
+        problems
+    }
+
+    /// The listen address; valid after `load` succeeded.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.http
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+    }
+
+    /// The domain file, resolved against the configuration file's directory,
+    /// or `None` for the built-in example domain.
+    pub fn domain_path(&self) -> Option<PathBuf> {
+        let path = self.domain.path.as_ref()?;
+        Some(match &self.base_dir {
+            Some(base) if path.is_relative() => base.join(path),
+            _ => path.clone(),
+        })
+    }
+
+    /// The text of the domain file, or of the built-in example.
+    pub fn domain_source(&self) -> Result<std::borrow::Cow<'static, str>, ConfigError> {
+        match self.domain_path() {
+            None => Ok(std::borrow::Cow::Borrowed(crate::domain::EXAMPLE_DOMAIN)),
+            Some(path) => std::fs::read_to_string(&path)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| {
+                    ConfigError::single(
+                        "domain.path",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                }),
+        }
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.http.header_read_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http.request_timeout_ms)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.http.drain_timeout_ms)
+    }
+}
+
+/// Serde's messages name the offending field but not its section; this pulls
+/// out the field so the problem's key is at least that precise.
+fn config_key_of(message: &str) -> String {
+    message
+        .split("for key `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .map_or_else(|| "configuration".to_owned(), str::to_owned)
+}
+
+/// A directory is acceptable when it exists and is a directory, or when its
+/// nearest existing ancestor is a writable directory it can be created in.
+/// Nothing is created here: `check` must not change the machine.
+fn check_dir_creatable(dir: &Path) -> Result<(), String> {
+    let absolute = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("cannot read the working directory: {e}"))?
+            .join(dir)
+    };
+    let mut candidate = absolute.as_path();
+    loop {
+        match std::fs::metadata(candidate) {
+            Ok(meta) if meta.is_dir() => {
+                if meta.permissions().readonly() {
+                    return Err(format!("{} is read-only", candidate.display()));
+                }
+                return Ok(());
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{} exists and is not a directory",
+                    candidate.display()
+                ));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                candidate = candidate.parent().ok_or_else(|| {
+                    format!(
+                        "no existing ancestor of {} to create it in",
+                        absolute.display()
+                    )
+                })?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotADirectory => {
+                return Err(format!(
+                    "a parent of {} is not a directory",
+                    absolute.display()
+                ));
+            }
+            Err(error) => return Err(format!("cannot inspect {}: {error}", candidate.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let config = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(config.http.listen, "127.0.0.1:8080");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./cqrsd-data"));
+        assert_eq!(config.log.backend, LogBackend::Embedded);
+        assert_eq!(config.log.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(config.log.kafka.topic_prefix, "cqrsd");
+        assert_eq!(config.log.kafka.partitions, 8);
+        assert_eq!((config.command.threads, config.query.threads), (1, 1));
+        assert_eq!(config.projections.workers, 1);
+        assert_eq!(config.domain_path(), None);
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_env_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "config.toml",
+            "[http]\nlisten = \"127.0.0.1:9000\"\n[command]\nthreads = 3\n[domain]\npath = \"d.toml\"\n",
+        );
+        write(dir.path(), "d.toml", "");
+        let config = Config::load_with_env(Some(&file), env(&[])).unwrap();
+        assert_eq!(config.http.listen, "127.0.0.1:9000");
+        assert_eq!(config.command.threads, 3);
+        assert_eq!(config.domain_path(), Some(dir.path().join("d.toml")));
+
+        let config = Config::load_with_env(
+            Some(&file),
+            env(&[
+                ("CQRSD__HTTP__LISTEN", "127.0.0.1:9100"),
+                ("CQRSD__QUERY__THREADS", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.http.listen, "127.0.0.1:9100");
+        assert_eq!(config.query.threads, 2);
+        assert_eq!(config.command.threads, 3);
+    }
+
+    #[test]
+    fn every_unknown_key_and_bad_value_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "config.toml",
+            "[http]\nlistn = \"x\"\nlisten = \"nowhere\"\n[query]\nthreads = 0\n[sotrage]\ndata_dir = \"x\"\n",
+        );
+        let error = Config::load_with_env(Some(&file), env(&[])).unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"http.listn"), "{error}");
+        assert!(keys.contains(&"sotrage"), "{error}");
+        assert!(keys.contains(&"http.listen"), "{error}");
+        assert!(keys.contains(&"query.threads"), "{error}");
+        assert_eq!(error.problems.len(), 4, "{error}");
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_reported() {
+        let error =
+            Config::load_with_env(None, env(&[("CQRSD__HTTP__LISTN", "127.0.0.1:1")])).unwrap_err();
+        assert_eq!(error.problems[0].key, "http.listn", "{error}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "config.toml", "[command]\nthreads = \"many\"\n");
+        let error = Config::load_with_env(Some(&file), env(&[])).unwrap_err();
+        assert!(error.to_string().contains("threads"), "{error}");
+    }
+
+    #[test]
+    fn an_uncreatable_data_dir_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = write(dir.path(), "file", "");
+        let data_dir = blocker.join("data");
+        let error = Config::load_with_env(
+            None,
+            env(&[("CQRSD__STORAGE__DATA_DIR", data_dir.to_str().unwrap())]),
+        )
+        .unwrap_err();
+        assert_eq!(error.problems[0].key, "storage.data_dir", "{error}");
+        assert!(
+            error.problems[0].reason.contains("not a directory"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_missing_domain_file_is_reported() {
+        let error =
+            Config::load_with_env(None, env(&[("CQRSD__DOMAIN__PATH", "/nonexistent/d.toml")]))
+                .unwrap_err();
+        assert_eq!(error.problems[0].key, "domain.path", "{error}");
+    }
+
+    #[test]
+    fn the_example_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
+        let config = Config::load_with_env(Some(&path), env(&[])).unwrap();
+        // The example documents the defaults, so it must equal them (up to the
+        // file's location and the domain path it names).
+        let mut expected = Config {
+            base_dir: config.base_dir.clone(),
+            ..Config::default()
+        };
+        expected.domain.path = config.domain.path.clone();
+        assert_eq!(config, expected);
+    }
+}

@@ -1,0 +1,217 @@
+//! Startup, the runtimes, and orderly shutdown of a whole daemon.
+//!
+//! Three tokio runtimes run in one process: a small one for HTTP connections
+//! and housekeeping, the command runtime (the write side) and the query
+//! runtime (the read side), each sized from the configuration, so that load
+//! on one side cannot starve the other.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::domain::Domain;
+use crate::health::Health;
+use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
+
+/// How long runtimes get to finish their tasks once everything else stopped.
+const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Builds extra routes once the runtimes exist (tests use it to probe the
+/// dispatch machinery with handlers of their own).
+pub type RoutesHook = Box<dyn FnOnce(&Runtimes) -> ApiRoutes + Send>;
+
+/// Options of [`Daemon::start`] that are not configuration.
+#[derive(Default)]
+pub struct StartOptions {
+    /// Install SIGTERM/SIGINT handlers (the binary does; in-process tests don't).
+    pub handle_signals: bool,
+    pub extra_routes: Option<RoutesHook>,
+}
+
+/// A started daemon: listening, with its tasks running.
+pub struct Daemon {
+    io: Runtime,
+    command: Runtime,
+    query: Runtime,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    server: Option<HttpServer>,
+    local_addr: SocketAddr,
+    health: Health,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn runtime(name: &str, threads: usize) -> anyhow::Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name(format!("cqrsd-{name}"))
+        .enable_all()
+        .build()
+        .with_context(|| format!("cannot start the {name} runtime"))
+}
+
+impl Daemon {
+    /// Starts everything and returns once the listener is bound. Readiness
+    /// comes later, when every component reports ready.
+    pub fn start(config: Config, options: StartOptions) -> anyhow::Result<Daemon> {
+        let io = runtime("http", config.http.threads)?;
+        let command = runtime("command", config.command.threads)?;
+        let query = runtime("query", config.query.threads)?;
+        let runtimes = Runtimes {
+            command: command.handle().clone(),
+            query: query.handle().clone(),
+        };
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let health = Health::new();
+
+        let data_dir = &config.storage.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        match config.domain_path() {
+            Some(path) => tracing::info!(path = %path.display(), "domain file"),
+            None => tracing::info!(
+                "no [domain] path configured: serving the built-in example domain (bank accounts)"
+            ),
+        }
+
+        let http_ready = health.register("http", "binding the listener");
+        let routes = options
+            .extra_routes
+            .map(|hook| hook(&runtimes))
+            .unwrap_or_default();
+        let router = http::router(
+            routes,
+            runtimes,
+            health.clone(),
+            RequestLimits {
+                body_limit_bytes: config.http.body_limit_bytes,
+                request_timeout: config.request_timeout(),
+                max_concurrent_requests: config.http.max_concurrent_requests,
+            },
+        );
+        let server_options = ServerOptions {
+            header_read_timeout: config.header_read_timeout(),
+            max_connections: config.http.max_connections,
+            drain_timeout: config.drain_timeout(),
+        };
+        let listen = config.listen_addr();
+        let server = io.block_on(async {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let server = HttpServer::start(listener, router, server_options, shutdown.clone())
+                .context("cannot start the HTTP server")?;
+            anyhow::Ok(server)
+        })?;
+        let local_addr = server.local_addr();
+        http_ready.ready();
+        tracing::info!(%local_addr, version = env!("CARGO_PKG_VERSION"), "listening");
+
+        if options.handle_signals {
+            tracker.spawn_on(wait_for_signal(shutdown.clone()), io.handle());
+        }
+        tracker.spawn_on(
+            crate::systemd::notify_when_ready(health.clone(), shutdown.clone()),
+            io.handle(),
+        );
+        tracker.spawn_on(crate::systemd::watchdog(shutdown.clone()), io.handle());
+
+        Ok(Daemon {
+            io,
+            command,
+            query,
+            shutdown,
+            tracker,
+            server: Some(server),
+            local_addr,
+            health,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Cancelling this token starts an orderly shutdown, as SIGTERM does.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Blocks until shutdown is requested, then stops accepting, drains
+    /// in-flight requests within the configured bound, stops every task and
+    /// flushes storage.
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        let server = self.server.take();
+        let shutdown = self.shutdown.clone();
+        let tracker = self.tracker.clone();
+        self.io.block_on(async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down");
+            crate::systemd::notify_stopping();
+            if let Some(server) = server {
+                server.stopped().await;
+            }
+            tracker.close();
+            if tokio::time::timeout(RUNTIME_SHUTDOWN_GRACE, tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("some background tasks did not stop in time");
+            }
+        });
+        let Daemon {
+            io, command, query, ..
+        } = self;
+        command.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+        query.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+        io.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Loads and compiles the configured domain; every problem is reported at
+/// once, here at startup, never at the first request.
+pub fn load_domain(config: &Config) -> anyhow::Result<Domain> {
+    let source = config.domain_source()?;
+    Domain::from_toml_str(&source)
+        .map_err(|errors| anyhow::anyhow!("invalid domain file:\n{errors}"))
+}
+
+/// Turns SIGTERM or SIGINT into a cancellation of the daemon's root token.
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::error!(%error, "cannot install signal handlers; stop the daemon with SIGKILL");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+        () = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,128 @@
+//! The REST API: one listener, routes for commands, queries and operations,
+//! and the middleware a public-facing server needs.
+//!
+//! This module is the only one that knows HTTP and JSON wire types. Connection
+//! handling runs on the HTTP runtime; each command-side handler runs on the
+//! command runtime and each query-side handler on the query runtime, so a flood
+//! on one side cannot starve the other even though one address serves both.
+
+mod middleware;
+mod ops;
+pub mod problem;
+mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tokio::runtime::Handle;
+use tower::ServiceBuilder;
+use tower_http::compression::CompressionLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use problem::{ApiError, FieldError, Problem};
+pub use server::{HttpServer, ServerOptions};
+
+use crate::health::Health;
+
+/// Handles of the runtimes that handlers are dispatched to.
+#[derive(Debug, Clone)]
+pub struct Runtimes {
+    pub command: Handle,
+    pub query: Handle,
+}
+
+/// The routes of each side, already given their state. Later parts of the
+/// daemon (the command side, the query side) contribute them; tests may add
+/// their own to probe the dispatch machinery.
+#[derive(Default)]
+pub struct ApiRoutes {
+    pub command: Router,
+    pub query: Router,
+    /// OpenAPI paths and schemas of these routes, merged into `/openapi.json`.
+    pub openapi: Option<utoipa::openapi::OpenApi>,
+}
+
+impl std::fmt::Debug for ApiRoutes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiRoutes").finish_non_exhaustive()
+    }
+}
+
+/// What the operations endpoints need.
+#[derive(Debug, Clone)]
+pub(crate) struct OpsState {
+    health: Health,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    runtimes: Runtimes,
+    openapi: Arc<String>,
+}
+
+/// Limits applied to every request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub body_limit_bytes: usize,
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: usize,
+}
+
+/// Builds the whole API: operations endpoints, the given command and query
+/// routes (each dispatched onto its runtime), and the middleware stack.
+pub fn router(
+    routes: ApiRoutes,
+    runtimes: Runtimes,
+    health: Health,
+    limits: RequestLimits,
+) -> Router {
+    let openapi = ops::openapi_document(routes.openapi);
+    let ops_state = OpsState {
+        health,
+        metrics: crate::telemetry::metrics_handle(),
+        runtimes: runtimes.clone(),
+        openapi: Arc::new(openapi),
+    };
+    let command = routes.command.layer(axum::middleware::from_fn_with_state(
+        runtimes.command,
+        middleware::dispatch,
+    ));
+    let query = routes.query.layer(axum::middleware::from_fn_with_state(
+        runtimes.query,
+        middleware::dispatch,
+    ));
+
+    // Load shedding covers the API only: operations endpoints must keep
+    // answering under overload, or a supervisor would restart a busy daemon.
+    let concurrency = Arc::new(tokio::sync::Semaphore::new(limits.max_concurrent_requests));
+    let api = command
+        .merge(query)
+        .layer(axum::middleware::from_fn_with_state(
+            concurrency,
+            middleware::shed_load,
+        ));
+    Router::new()
+        .merge(ops::routes(ops_state))
+        .merge(api)
+        .fallback(|| async { ApiError::NotFound("no such resource".to_owned()) })
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+                .layer(TraceLayer::new_for_http().make_span_with(middleware::request_span))
+                .layer(PropagateRequestIdLayer::x_request_id())
+                .layer(CompressionLayer::new())
+                .layer(axum::middleware::from_fn_with_state(
+                    limits.body_limit_bytes,
+                    middleware::problem_for_errors,
+                ))
+                .layer(axum::middleware::from_fn(middleware::record_metrics))
+                .layer(axum::middleware::from_fn_with_state(
+                    limits.request_timeout,
+                    middleware::timeout,
+                ))
+                .layer(DefaultBodyLimit::max(limits.body_limit_bytes))
+                .layer(tower_http::limit::RequestBodyLimitLayer::new(
+                    limits.body_limit_bytes,
+                )),
+        )
+}

@@ -1,0 +1,122 @@
+//! Operations endpoints: liveness, readiness, metrics and the OpenAPI document.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use super::OpsState;
+use super::problem::{ApiError, FieldError, Problem};
+
+/// The OpenAPI description of the operations endpoints; the command and query
+/// sides merge their own paths into it.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "cqrsd",
+        description = "A CQRS / event-sourcing backend declared in TOML.",
+        license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0")
+    ),
+    paths(livez, readyz, metrics, openapi_json),
+    components(schemas(Problem, FieldError, Liveness, Readiness))
+)]
+struct OpsApi;
+
+/// Renders the full OpenAPI document once, at startup.
+pub(crate) fn openapi_document(extra: Option<utoipa::openapi::OpenApi>) -> String {
+    let mut document = OpsApi::openapi();
+    document.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    if let Some(extra) = extra {
+        document.merge(extra);
+    }
+    document.to_json().unwrap_or_else(|_| "{}".to_owned())
+}
+
+pub(crate) fn routes(state: OpsState) -> Router {
+    Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .with_state(state)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Liveness {
+    status: &'static str,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct Readiness {
+    status: &'static str,
+    /// Each component's readiness and a short explanation.
+    #[schema(value_type = Object)]
+    components: serde_json::Value,
+}
+
+/// Liveness: answers as long as the process serves HTTP at all.
+#[utoipa::path(get, path = "/livez", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Liveness)))]
+async fn livez() -> Json<Liveness> {
+    Json(Liveness { status: "ok" })
+}
+
+/// Readiness: 200 once every component (event log, command side, projections)
+/// reports ready; 503 with each component's state before that.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Every component is ready", body = Readiness),
+        (status = 503, description = "Some component is not ready", body = Problem, content_type = "application/problem+json")
+    ))]
+async fn readyz(State(state): State<OpsState>) -> Response {
+    let components = serde_json::to_value(state.health.snapshot()).unwrap_or_default();
+    if state.health.is_ready() {
+        Json(Readiness {
+            status: "ready",
+            components,
+        })
+        .into_response()
+    } else {
+        ApiError::NotReady { components }.into_response()
+    }
+}
+
+/// Metrics in the Prometheus text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+async fn metrics(State(state): State<OpsState>) -> Response {
+    for (name, handle) in [
+        ("command", &state.runtimes.command),
+        ("query", &state.runtimes.query),
+    ] {
+        let runtime = handle.metrics();
+        metrics::gauge!("cqrsd_runtime_workers", "runtime" => name)
+            .set(runtime.num_workers() as f64);
+        metrics::gauge!("cqrsd_runtime_alive_tasks", "runtime" => name)
+            .set(runtime.num_alive_tasks() as f64);
+        metrics::gauge!("cqrsd_runtime_global_queue_depth", "runtime" => name)
+            .set(runtime.global_queue_depth() as f64);
+    }
+    let mut response = state.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi_json(State(state): State<OpsState>) -> Response {
+    let mut response = state.openapi.as_str().to_owned().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

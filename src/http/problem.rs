@@ -1,0 +1,181 @@
+//! RFC 9457 problem details: the one place where errors become HTTP statuses.
+//!
+//! Handlers return [`ApiError`]; the middleware turns any other error response
+//! (a framework rejection, a 404 from the router, a 413 from the body limit)
+//! into a problem as well, so a client never sees an error in another shape.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// A problem details body (RFC 9457).
+#[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
+pub struct Problem {
+    /// A URI naming the kind of problem; `about:blank` when the status says it all.
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// Every violation, for validation problems.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    /// Extra members that some problems carry (e.g. the components not ready).
+    #[serde(flatten, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub extensions: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One violation inside a request, located by a JSON Pointer.
+#[derive(Debug, Clone, Serialize, ToSchema, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem whose type is implied by its status alone.
+    pub fn from_status(status: StatusCode, detail: impl Into<String>) -> Self {
+        Self {
+            problem_type: "about:blank".to_owned(),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+            errors: Vec::new(),
+            extensions: serde_json::Map::new(),
+        }
+    }
+
+    fn typed(status: StatusCode, slug: &str, title: &str, detail: impl Into<String>) -> Self {
+        Self {
+            problem_type: format!("urn:cqrsd:problem:{slug}"),
+            title: title.to_owned(),
+            ..Self::from_status(status, detail)
+        }
+    }
+
+    pub fn with_extension(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.extensions.insert(key.to_owned(), value);
+        self
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let body = serde_json::to_vec(&self).unwrap_or_else(|_| b"{}".to_vec());
+        let mut response = (status, body).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        response
+    }
+}
+
+/// Everything a request can fail with, grouped by meaning. Each later
+/// boundary (command side, query side) adds its own variant wrapping its own
+/// error enum; the status of each is decided in [`ApiError::to_problem`] only.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the request timed out after {0} ms")]
+    Timeout(u64),
+    #[error("the server is handling too many requests; retry later")]
+    Overloaded,
+    #[error("the server is shutting down; retry on another instance or later")]
+    ShuttingDown,
+    #[error("the request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("not ready")]
+    NotReady { components: serde_json::Value },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The single mapping from errors to HTTP statuses and problem bodies.
+    pub fn to_problem(&self) -> Problem {
+        let detail = self.to_string();
+        match self {
+            ApiError::NotFound(_) => Problem::from_status(StatusCode::NOT_FOUND, detail),
+            ApiError::BadRequest(_) => Problem::from_status(StatusCode::BAD_REQUEST, detail),
+            ApiError::Timeout(_) => Problem::typed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "Request timed out",
+                detail,
+            ),
+            ApiError::Overloaded => Problem::typed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Server overloaded",
+                detail,
+            ),
+            ApiError::ShuttingDown => Problem::typed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting-down",
+                "Shutting down",
+                detail,
+            ),
+            ApiError::PayloadTooLarge(_) => {
+                Problem::from_status(StatusCode::PAYLOAD_TOO_LARGE, detail)
+            }
+            ApiError::NotReady { components } => Problem::typed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+                "Not ready",
+                "some components are not ready yet",
+            )
+            .with_extension("components", components.clone()),
+            ApiError::Internal(_) => Problem::from_status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "an internal error occurred; it has been logged",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(reason) = &self {
+            tracing::error!(%reason, "internal error");
+        }
+        self.to_problem().into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_serialize_with_the_rfc_9457_members() {
+        let problem = ApiError::NotReady {
+            components: serde_json::json!({"http": "starting"}),
+        }
+        .to_problem();
+        let json = serde_json::to_value(&problem).unwrap();
+        assert_eq!(json["type"], "urn:cqrsd:problem:not-ready");
+        assert_eq!(json["status"], 503);
+        assert_eq!(json["components"]["http"], "starting");
+        assert!(json.get("errors").is_none());
+    }
+
+    #[test]
+    fn internal_errors_do_not_leak_their_reason() {
+        let problem = ApiError::Internal("secret path /etc/x".to_owned()).to_problem();
+        assert_eq!(problem.status, 500);
+        assert!(!problem.detail.contains("secret"));
+    }
+}
