@@ -1,1 +1,3 @@
 //! cqrsd: a CQRS / event-sourcing backend declared in TOML and served as a REST API.
+
+pub mod log;
