@@ -280,3 +280,161 @@ mod serde_bytes_vec {
         d.deserialize_bytes(V)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn reply(hash: &str, expires_at_ms: i64) -> StoredReply {
+        StoredReply {
+            request_hash: hash.into(),
+            reply: vec![0, 1, 2, 255],
+            expires_at_ms,
+        }
+    }
+
+    fn snap(version: u64) -> Snapshot {
+        Snapshot {
+            version,
+            state: json!({"balance": 10, "rate": 0.5, "owner": "ann"}),
+        }
+    }
+
+    #[test]
+    fn commit_and_reopen_return_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = CommandStore::open(dir.path()).unwrap();
+            assert_eq!(store.checkpoint("cqrsd.account", 0).unwrap(), None);
+            assert_eq!(store.snapshot("account", "a").unwrap(), None);
+            store
+                .commit(
+                    "cqrsd.account",
+                    3,
+                    42,
+                    &[("account".into(), "a".into(), snap(7))],
+                    &[(
+                        "account".into(),
+                        "a".into(),
+                        "k1".into(),
+                        reply("h1", 1_000),
+                    )],
+                )
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = CommandStore::open(dir.path()).unwrap();
+        assert_eq!(store.checkpoint("cqrsd.account", 3).unwrap(), Some(42));
+        assert_eq!(store.checkpoint("cqrsd.account", 0).unwrap(), None);
+        let s = store.snapshot("account", "a").unwrap().unwrap();
+        assert_eq!(s, snap(7));
+        assert!(s.state["balance"].is_u64() && s.state["rate"].is_f64());
+        assert_eq!(
+            store.idempotent_reply("account", "a", "k1").unwrap(),
+            Some(reply("h1", 1_000))
+        );
+        // Keys are not confused across parts ("a"+"k1" vs "ak"+"1").
+        assert_eq!(store.idempotent_reply("account", "ak", "1").unwrap(), None);
+    }
+
+    #[test]
+    fn commit_is_atomic_with_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CommandStore::open(dir.path()).unwrap();
+        store
+            .commit("t", 0, 1, &[("account".into(), "a".into(), snap(1))], &[])
+            .unwrap();
+        // A concurrent reader polls checkpoint then snapshot: whenever it sees checkpoint
+        // N it must see the snapshot written with N (version N), never an older one.
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2_000 {
+                    let cp = store.checkpoint("t", 0).unwrap().unwrap();
+                    let version = store.snapshot("account", "a").unwrap().unwrap().version;
+                    assert!(version >= cp, "checkpoint {cp} ahead of snapshot {version}");
+                }
+            })
+        };
+        for n in 2..500 {
+            store
+                .commit("t", 0, n, &[("account".into(), "a".into(), snap(n))], &[])
+                .unwrap();
+        }
+        reader.join().unwrap();
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(499));
+    }
+
+    #[test]
+    fn purge_removes_only_expired_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CommandStore::open(dir.path()).unwrap();
+        let replies = vec![
+            ("account".into(), "a".into(), "old".into(), reply("h", -5)),
+            ("account".into(), "a".into(), "due".into(), reply("h", 100)),
+            ("account".into(), "b".into(), "new".into(), reply("h", 200)),
+            (
+                "account".into(),
+                "b".into(),
+                "renewed".into(),
+                reply("h", 50),
+            ),
+        ];
+        store.commit("t", 0, 1, &[], &replies).unwrap();
+        // Rewriting a reply with a later expiry leaves a stale expiry entry behind.
+        store
+            .commit(
+                "t",
+                0,
+                2,
+                &[],
+                &[(
+                    "account".into(),
+                    "b".into(),
+                    "renewed".into(),
+                    reply("h", 300),
+                )],
+            )
+            .unwrap();
+        assert_eq!(store.purge_expired_replies(100).unwrap(), 2);
+        assert_eq!(store.idempotent_reply("account", "a", "old").unwrap(), None);
+        assert_eq!(store.idempotent_reply("account", "a", "due").unwrap(), None);
+        assert!(
+            store
+                .idempotent_reply("account", "b", "new")
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            store
+                .idempotent_reply("account", "b", "renewed")
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(store.purge_expired_replies(100).unwrap(), 0);
+        assert_eq!(store.purge_expired_replies(i64::MAX).unwrap(), 2);
+    }
+
+    #[test]
+    fn corrupt_snapshot_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CommandStore::open(dir.path()).unwrap();
+        store
+            .snapshots
+            .insert(aggregate_key("account", "a"), &[0xc1u8][..])
+            .unwrap();
+        assert!(matches!(
+            store.snapshot("account", "a"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        store
+            .checkpoints
+            .insert(checkpoint_key("t", 0), &[1u8][..])
+            .unwrap();
+        assert!(matches!(
+            store.checkpoint("t", 0),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -106,6 +106,9 @@ struct Shared {
     flushes: AtomicU64,
     records: AtomicU64,
     largest_group: AtomicU64,
+    /// Fault injection: the next group commit fails as if fdatasync had failed.
+    #[cfg(test)]
+    fail_next_sync: AtomicBool,
 }
 
 struct Topic {
@@ -188,6 +191,8 @@ impl EmbeddedLog {
             flushes: AtomicU64::new(0),
             records: AtomicU64::new(0),
             largest_group: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
@@ -650,6 +655,10 @@ fn write_and_sync(
         Err(TransactionError::Abort(())) => return Err("internal error: bad tree slot".into()),
         Err(TransactionError::Storage(e)) => return Err(format!("write failed: {e}")),
     }
+    #[cfg(test)]
+    if shared.fail_next_sync.swap(false, Ordering::SeqCst) {
+        return Err("flush failed: injected fdatasync failure".into());
+    }
     if shared.opts.fsync {
         let started = Instant::now();
         lock(&shared.syncer)
@@ -831,4 +840,402 @@ fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Encoding, Event, EventMetadata, encode, partition_for};
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    const TOPIC: &str = "cqrsd.account";
+
+    fn opts(partitions: u32) -> EmbeddedLogOptions {
+        EmbeddedLogOptions {
+            partitions,
+            ..EmbeddedLogOptions::default()
+        }
+    }
+
+    fn open(dir: &Path, o: EmbeddedLogOptions) -> EmbeddedLog {
+        let log = EmbeddedLog::open(dir, o).unwrap();
+        log.ensure_topic(TOPIC).unwrap();
+        log
+    }
+
+    /// A record of `count` events of aggregate `id`, versions `first..first+count`.
+    fn rec(id: &str, first: u64, count: u64) -> Record {
+        let events: Vec<Event> = (first..first + count)
+            .map(|version| Event {
+                event_id: Uuid::now_v7(),
+                aggregate_type: "account".into(),
+                aggregate_id: id.into(),
+                version,
+                event_type: "Deposited".into(),
+                timestamp: DateTime::<Utc>::from_timestamp_millis(1_700_000_000_000).unwrap(),
+                data: serde_json::json!({ "amount": version }),
+                metadata: EventMetadata {
+                    command: "deposit".into(),
+                    command_id: Uuid::now_v7(),
+                    idempotency_key: None,
+                    correlation_id: None,
+                    request_hash: "h".into(),
+                    principal: None,
+                },
+            })
+            .collect();
+        encode(&events, Encoding::MessagePack).unwrap()
+    }
+
+    #[tokio::test]
+    async fn offsets_are_dense_per_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(2));
+        let batch = vec![rec("a", 1, 1), rec("a", 2, 2), rec("a", 4, 1)];
+        assert_eq!(
+            log.append(TOPIC, 0, batch.clone()).await.unwrap(),
+            vec![0, 1, 2]
+        );
+        assert_eq!(
+            log.append(TOPIC, 0, vec![rec("a", 5, 1)]).await.unwrap(),
+            vec![3]
+        );
+        assert_eq!(
+            log.append(TOPIC, 1, vec![rec("b", 1, 1)]).await.unwrap(),
+            vec![0]
+        );
+        assert_eq!(
+            log.append(TOPIC, 1, vec![]).await.unwrap(),
+            Vec::<u64>::new()
+        );
+        assert_eq!(log.end_offset(TOPIC, 0).unwrap(), 4);
+        assert_eq!(log.end_offset(TOPIC, 1).unwrap(), 1);
+
+        let read = log.read(TOPIC, 0, 0, 10).unwrap();
+        assert_eq!(
+            read.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+        assert_eq!(read[1].1, batch[1]);
+        assert_eq!(log.read(TOPIC, 0, 1, 2).unwrap().len(), 2);
+        assert!(log.read(TOPIC, 0, 4, 10).unwrap().is_empty());
+        assert!(log.read(TOPIC, 0, 0, 0).unwrap().is_empty());
+        log.close().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_are_dense_distinct_and_group_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = EmbeddedLogOptions {
+            partitions: 3,
+            // A short gathering window makes batching deterministic in the test; under
+            // real load requests queue up during each fsync anyway.
+            group_commit_max_delay: Duration::from_millis(5),
+            ..EmbeddedLogOptions::default()
+        };
+        let log = open(dir.path(), o);
+        log.ensure_topic("cqrsd.other").unwrap();
+
+        let mut tasks = Vec::new();
+        for i in 0..120u32 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let topic = if i % 2 == 0 { TOPIC } else { "cqrsd.other" };
+                let partition = i % 3;
+                let records = vec![
+                    rec(&format!("agg-{i}"), 1, 1),
+                    rec(&format!("agg-{i}"), 2, 1),
+                ];
+                let offsets = log.append(topic, partition, records).await.unwrap();
+                (topic, partition, offsets)
+            }));
+        }
+        let mut seen: HashMap<(&str, u32), Vec<u64>> = HashMap::new();
+        for t in tasks {
+            let (topic, partition, offsets) = t.await.unwrap();
+            // One append's records are contiguous.
+            assert_eq!(offsets.len(), 2);
+            assert_eq!(offsets[1], offsets[0] + 1);
+            seen.entry((topic, partition)).or_default().extend(offsets);
+        }
+        for ((topic, partition), mut offsets) in seen {
+            offsets.sort_unstable();
+            let n = offsets.len() as u64;
+            assert_eq!(offsets, (0..n).collect::<Vec<_>>(), "{topic}:{partition}");
+            assert_eq!(log.end_offset(topic, partition).unwrap(), n);
+            assert_eq!(log.read(topic, partition, 0, 1000).unwrap().len() as u64, n);
+        }
+        let stats = log.stats();
+        assert_eq!(stats.records, 240);
+        assert!(stats.largest_group > 2, "{stats:?}");
+        assert!(stats.flushes < 120, "{stats:?}");
+        log.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn reopen_after_close_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = vec![rec("a", 1, 2), rec("b", 1, 1), rec("a", 3, 1)];
+        {
+            let log = open(dir.path(), opts(4));
+            log.append(TOPIC, 2, written.clone()).await.unwrap();
+            log.close().unwrap();
+            log.close().unwrap();
+        }
+        let log = EmbeddedLog::open(dir.path(), opts(4)).unwrap();
+        // Readable before ensure_topic: topics recorded on disk are found.
+        assert_eq!(log.end_offset(TOPIC, 2).unwrap(), 3);
+        assert_eq!(log.ensure_topic(TOPIC).unwrap(), 4);
+        let read = log.read(TOPIC, 2, 0, 10).unwrap();
+        assert_eq!(
+            read.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+            written
+        );
+        assert_eq!(log.aggregate_records(TOPIC, "a", 0).unwrap().len(), 2);
+        assert_eq!(
+            log.append(TOPIC, 2, vec![rec("a", 4, 1)]).await.unwrap(),
+            vec![3]
+        );
+        log.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn aggregate_records_returns_exactly_the_aggregate_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(4));
+        let pa = partition_for("a", 4);
+        let pab = partition_for("ab", 4);
+        log.append(TOPIC, pa, vec![rec("a", 1, 2)]).await.unwrap();
+        log.append(TOPIC, pab, vec![rec("ab", 1, 1)]).await.unwrap();
+        log.append(TOPIC, pa, vec![rec("a", 3, 1), rec("a", 4, 3)])
+            .await
+            .unwrap();
+        log.append(TOPIC, pab, vec![rec("ab", 2, 1)]).await.unwrap();
+
+        let versions = |from: u64| -> Vec<(u64, u64)> {
+            log.aggregate_records(TOPIC, "a", from)
+                .unwrap()
+                .into_iter()
+                .map(|(p, _, r)| {
+                    assert_eq!(p, pa);
+                    assert_eq!(r.key, "a");
+                    r.version_range().unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(versions(0), vec![(1, 2), (3, 3), (4, 6)]);
+        assert_eq!(versions(2), vec![(1, 2), (3, 3), (4, 6)]);
+        assert_eq!(versions(3), vec![(3, 3), (4, 6)]);
+        assert_eq!(versions(5), vec![(4, 6)]);
+        assert_eq!(versions(7), Vec::<(u64, u64)>::new());
+        let offsets: Vec<u64> = log
+            .aggregate_records(TOPIC, "a", 0)
+            .unwrap()
+            .into_iter()
+            .map(|(_, o, _)| o)
+            .collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+        assert_eq!(log.aggregate_records(TOPIC, "ab", 0).unwrap().len(), 2);
+        assert!(
+            log.aggregate_records(TOPIC, "nobody", 0)
+                .unwrap()
+                .is_empty()
+        );
+        log.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn subscribe_wakes_on_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(2));
+        let mut rx = log.subscribe(TOPIC, 1).unwrap();
+        assert_eq!(*rx.borrow(), 0);
+        let writer = log.clone();
+        tokio::spawn(async move { writer.append(TOPIC, 1, vec![rec("x", 1, 1)]).await.unwrap() });
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*rx.borrow_and_update(), 1);
+        // Appends to another partition do not wake this one.
+        log.append(TOPIC, 0, vec![rec("y", 1, 1)]).await.unwrap();
+        assert!(!rx.has_changed().unwrap());
+        log.close().unwrap();
+    }
+
+    #[test]
+    fn partition_count_mismatch_on_reopen_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path(), opts(4)));
+        let log = EmbeddedLog::open(dir.path(), opts(2)).unwrap();
+        let err = log.ensure_topic(TOPIC).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::TopicMismatch {
+                    stored: 4,
+                    configured: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // A new topic gets the configured count.
+        assert_eq!(log.ensure_topic("cqrsd.new").unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn corrupt_framed_record_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(1));
+        log.append(TOPIC, 0, vec![rec("a", 1, 1), rec("a", 2, 1)])
+            .await
+            .unwrap();
+        let tree = log
+            .inner
+            .shared
+            .db
+            .open_tree(partition_tree_name(TOPIC, 0))
+            .unwrap();
+        let mut frame = tree.get(1u64.to_be_bytes()).unwrap().unwrap().to_vec();
+        let last = frame.len() - 1;
+        frame[last] ^= 0xFF;
+        tree.insert(1u64.to_be_bytes(), frame).unwrap();
+        tree.insert(0u64.to_be_bytes(), &b"garbage"[..]).unwrap();
+
+        assert!(matches!(
+            log.read(TOPIC, 0, 0, 1),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let err = log.read(TOPIC, 0, 1, 1).unwrap_err();
+        assert!(err.to_string().contains("cqrsd.account:0:1"), "{err}");
+        assert!(matches!(
+            log.aggregate_records(TOPIC, "a", 0),
+            Err(StoreError::Corrupt { .. })
+        ));
+        log.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn invalid_requests_and_closed_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(2));
+        let unknown = log.append("cqrsd.nope", 0, vec![rec("a", 1, 1)]).await;
+        assert!(matches!(unknown, Err(StoreError::InvalidRequest(_))));
+        let bad_partition = log.append(TOPIC, 2, vec![rec("a", 1, 1)]).await;
+        assert!(matches!(bad_partition, Err(StoreError::InvalidRequest(_))));
+        let mut no_headers = rec("a", 1, 1);
+        no_headers.headers.clear();
+        assert!(matches!(
+            log.append(TOPIC, 0, vec![no_headers]).await,
+            Err(StoreError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            log.read(TOPIC, 5, 0, 1),
+            Err(StoreError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            log.ensure_topic("bad topic"),
+            Err(StoreError::InvalidRequest(_))
+        ));
+
+        log.close().unwrap();
+        log.close().unwrap();
+        assert!(matches!(
+            log.append(TOPIC, 0, vec![rec("a", 1, 1)]).await,
+            Err(StoreError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn close_drains_queued_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(1));
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append(TOPIC, 0, vec![rec("a", i + 1, 1)]).await
+            }));
+        }
+        // Let the tasks enqueue before closing (they do not await anything before sending).
+        tokio::task::yield_now().await;
+        tokio::task::spawn_blocking({
+            let log = log.clone();
+            move || log.close()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let mut ok = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Closed) => {}
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+        // Every append queued before close was written, and all are readable.
+        assert_eq!(ok, 20);
+        assert_eq!(log.end_offset(TOPIC, 0).unwrap(), ok);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_fsync_fails_the_whole_group_and_reports_no_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = EmbeddedLogOptions {
+            partitions: 2,
+            group_commit_max_delay: Duration::from_millis(20),
+            ..EmbeddedLogOptions::default()
+        };
+        let log = open(dir.path(), o);
+        log.append(TOPIC, 0, vec![rec("a", 1, 1)]).await.unwrap();
+        log.inner
+            .shared
+            .fail_next_sync
+            .store(true, Ordering::SeqCst);
+        let mut tasks = Vec::new();
+        for i in 0..10u32 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append(TOPIC, i % 2, vec![rec(&format!("b{i}"), 1, 1)])
+                    .await
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Err(StoreError::Unavailable(_))));
+        }
+        // Nothing of the failed group is visible, and the log refuses further appends
+        // because the page cache can no longer be trusted after a failed fsync.
+        assert_eq!(log.end_offset(TOPIC, 0).unwrap(), 1);
+        assert_eq!(log.end_offset(TOPIC, 1).unwrap(), 0);
+        assert_eq!(log.read(TOPIC, 0, 0, 100).unwrap().len(), 1);
+        assert!(log.aggregate_records(TOPIC, "b0", 0).unwrap().is_empty());
+        let again = log.append(TOPIC, 0, vec![rec("c", 1, 1)]).await;
+        assert!(matches!(again, Err(StoreError::Unavailable(_))));
+    }
+
+    #[tokio::test]
+    async fn large_records_round_trip_through_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(1));
+        let mut big = rec("a", 1, 1);
+        // Larger than sled's inline limit (a quarter of a 512 KiB segment), so it is stored
+        // in a blob file, which the syncer must fsync.
+        big.value = vec![7u8; 300 * 1024];
+        log.append(TOPIC, 0, vec![big.clone()]).await.unwrap();
+        let blobs = std::fs::read_dir(dir.path().join("log/blobs"))
+            .unwrap()
+            .count();
+        assert!(
+            blobs > 0,
+            "expected sled to store the record in a blob file"
+        );
+        assert!(!lock(&log.inner.shared.syncer).synced_blobs.is_empty());
+        log.close().unwrap();
+        drop(log);
+        let log = open(dir.path(), opts(1));
+        assert_eq!(log.read(TOPIC, 0, 0, 1).unwrap()[0].1, big);
+    }
 }
