@@ -33,6 +33,7 @@ use crate::log::position::validate_topic_name;
 /// Version of the embedded storage layout, checked at open.
 const STORAGE_FORMAT: &[u8] = b"1";
 const META_FORMAT_KEY: &[u8] = b"format";
+const META_TOPIC_PREFIX: &[u8] = b"topic/";
 
 #[derive(Debug, Clone)]
 pub struct EmbeddedLogOptions {
@@ -194,6 +195,16 @@ impl EmbeddedLog {
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
         });
+        // Load every existing topic now, so later lookups are memory-only.
+        for item in shared.meta.scan_prefix(META_TOPIC_PREFIX) {
+            let (key, _) = item?;
+            let name = key
+                .strip_prefix(META_TOPIC_PREFIX)
+                .and_then(|n| std::str::from_utf8(n).ok())
+                .ok_or_else(|| StoreError::corrupt("log meta", "topic name is not UTF-8"))?;
+            shared.topic(name)?;
+        }
+
         let (tx, rx) = mpsc::channel();
         let thread_shared = Arc::clone(&shared);
         let appender = std::thread::Builder::new()
@@ -247,6 +258,7 @@ impl EmbeddedLog {
     /// Appends whole records to one partition and resolves once they are durable, with
     /// their offsets. Concurrent callers share one flush (group commit). The records must
     /// carry the `cqrsd-version-first`/`-last` headers, which feed the aggregate index.
+    /// The topic must exist (created by `ensure_topic`, or found on disk at open).
     pub async fn append(
         &self,
         topic: &str,
@@ -324,6 +336,7 @@ impl EmbeddedLog {
     }
 
     /// The next offset to be written in a partition, counting durable records only.
+    /// Does not block: it reads memory only.
     pub fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, StoreError> {
         let topic = self.inner.shared.existing_topic(topic)?;
         let part = check_partition(&topic, partition)?;
@@ -331,6 +344,7 @@ impl EmbeddedLog {
     }
 
     /// A watch of the partition's durable end offset, for readers to wake up on appends.
+    /// Does not block: it reads memory only.
     pub fn subscribe(
         &self,
         topic: &str,
@@ -452,17 +466,13 @@ impl Shared {
         self.poisoned.store(true, Ordering::Release);
     }
 
-    /// A topic known in memory or on disk; unknown topics are an error, not created.
+    /// A loaded topic. Every topic recorded on disk is loaded at open and every new one by
+    /// `ensure_topic`, so this never touches sled and is safe on async threads.
     fn existing_topic(&self, name: &str) -> Result<Arc<Topic>, StoreError> {
-        if let Some(t) = read_lock(&self.topics).get(name) {
-            return Ok(Arc::clone(t));
-        }
-        if validate_topic_name(name).is_err() || self.meta.get(meta_topic_key(name))?.is_none() {
-            return Err(StoreError::InvalidRequest(format!(
-                "unknown topic {name:?}"
-            )));
-        }
-        self.topic(name)
+        read_lock(&self.topics)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::InvalidRequest(format!("unknown topic {name:?}")))
     }
 
     /// Loads a topic recorded in `meta` into memory (once).
@@ -552,7 +562,7 @@ fn commit_group(shared: &Shared, group: Vec<AppendRequest>, record_count: usize)
 
     // Assign dense offsets per partition, continuing from the durable end: the appender is
     // the only writer, so the durable end is also the next free offset.
-    let mut next: HashMap<(String, u32), u64> = HashMap::new();
+    let mut next: HashMap<(String, u32), (Arc<Topic>, u64)> = HashMap::new();
     let mut trees: Vec<sled::Tree> = Vec::new();
     let mut tree_slots: HashMap<String, usize> = HashMap::new();
     let mut slot = |name: String, tree: &sled::Tree| -> usize {
@@ -574,9 +584,9 @@ fn commit_group(shared: &Shared, group: Vec<AppendRequest>, record_count: usize)
             &part.tree,
         );
         let index_slot = slot(index_tree_name(&req.topic.name), &req.topic.index);
-        let next_offset = next
+        let (_, next_offset) = next
             .entry((req.topic.name.clone(), req.partition))
-            .or_insert_with(|| *part.end.borrow());
+            .or_insert_with(|| (Arc::clone(&req.topic), *part.end.borrow()));
         let mut assigned = Vec::with_capacity(req.frames.len());
         for rec in &req.frames {
             let offset = *next_offset;
@@ -602,12 +612,8 @@ fn commit_group(shared: &Shared, group: Vec<AppendRequest>, record_count: usize)
     }
 
     // Durable: publish the new ends, then answer.
-    for ((topic, partition), end) in &next {
-        if let Some(part) = group
-            .iter()
-            .find(|r| &r.topic.name == topic && r.partition == *partition)
-            .and_then(|r| r.topic.partitions.get(*partition as usize))
-        {
+    for ((_, partition), (topic, end)) in &next {
+        if let Some(part) = topic.partitions.get(*partition as usize) {
             part.end.send_if_modified(|current| {
                 let grew = *end > *current;
                 if grew {
