@@ -590,7 +590,8 @@ fn commit_group(shared: &Shared, group: Vec<AppendRequest>, record_count: usize)
         let mut assigned = Vec::with_capacity(req.frames.len());
         for rec in &req.frames {
             let offset = *next_offset;
-            *next_offset += 1;
+            // 2^64 records cannot be written; saturating keeps the appender panic-free.
+            *next_offset = next_offset.saturating_add(1);
             writes.push((data_slot, offset.to_be_bytes().to_vec(), rec.frame.clone()));
             writes.push((
                 index_slot,
