@@ -8,5 +8,7 @@ pub mod daemon;
 pub mod domain;
 pub mod health;
 pub mod http;
+pub mod log;
+pub mod store;
 mod systemd;
 pub mod telemetry;
