@@ -6,6 +6,7 @@
 //! on one side cannot starve the other.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,10 +14,11 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, LogBackend};
 use crate::domain::Domain;
 use crate::health::Health;
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
+use crate::log::{EmbeddedSettings, EventLog};
 
 /// How long runtimes get to finish their tasks once everything else stopped.
 const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -43,6 +45,8 @@ pub struct Daemon {
     server: Option<HttpServer>,
     local_addr: SocketAddr,
     health: Health,
+    log: EventLog,
+    domain: Arc<Domain>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -80,12 +84,16 @@ impl Daemon {
         let data_dir = &config.storage.data_dir;
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+        let domain = load_domain(&config)?;
         match config.domain_path() {
-            Some(path) => tracing::info!(path = %path.display(), "domain file"),
+            Some(path) => tracing::info!(path = %path.display(), "domain loaded"),
             None => tracing::info!(
                 "no [domain] path configured: serving the built-in example domain (bank accounts)"
             ),
         }
+
+        let log = open_log(&config, &domain)?;
+        let domain = Arc::new(domain);
 
         let http_ready = health.register("http", "binding the listener");
         let routes = options
@@ -138,11 +146,22 @@ impl Daemon {
             server: Some(server),
             local_addr,
             health,
+            log,
+            domain,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The event log this daemon appends to and projects from.
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    pub fn domain(&self) -> &Arc<Domain> {
+        &self.domain
     }
 
     pub fn health(&self) -> &Health {
@@ -185,6 +204,31 @@ impl Daemon {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Opens the configured event log and creates (or checks) one topic per
+/// aggregate type.
+fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
+    let log = match config.log.backend {
+        LogBackend::Embedded => EventLog::open_embedded(EmbeddedSettings {
+            data_dir: config.storage.data_dir.clone(),
+            topic_prefix: config.log.kafka.topic_prefix.clone(),
+            partitions: config.log.embedded.partitions,
+            group_commit_max_records: config.log.embedded.group_commit_max_records,
+            group_commit_max_delay: Duration::from_micros(
+                config.log.embedded.group_commit_max_delay_us,
+            ),
+            fsync: config.log.embedded.fsync,
+        }),
+        LogBackend::Kafka => anyhow::bail!("the kafka backend is not available in this build"),
+    }
+    .context("cannot open the event log")?;
+    for aggregate in domain.aggregates() {
+        let topic = log.topic(aggregate.name());
+        log.ensure_topic(&topic)
+            .with_context(|| format!("cannot create or check topic {topic}"))?;
+    }
+    Ok(log)
 }
 
 /// Loads and compiles the configured domain; every problem is reported at

@@ -3,10 +3,12 @@
 //! Nothing here knows about a storage engine, so the embedded log (in `store`) and the
 //! Kafka backend share exactly the same notion of topics, partitions, offsets and records.
 
+mod handle;
 pub mod partitioner;
 pub mod position;
 pub mod record;
 
+pub use handle::{EmbeddedSettings, EventLog, LogError};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{Position, PositionError, topic_name, validate_topic_name};
 pub use record::{Encoding, Event, EventMetadata, Record, RecordError, decode, encode};

@@ -1,0 +1,168 @@
+//! The event log as the rest of the daemon sees it, whichever backend holds it.
+//!
+//! The command side appends through this handle and the read side reads
+//! through it; they never talk to each other directly. A Kafka backend joins
+//! as another variant with the same methods, so callers do not change.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::Record;
+use crate::store::{EmbeddedLog, EmbeddedLogOptions, StoreError};
+
+/// Why a log operation failed, grouped by what a caller does about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The log cannot take or serve records now; commands answer 503.
+    #[error("the event log is unavailable: {0}")]
+    Unavailable(String),
+    /// The log was closed during shutdown.
+    #[error("the event log is closed")]
+    Closed,
+    /// Stored data does not decode; never skipped silently.
+    #[error("corrupt event log data: {0}")]
+    Corrupt(String),
+    /// A request for a topic or partition that does not exist.
+    #[error("invalid event log request: {0}")]
+    Invalid(String),
+}
+
+impl From<StoreError> for LogError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Closed => LogError::Closed,
+            StoreError::Corrupt { .. } => LogError::Corrupt(error.to_string()),
+            StoreError::InvalidRequest(reason) => LogError::Invalid(reason),
+            StoreError::TopicMismatch { .. } => LogError::Invalid(error.to_string()),
+            StoreError::Unavailable(_) | StoreError::Io(_) | StoreError::Sled(_) => {
+                LogError::Unavailable(error.to_string())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Embedded(EmbeddedLog),
+}
+
+/// A handle on the event log; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventLog {
+    backend: Backend,
+    prefix: String,
+    partitions: u32,
+}
+
+/// Settings of the embedded backend.
+#[derive(Debug, Clone)]
+pub struct EmbeddedSettings {
+    pub data_dir: std::path::PathBuf,
+    pub topic_prefix: String,
+    pub partitions: u32,
+    pub group_commit_max_records: usize,
+    pub group_commit_max_delay: Duration,
+    pub fsync: bool,
+}
+
+impl EventLog {
+    /// Opens the embedded log. Blocking.
+    pub fn open_embedded(settings: EmbeddedSettings) -> Result<Self, LogError> {
+        let log = EmbeddedLog::open(
+            &settings.data_dir,
+            EmbeddedLogOptions {
+                partitions: settings.partitions,
+                group_commit_max_records: settings.group_commit_max_records,
+                group_commit_max_delay: settings.group_commit_max_delay,
+                fsync: settings.fsync,
+            },
+        )?;
+        Ok(Self {
+            backend: Backend::Embedded(log),
+            prefix: settings.topic_prefix,
+            partitions: settings.partitions,
+        })
+    }
+
+    /// The topic that holds an aggregate type's events: `<prefix>.<aggregate>`.
+    pub fn topic(&self, aggregate: &str) -> String {
+        format!("{}.{aggregate}", self.prefix)
+    }
+
+    /// Partitions of every topic.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Creates the topic of an aggregate type, or checks it. Blocking.
+    pub fn ensure_topic(&self, topic: &str) -> Result<(), LogError> {
+        match &self.backend {
+            Backend::Embedded(log) => {
+                log.ensure_topic(topic)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends whole records to one partition; resolves once they are durable.
+    pub async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<Vec<u64>, LogError> {
+        match &self.backend {
+            Backend::Embedded(log) => Ok(log.append(topic, partition, records).await?),
+        }
+    }
+
+    /// Up to `max` records of a partition from offset `from`. Blocking.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError> {
+        match &self.backend {
+            Backend::Embedded(log) => Ok(log.read(topic, partition, from, max)?),
+        }
+    }
+
+    /// The next offset to be written (the end of the durable records).
+    pub fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        match &self.backend {
+            Backend::Embedded(log) => Ok(log.end_offset(topic, partition)?),
+        }
+    }
+
+    /// Wakes on every change of the partition's end offset.
+    pub fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
+        match &self.backend {
+            Backend::Embedded(log) => Ok(log.subscribe(topic, partition)?),
+        }
+    }
+
+    /// The records of one aggregate holding versions from `from_version` on,
+    /// as (partition, offset, record). Blocking.
+    pub fn aggregate_records(
+        &self,
+        topic: &str,
+        aggregate_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
+        match &self.backend {
+            Backend::Embedded(log) => {
+                Ok(log.aggregate_records(topic, aggregate_id, from_version)?)
+            }
+        }
+    }
+
+    /// Finishes queued appends and flushes. Blocking.
+    pub fn close(&self) -> Result<(), LogError> {
+        match &self.backend {
+            Backend::Embedded(log) => Ok(log.close()?),
+        }
+    }
+}
