@@ -14,11 +14,14 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::command::{CommandSide, CommandSideParts};
 use crate::config::{Config, LogBackend};
 use crate::domain::Domain;
 use crate::health::Health;
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
 use crate::log::{EmbeddedSettings, EventLog};
+use crate::store::CommandStore;
+use axum::Router;
 
 /// How long runtimes get to finish their tasks once everything else stopped.
 const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -47,6 +50,7 @@ pub struct Daemon {
     health: Health,
     log: EventLog,
     domain: Arc<Domain>,
+    components_stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -96,10 +100,33 @@ impl Daemon {
         let domain = Arc::new(domain);
 
         let http_ready = health.register("http", "binding the listener");
-        let routes = options
-            .extra_routes
-            .map(|hook| hook(&runtimes))
-            .unwrap_or_default();
+        // Components stop after the HTTP drain, so in-flight requests can
+        // still reach them while it runs.
+        let components_stop = CancellationToken::new();
+        let command_store = CommandStore::open(&config.storage.data_dir)
+            .context("cannot open the command store")?;
+        let commands = CommandSide::start(CommandSideParts {
+            domain: domain.clone(),
+            log: log.clone(),
+            store: command_store,
+            config: &config.command,
+            encoding: config.log.encoding,
+            runtime: command.handle(),
+            stop: components_stop.clone(),
+            tracker: &tracker,
+            health: &health,
+        });
+        let (command_routes, command_api) = http::commands::routes(commands);
+        let mut routes = ApiRoutes {
+            command: command_routes,
+            query: Router::new(),
+            openapi: Some(command_api),
+        };
+        if let Some(hook) = options.extra_routes {
+            let extra = hook(&runtimes);
+            routes.command = routes.command.merge(extra.command);
+            routes.query = routes.query.merge(extra.query);
+        }
         let router = http::router(
             routes,
             runtimes,
@@ -148,6 +175,7 @@ impl Daemon {
             health,
             log,
             domain,
+            components_stop,
         })
     }
 
@@ -180,6 +208,7 @@ impl Daemon {
         let server = self.server.take();
         let shutdown = self.shutdown.clone();
         let tracker = self.tracker.clone();
+        let components_stop = self.components_stop.clone();
         self.io.block_on(async move {
             shutdown.cancelled().await;
             tracing::info!("shutting down");
@@ -187,6 +216,7 @@ impl Daemon {
             if let Some(server) = server {
                 server.stopped().await;
             }
+            components_stop.cancel();
             tracker.close();
             if tokio::time::timeout(RUNTIME_SHUTDOWN_GRACE, tracker.wait())
                 .await

@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of the modules and their invariants.
 
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod domain;

@@ -201,6 +201,31 @@ impl Aggregate {
     ) -> Result<Decision, CommandError> {
         let cmd = self.find_command(command)?;
         cmd.validate(body)?;
+        self.decide(cmd, state, body, ctx)
+    }
+
+    /// Runs a command whose body already passed [`Aggregate::validate`]:
+    /// rules, `emit`, then the fold. The write side validates on the request's
+    /// own thread and decides on the partition's single writer, so the
+    /// writer does not pay for schema validation twice.
+    pub fn execute_validated(
+        &self,
+        command: &str,
+        state: &Json,
+        body: &Json,
+        ctx: &CommandContext,
+    ) -> Result<Decision, CommandError> {
+        let cmd = self.find_command(command)?;
+        self.decide(cmd, state, body, ctx)
+    }
+
+    fn decide(
+        &self,
+        cmd: &Command,
+        state: &Json,
+        body: &Json,
+        ctx: &CommandContext,
+    ) -> Result<Decision, CommandError> {
         let vars = Vars {
             state: Some(expr::from_json(state)),
             command: Some(expr::from_json(body)),

@@ -6,6 +6,7 @@
 //! command runtime and each query-side handler on the query runtime, so a flood
 //! on one side cannot starve the other even though one address serves both.
 
+pub mod commands;
 mod middleware;
 mod ops;
 pub mod problem;

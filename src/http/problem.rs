@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::command::CommandFailure;
+
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -89,6 +91,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("unsupported content type `{0}`; send application/json")]
+    UnsupportedMediaType(String),
+    #[error(transparent)]
+    Command(#[from] crate::command::CommandFailure),
     #[error("the request timed out after {0} ms")]
     Timeout(u64),
     #[error("the server is handling too many requests; retry later")]
@@ -110,6 +116,10 @@ impl ApiError {
         match self {
             ApiError::NotFound(_) => Problem::from_status(StatusCode::NOT_FOUND, detail),
             ApiError::BadRequest(_) => Problem::from_status(StatusCode::BAD_REQUEST, detail),
+            ApiError::UnsupportedMediaType(_) => {
+                Problem::from_status(StatusCode::UNSUPPORTED_MEDIA_TYPE, detail)
+            }
+            ApiError::Command(failure) => command_problem(failure, detail),
             ApiError::Timeout(_) => Problem::typed(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "timeout",
@@ -146,10 +156,86 @@ impl ApiError {
     }
 }
 
+/// The statuses of the write side's failures (DESIGN.md §4).
+fn command_problem(failure: &CommandFailure, detail: String) -> Problem {
+    match failure {
+        CommandFailure::UnknownAggregate(_)
+        | CommandFailure::UnknownCommand { .. }
+        | CommandFailure::NotFound { .. } => Problem::from_status(StatusCode::NOT_FOUND, detail),
+        CommandFailure::InvalidRequest(_) => Problem::from_status(StatusCode::BAD_REQUEST, detail),
+        CommandFailure::Schema(violations) => Problem {
+            errors: violations
+                .iter()
+                .map(|v| FieldError {
+                    path: v.path.clone(),
+                    message: v.message.clone(),
+                })
+                .collect(),
+            ..Problem::typed(
+                StatusCode::BAD_REQUEST,
+                "schema-violation",
+                "Schema violation",
+                detail,
+            )
+        },
+        CommandFailure::Rejected(_) => Problem::typed(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rejected",
+            "Command rejected",
+            detail,
+        ),
+        CommandFailure::Evaluation { place, .. } => Problem::typed(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "evaluation-failed",
+            "Command could not be evaluated",
+            detail,
+        )
+        .with_extension("place", serde_json::Value::String(place.clone())),
+        CommandFailure::VersionMismatch { actual, .. } => Problem::typed(
+            StatusCode::PRECONDITION_FAILED,
+            "version-mismatch",
+            "Version mismatch",
+            detail,
+        )
+        .with_extension("current_version", serde_json::Value::from(*actual)),
+        CommandFailure::IdempotencyConflict => Problem::typed(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            detail,
+        ),
+        CommandFailure::Overloaded => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Server overloaded",
+            detail,
+        ),
+        CommandFailure::Unavailable(_) => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "log-unavailable",
+            "Event log unavailable",
+            detail,
+        ),
+        CommandFailure::ShuttingDown => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            "Shutting down",
+            detail,
+        ),
+        CommandFailure::Internal(_) => Problem::from_status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "an internal error occurred; it has been logged",
+        ),
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(reason) = &self {
-            tracing::error!(%reason, "internal error");
+        match &self {
+            ApiError::Internal(reason) | ApiError::Command(CommandFailure::Internal(reason)) => {
+                tracing::error!(%reason, "internal error");
+            }
+            _ => {}
         }
         self.to_problem().into_response()
     }

@@ -28,6 +28,38 @@ pub struct Process {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub stderr_lines: mpsc::Receiver<String>,
+    env: Vec<(String, String)>,
+}
+
+/// The event-log backends every backend-neutral test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+}
+
+impl Backend {
+    /// The config text that selects this backend.
+    pub fn config(self) -> String {
+        match self {
+            Backend::Embedded => "[log]\nbackend = \"embedded\"\n".to_owned(),
+        }
+    }
+}
+
+/// Runs backend-neutral test bodies once per backend: each listed
+/// `async fn name(backend: Backend)` gets a `#[tokio::test]` per backend.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::harness::Backend::Embedded).await
+                }
+            )*
+        }
+    };
 }
 
 /// Options for starting a child daemon.
@@ -36,13 +68,39 @@ pub struct ProcessOptions {
     /// Extra `config.toml` text; `[storage] data_dir` and `[http] listen` are set by the harness.
     pub config: String,
     pub env: Vec<(String, String)>,
+    /// A domain file to serve instead of the built-in example.
+    pub domain: Option<String>,
+}
+
+impl ProcessOptions {
+    pub fn backend(backend: Backend) -> Self {
+        ProcessOptions {
+            config: backend.config(),
+            ..ProcessOptions::default()
+        }
+    }
 }
 
 impl Process {
     pub fn start(options: ProcessOptions) -> Process {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), options)
+    }
+
+    /// Starts a daemon whose config and data live in `dir` (kept across restarts).
+    pub fn start_in(dir: tempfile::TempDir, options: ProcessOptions) -> Process {
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, &options.config).unwrap();
+        let mut text = options.config.clone();
+        if let Some(domain) = &options.domain {
+            std::fs::write(dir.path().join("domain.toml"), domain).unwrap();
+            text.push_str("\n[domain]\npath = \"domain.toml\"\n");
+        }
+        std::fs::write(&config, text).unwrap();
+        Self::spawn(dir, options.env)
+    }
+
+    /// Starts `cqrsd serve` on the config and data already in `dir`.
+    fn spawn(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Process {
+        let config = dir.path().join("config.toml");
         let mut command = Command::new(cqrsd_bin());
         command
             .args(["--log-format", "json", "serve", "--config"])
@@ -53,7 +111,7 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (key, value) in &options.env {
+        for (key, value) in &env {
             command.env(key, value);
         }
         let mut child = command.spawn().unwrap();
@@ -74,7 +132,36 @@ impl Process {
             addr,
             dir,
             stderr_lines: lines_rx,
+            env,
         }
+    }
+
+    /// Stops the daemon with SIGTERM (or SIGKILL when `kill`) and starts it
+    /// again on the same configuration and data.
+    pub fn restart(mut self, kill: bool) -> Process {
+        self.signal(if kill { "KILL" } else { "TERM" });
+        let status = self.wait_exit(Duration::from_secs(30));
+        if !kill {
+            assert_eq!(status.code(), Some(0), "{status}");
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let env = std::mem::take(&mut self.env);
+        drop(self);
+        Process::spawn(dir, env)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn ready(&self) {
+        let http = client();
+        for _ in 0..600 {
+            if let Ok(response) = http.get(self.url("/readyz")).send().await
+                && response.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("cqrsd never became ready");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -218,6 +305,20 @@ impl Drop for InProcess {
             let _ = thread.join();
         }
     }
+}
+
+/// POSTs a JSON command and returns the response.
+pub async fn command(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> reqwest::Response {
+    http.post(format!("{base}/commands/{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
 }
 
 /// A client that fails a test rather than hang.

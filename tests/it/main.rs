@@ -5,6 +5,8 @@
 mod harness;
 
 mod cli;
+mod commands;
+mod crash;
 mod dispatch;
 mod operations;
 mod protection;

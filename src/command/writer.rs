@@ -1,0 +1,561 @@
+//! A partition's single writer: decides commands in arrival order against
+//! the latest state, appends each batch's records in one call, answers once
+//! they are durable, and checkpoints snapshots and idempotency answers.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use lru::LruCache;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{
+    AggregateState, CommandFailure, CommandReply, CommandRequest, EmittedEvent, ExpectedVersion,
+    Job, WriterSettings,
+};
+use crate::domain::{CommandContext, Domain};
+use crate::log::{Event, EventLog, EventMetadata, Position, Record};
+use crate::store::{CommandStore, Snapshot, StoredReply};
+
+/// An idle partition with unsaved changes checkpoints after this long, so a
+/// restart replays little even when the partition sees few commands.
+const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
+
+/// What a job of a batch turns into once the batch's records are durable.
+enum Outcome {
+    /// Known without appending anything.
+    Ready(Result<CommandReply, CommandFailure>),
+    /// Waits for the record at this index of the batch.
+    Appended {
+        record: usize,
+        reply: CommandReply,
+        key: Option<(String, String)>,
+    },
+    /// The same idempotent command as an earlier job of this batch.
+    SameAs(usize),
+}
+
+pub(super) struct Writer {
+    domain: Arc<Domain>,
+    aggregate: String,
+    topic: String,
+    partition: u32,
+    log: EventLog,
+    store: CommandStore,
+    settings: WriterSettings,
+    cache: LruCache<String, AggregateState>,
+    /// Idempotency answers not yet checkpointed into the store, by (id, key).
+    replies: HashMap<(String, String), StoredReply>,
+    /// States changed since the last checkpoint.
+    dirty: HashMap<String, Snapshot>,
+    /// The log offset after the last record this writer knows of.
+    next_offset: u64,
+    records_since_checkpoint: u64,
+}
+
+impl Writer {
+    pub(super) fn new(
+        domain: Arc<Domain>,
+        aggregate: String,
+        topic: String,
+        partition: u32,
+        log: EventLog,
+        store: CommandStore,
+        settings: WriterSettings,
+    ) -> Self {
+        let capacity = NonZeroUsize::new(settings.cache_capacity).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            domain,
+            aggregate,
+            topic,
+            partition,
+            log,
+            store,
+            settings,
+            cache: LruCache::new(capacity),
+            replies: HashMap::new(),
+            dirty: HashMap::new(),
+            next_offset: 0,
+            records_since_checkpoint: 0,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut jobs: mpsc::Receiver<Job>,
+        stop: CancellationToken,
+        restored: Arc<Semaphore>,
+    ) {
+        if let Err(error) = self.restore().await {
+            // Without a restored partition the writer could hand out wrong
+            // versions or forget idempotent answers: refuse its commands.
+            tracing::error!(topic = %self.topic, partition = self.partition, %error, "cannot restore the partition; its commands will fail");
+            jobs.close();
+            while let Some(job) = jobs.recv().await {
+                answer_failure(
+                    job,
+                    CommandFailure::Unavailable(format!("partition not restored: {error}")),
+                );
+            }
+            return;
+        }
+        restored.add_permits(1);
+        let mut idle = tokio::time::interval(IDLE_CHECKPOINT);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                job = jobs.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+                _ = idle.tick() => {
+                    if self.records_since_checkpoint > 0 {
+                        self.checkpoint().await;
+                    }
+                    continue;
+                }
+                () = stop.cancelled() => break,
+            };
+            let batch = take_batch(first, &mut jobs, self.settings.max_batch);
+            self.process(batch).await;
+        }
+        // Finish what was queued before the stop, refuse anything later, and
+        // leave a checkpoint so the next start replays nothing.
+        jobs.close();
+        loop {
+            let Some(first) = jobs.recv().await else {
+                break;
+            };
+            let batch = take_batch(first, &mut jobs, self.settings.max_batch);
+            self.process(batch).await;
+        }
+        if self.records_since_checkpoint > 0 || !self.replies.is_empty() {
+            self.checkpoint().await;
+        }
+    }
+
+    async fn restore(&mut self) -> Result<(), CommandFailure> {
+        let domain = self.domain.clone();
+        let log = self.log.clone();
+        let store = self.store.clone();
+        let (aggregate, topic, partition) =
+            (self.aggregate.clone(), self.topic.clone(), self.partition);
+        let ttl = self.settings.idempotency_ttl;
+        let end = tokio::task::spawn_blocking(move || {
+            super::restore::restore_partition(
+                &domain, &log, &store, &aggregate, &topic, partition, ttl,
+            )
+        })
+        .await
+        .map_err(|e| CommandFailure::Internal(e.to_string()))??;
+        self.next_offset = end;
+        Ok(())
+    }
+
+    async fn process(&mut self, jobs: Vec<Job>) {
+        let now = Utc::now().trunc_subsecs(3);
+        let mut overlay: HashMap<String, AggregateState> = HashMap::new();
+        let mut pending_keys: HashMap<(String, String), (usize, String)> = HashMap::new();
+        let mut records: Vec<Record> = Vec::new();
+        let mut outcomes: Vec<(
+            oneshot::Sender<Result<CommandReply, CommandFailure>>,
+            Outcome,
+        )> = Vec::new();
+
+        for job in jobs {
+            match job {
+                Job::Read { id, reply } => {
+                    // Reads see committed state only: a command of this batch
+                    // is not acknowledged yet, so a concurrent read may
+                    // precede it.
+                    let _ = reply.send(self.load(&id, None).await);
+                }
+                Job::Execute {
+                    request,
+                    request_hash,
+                    reply,
+                } => {
+                    let outcome = self
+                        .decide(
+                            request,
+                            request_hash,
+                            now,
+                            &mut overlay,
+                            &mut pending_keys,
+                            &mut records,
+                            outcomes.len(),
+                        )
+                        .await;
+                    outcomes.push((reply, outcome));
+                }
+            }
+        }
+
+        let offsets = if records.is_empty() {
+            Ok(Vec::new())
+        } else {
+            metrics::histogram!("cqrsd_command_batch_size").record(records.len() as f64);
+            self.log
+                .append(&self.topic, self.partition, records)
+                .await
+                .map_err(CommandFailure::from)
+        };
+
+        let mut answers: Vec<Result<CommandReply, CommandFailure>> =
+            Vec::with_capacity(outcomes.len());
+        match &offsets {
+            Ok(offsets) => {
+                for (id, state) in overlay {
+                    self.dirty.insert(
+                        id.clone(),
+                        Snapshot {
+                            version: state.version,
+                            state: state.state.clone(),
+                        },
+                    );
+                    self.cache.put(id, state);
+                }
+                if let Some(last) = offsets.last() {
+                    self.next_offset = last + 1;
+                    self.records_since_checkpoint += offsets.len() as u64;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(topic = %self.topic, partition = self.partition, %error, "append failed; the batch's commands are not applied");
+            }
+        }
+        let expires_at_ms = (now + self.settings.idempotency_ttl).timestamp_millis();
+        for (_, outcome) in &outcomes {
+            let answer = match outcome {
+                Outcome::Ready(answer) => answer.clone(),
+                Outcome::SameAs(index) => answers[*index].clone(),
+                Outcome::Appended { record, reply, key } => match &offsets {
+                    Ok(offsets) => {
+                        let mut reply = reply.clone();
+                        reply.position = Some(
+                            Position::new(self.topic.clone(), self.partition, offsets[*record])
+                                .to_string(),
+                        );
+                        if let Some((id, key)) = key
+                            && let Some((_, hash)) = pending_keys.get(&(id.clone(), key.clone()))
+                        {
+                            self.remember(id, key, hash, &reply, expires_at_ms);
+                        }
+                        Ok(reply)
+                    }
+                    Err(error) => Err(error.clone()),
+                },
+            };
+            answers.push(answer);
+        }
+        for ((reply, _), answer) in outcomes.into_iter().zip(answers) {
+            let _ = reply.send(answer);
+        }
+        if self.records_since_checkpoint >= self.settings.snapshot_every {
+            self.checkpoint().await;
+        }
+    }
+
+    /// Decides one command against the latest state (this batch's included).
+    #[allow(clippy::too_many_arguments)]
+    async fn decide(
+        &mut self,
+        request: CommandRequest,
+        request_hash: String,
+        now: DateTime<Utc>,
+        overlay: &mut HashMap<String, AggregateState>,
+        pending_keys: &mut HashMap<(String, String), (usize, String)>,
+        records: &mut Vec<Record>,
+        index: usize,
+    ) -> Outcome {
+        let key = request
+            .idempotency_key
+            .clone()
+            .map(|k| (request.id.clone(), k));
+        if let Some(key) = &key {
+            if let Some((earlier, hash)) = pending_keys.get(key) {
+                return if *hash == request_hash {
+                    Outcome::SameAs(*earlier)
+                } else {
+                    Outcome::Ready(Err(CommandFailure::IdempotencyConflict))
+                };
+            }
+            match self.stored_reply(key, now).await {
+                Ok(Some(stored)) => {
+                    return Outcome::Ready(if stored.request_hash == request_hash {
+                        rmp_serde::from_slice::<CommandReply>(&stored.reply)
+                            .map_err(|e| CommandFailure::Internal(format!("stored reply: {e}")))
+                    } else {
+                        Err(CommandFailure::IdempotencyConflict)
+                    });
+                }
+                Ok(None) => {}
+                Err(error) => return Outcome::Ready(Err(error)),
+            }
+        }
+        let current = match self.load(&request.id, Some(overlay)).await {
+            Ok(state) => state,
+            Err(error) => return Outcome::Ready(Err(error)),
+        };
+        match request.expected {
+            Some(ExpectedVersion::Exact(expected)) if expected != current.version => {
+                return Outcome::Ready(Err(CommandFailure::VersionMismatch {
+                    expected: expected.to_string(),
+                    actual: current.version,
+                }));
+            }
+            Some(ExpectedVersion::Exists) if current.version == 0 => {
+                return Outcome::Ready(Err(CommandFailure::VersionMismatch {
+                    expected: "*".to_owned(),
+                    actual: 0,
+                }));
+            }
+            _ => {}
+        }
+        let Some(aggregate) = self.domain.aggregate(&self.aggregate) else {
+            return Outcome::Ready(Err(CommandFailure::UnknownAggregate(
+                self.aggregate.clone(),
+            )));
+        };
+        let meta = serde_json::json!({
+            "correlation_id": request.correlation_id,
+            "principal": request.principal,
+        });
+        let context = CommandContext {
+            aggregate_id: request.id.clone(),
+            version: current.version,
+            now,
+            meta,
+        };
+        let decision = match aggregate.execute_validated(
+            &request.command,
+            &current.state,
+            &request.body,
+            &context,
+        ) {
+            Ok(decision) => decision,
+            Err(error) => {
+                let failure = match CommandFailure::from(error) {
+                    CommandFailure::UnknownCommand { command, .. } => {
+                        CommandFailure::UnknownCommand {
+                            aggregate: self.aggregate.clone(),
+                            command,
+                        }
+                    }
+                    other => other,
+                };
+                return Outcome::Ready(Err(failure));
+            }
+        };
+        let mut reply = CommandReply {
+            aggregate: self.aggregate.clone(),
+            id: request.id.clone(),
+            version: current.version + decision.events.len() as u64,
+            events: Vec::with_capacity(decision.events.len()),
+            position: None,
+        };
+        if decision.events.is_empty() {
+            // Nothing to append: the answer is final now.
+            if let Some((id, key)) = &key {
+                self.remember(
+                    id,
+                    key,
+                    &request_hash,
+                    &reply,
+                    (now + self.settings.idempotency_ttl).timestamp_millis(),
+                );
+            }
+            return Outcome::Ready(Ok(reply));
+        }
+        let command_id = Uuid::now_v7();
+        let metadata = EventMetadata {
+            command: request.command.clone(),
+            command_id,
+            idempotency_key: request.idempotency_key.clone(),
+            correlation_id: request.correlation_id.clone(),
+            request_hash: request_hash.clone(),
+            principal: request.principal.clone(),
+        };
+        let events: Vec<Event> = decision
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, new)| Event {
+                event_id: Uuid::now_v7(),
+                aggregate_type: self.aggregate.clone(),
+                aggregate_id: request.id.clone(),
+                version: current.version + i as u64 + 1,
+                event_type: new.event_type,
+                timestamp: now,
+                data: new.data,
+                metadata: metadata.clone(),
+            })
+            .collect();
+        reply.events = events
+            .iter()
+            .map(|e| EmittedEvent {
+                event_type: e.event_type.clone(),
+                version: e.version,
+                data: e.data.clone(),
+            })
+            .collect();
+        let record = match crate::log::encode(&events, self.settings.encoding) {
+            Ok(record) => record,
+            Err(error) => return Outcome::Ready(Err(CommandFailure::Internal(error.to_string()))),
+        };
+        overlay.insert(
+            request.id.clone(),
+            AggregateState {
+                version: reply.version,
+                state: decision.new_state,
+            },
+        );
+        if let Some(key) = &key {
+            pending_keys.insert(key.clone(), (index, request_hash));
+        }
+        records.push(record);
+        Outcome::Appended {
+            record: records.len() - 1,
+            reply,
+            key,
+        }
+    }
+
+    fn remember(
+        &mut self,
+        id: &str,
+        key: &str,
+        hash: &str,
+        reply: &CommandReply,
+        expires_at_ms: i64,
+    ) {
+        match rmp_serde::to_vec_named(reply) {
+            Ok(bytes) => {
+                self.replies.insert(
+                    (id.to_owned(), key.to_owned()),
+                    StoredReply {
+                        request_hash: hash.to_owned(),
+                        reply: bytes,
+                        expires_at_ms,
+                    },
+                );
+            }
+            Err(error) => tracing::error!(%error, "cannot encode an idempotent reply"),
+        }
+    }
+
+    async fn stored_reply(
+        &self,
+        key: &(String, String),
+        now: DateTime<Utc>,
+    ) -> Result<Option<StoredReply>, CommandFailure> {
+        let now_ms = now.timestamp_millis();
+        if let Some(reply) = self.replies.get(key) {
+            return Ok((reply.expires_at_ms > now_ms).then(|| reply.clone()));
+        }
+        let store = self.store.clone();
+        let (aggregate, id, k) = (self.aggregate.clone(), key.0.clone(), key.1.clone());
+        let stored =
+            tokio::task::spawn_blocking(move || store.idempotent_reply(&aggregate, &id, &k))
+                .await
+                .map_err(|e| CommandFailure::Internal(e.to_string()))??;
+        Ok(stored.filter(|reply| reply.expires_at_ms > now_ms))
+    }
+
+    /// The latest state: this batch's, else the cache's, else a snapshot
+    /// with the later events folded over it.
+    async fn load(
+        &mut self,
+        id: &str,
+        overlay: Option<&HashMap<String, AggregateState>>,
+    ) -> Result<AggregateState, CommandFailure> {
+        if let Some(state) = overlay.and_then(|o| o.get(id)) {
+            return Ok(state.clone());
+        }
+        if let Some(state) = self.cache.get(id) {
+            metrics::counter!("cqrsd_aggregate_cache_total", "result" => "hit").increment(1);
+            return Ok(state.clone());
+        }
+        metrics::counter!("cqrsd_aggregate_cache_total", "result" => "miss").increment(1);
+        let domain = self.domain.clone();
+        let log = self.log.clone();
+        let store = self.store.clone();
+        let dirty = self.dirty.get(id).cloned();
+        let (aggregate, topic, owned_id) =
+            (self.aggregate.clone(), self.topic.clone(), id.to_owned());
+        let state = tokio::task::spawn_blocking(move || {
+            super::restore::load_aggregate(
+                &domain, &log, &store, &aggregate, &topic, &owned_id, dirty,
+            )
+        })
+        .await
+        .map_err(|e| CommandFailure::Internal(e.to_string()))??;
+        self.cache.put(id.to_owned(), state.clone());
+        Ok(state)
+    }
+
+    /// Saves changed snapshots and new idempotency answers with the
+    /// partition's position, atomically, so a restart replays only later records.
+    async fn checkpoint(&mut self) {
+        let snapshots: Vec<(String, String, Snapshot)> = self
+            .dirty
+            .iter()
+            .map(|(id, snapshot)| (self.aggregate.clone(), id.clone(), snapshot.clone()))
+            .collect();
+        let replies: Vec<(String, String, String, StoredReply)> = self
+            .replies
+            .iter()
+            .map(|((id, key), reply)| {
+                (
+                    self.aggregate.clone(),
+                    id.clone(),
+                    key.clone(),
+                    reply.clone(),
+                )
+            })
+            .collect();
+        let store = self.store.clone();
+        let (topic, partition, next_offset) =
+            (self.topic.clone(), self.partition, self.next_offset);
+        let now_ms = Utc::now().timestamp_millis();
+        let result = tokio::task::spawn_blocking(move || {
+            store.commit(&topic, partition, next_offset, &snapshots, &replies)?;
+            store.purge_expired_replies(now_ms)
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {
+                self.dirty.clear();
+                self.replies.clear();
+                self.records_since_checkpoint = 0;
+            }
+            // The log still holds everything; a later checkpoint retries.
+            Ok(Err(error)) => {
+                tracing::warn!(topic = %self.topic, partition = self.partition, %error, "checkpoint failed")
+            }
+            Err(error) => tracing::warn!(%error, "checkpoint task failed"),
+        }
+    }
+}
+
+fn take_batch(first: Job, jobs: &mut mpsc::Receiver<Job>, max: usize) -> Vec<Job> {
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match jobs.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+fn answer_failure(job: Job, failure: CommandFailure) {
+    match job {
+        Job::Execute { reply, .. } => drop(reply.send(Err(failure))),
+        Job::Read { reply, .. } => drop(reply.send(Err(failure))),
+    }
+}

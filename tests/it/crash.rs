@@ -1,0 +1,162 @@
+//! Guarantee 1: acknowledged commands survive `kill -9`, exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::for_each_backend;
+use crate::harness::{Backend, Process, ProcessOptions, client, command};
+
+for_each_backend!(acknowledged_commands_survive_sigkill_exactly_once);
+
+const ACCOUNTS: usize = 8;
+const CLIENTS: usize = 32;
+
+async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
+    let daemon = Process::start(ProcessOptions::backend(backend));
+    let base = daemon.url("");
+    let http = client();
+    for account in 0..ACCOUNTS {
+        let response = command(
+            &http,
+            &base,
+            &format!("account/acc{account}/open"),
+            json!({"owner": "x"}),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+
+    // Clients deposit 1 at a time, each command with its own key, and note
+    // every acknowledged one, until the daemon dies under them.
+    let acknowledged: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut clients = Vec::new();
+    for client_no in 0..CLIENTS {
+        let (http, base, acknowledged) = (http.clone(), base.clone(), acknowledged.clone());
+        clients.push(tokio::spawn(async move {
+            for n in 0..100_000u64 {
+                let key = format!("c{client_no}-{n}");
+                let account = (client_no + n as usize) % ACCOUNTS;
+                let sent = http
+                    .post(format!("{base}/commands/account/acc{account}/deposit"))
+                    .header("idempotency-key", &key)
+                    .json(&json!({"amount": 1}))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status() == 200 => {
+                        acknowledged.lock().unwrap().insert(key);
+                    }
+                    Ok(response) => panic!("unexpected status {}", response.status()),
+                    Err(_) => return, // The daemon is gone.
+                }
+            }
+        }));
+    }
+    // Let the load run, then kill the daemon in the middle of it.
+    for _ in 0..200 {
+        if acknowledged.lock().unwrap().len() >= 300 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let daemon = daemon.restart(true);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 50,
+        "too little load before the kill: {}",
+        acknowledged.len()
+    );
+    daemon.ready().await;
+
+    let base = daemon.url("");
+    let mut found: HashMap<String, usize> = HashMap::new();
+    for account in 0..ACCOUNTS {
+        let history: Value = http
+            .get(format!(
+                "{base}/aggregates/account/acc{account}/events?limit=10000"
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let events = history["events"].as_array().unwrap();
+        let versions: Vec<u64> = events
+            .iter()
+            .map(|e| e["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=events.len() as u64).collect::<Vec<_>>(),
+            "gap or duplicate"
+        );
+        let deposits = events
+            .iter()
+            .filter(|e| e["type"] == "MoneyDeposited")
+            .count();
+        for event in events {
+            if let Some(key) = event["idempotency_key"].as_str() {
+                *found.entry(key.to_owned()).or_default() += 1;
+            }
+        }
+        // The state equals a fold of the log.
+        let state: Value = http
+            .get(format!("{base}/aggregates/account/acc{account}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(state["version"], events.len() as u64);
+        assert_eq!(state["state"]["balance"], deposits as u64);
+    }
+    for key in &acknowledged {
+        assert_eq!(
+            found.get(key),
+            Some(&1),
+            "acknowledged command {key} lost or duplicated"
+        );
+    }
+    assert!(
+        found.values().all(|&count| count == 1),
+        "a command was applied twice"
+    );
+
+    // Retrying an acknowledged command after the crash applies nothing new.
+    let key = acknowledged.iter().next().unwrap();
+    let (client_no, n) = key[1..].split_once('-').unwrap();
+    let account = (client_no.parse::<usize>().unwrap() + n.parse::<usize>().unwrap()) % ACCOUNTS;
+    let before: Value = http
+        .get(format!("{base}/aggregates/account/acc{account}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let response = http
+        .post(format!("{base}/commands/account/acc{account}/deposit"))
+        .header("idempotency-key", key)
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let after: Value = http
+        .get(format!("{base}/aggregates/account/acc{account}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(before, after);
+}
