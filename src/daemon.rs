@@ -84,6 +84,13 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let health = Health::new();
+        if options.handle_signals {
+            // Installed before anything else, so a signal that arrives during
+            // startup is a clean shutdown rather than the default termination.
+            let _entered = io.enter();
+            let signals = Signals::install().context("cannot install signal handlers")?;
+            tracker.spawn_on(wait_for_signal(signals, shutdown.clone()), io.handle());
+        }
 
         let data_dir = &config.storage.data_dir;
         std::fs::create_dir_all(data_dir)
@@ -155,9 +162,6 @@ impl Daemon {
         http_ready.ready();
         tracing::info!(%local_addr, version = env!("CARGO_PKG_VERSION"), "listening");
 
-        if options.handle_signals {
-            tracker.spawn_on(wait_for_signal(shutdown.clone()), io.handle());
-        }
         tracker.spawn_on(
             crate::systemd::notify_when_ready(health.clone(), shutdown.clone()),
             io.handle(),
@@ -269,22 +273,27 @@ pub fn load_domain(config: &Config) -> anyhow::Result<Domain> {
         .map_err(|errors| anyhow::anyhow!("invalid domain file:\n{errors}"))
 }
 
+/// SIGTERM and SIGINT handlers, installed at startup.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Turns SIGTERM or SIGINT into a cancellation of the daemon's root token.
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        (Err(error), _) | (_, Err(error)) => {
-            tracing::error!(%error, "cannot install signal handlers; stop the daemon with SIGKILL");
-            return;
-        }
-    };
+async fn wait_for_signal(mut signals: Signals, shutdown: CancellationToken) {
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = signals.term.recv() => tracing::info!("SIGTERM received"),
+        _ = signals.int.recv() => tracing::info!("SIGINT received"),
         () = shutdown.cancelled() => return,
     }
     shutdown.cancel();
