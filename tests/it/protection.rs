@@ -93,27 +93,48 @@ async fn slow_handlers_are_answered_503_at_the_request_timeout() {
     daemon.stop();
 }
 
+/// A route that holds its request until the test releases it, so the test
+/// knows when a request occupies a permit without relying on timing.
+fn gate_routes(
+    entered: tokio::sync::mpsc::UnboundedSender<()>,
+    release: std::sync::Arc<tokio::sync::Semaphore>,
+) -> cqrsd::daemon::RoutesHook {
+    Box::new(move |_runtimes| {
+        let query = Router::new().route(
+            "/test/gate",
+            get(move || {
+                let (entered, release) = (entered.clone(), release.clone());
+                async move {
+                    entered.send(()).unwrap();
+                    release.acquire().await.unwrap().forget();
+                    "released"
+                }
+            }),
+        );
+        cqrsd::http::ApiRoutes {
+            query,
+            ..Default::default()
+        }
+    })
+}
+
 #[tokio::test]
 async fn requests_beyond_the_concurrency_limit_are_shed() {
-    let daemon = InProcess::start(|c| c.http.max_concurrent_requests = 1, Some(slow_routes()));
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let daemon = InProcess::start(
+        |c| c.http.max_concurrent_requests = 1,
+        Some(gate_routes(entered_tx, release.clone())),
+    );
     let http = client();
-    let first = tokio::spawn(http.get(daemon.url("/test/slow")).send());
-    // Wait until the first request holds the only permit.
-    let mut shed = None;
-    for _ in 0..100 {
-        let response = http.get(daemon.url("/test/slow")).send().await.unwrap();
-        if response.status() == 503 {
-            shed = Some(response);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let body = expect_problem(shed.expect("no request was shed"), 503).await;
+    let first = tokio::spawn(http.get(daemon.url("/test/gate")).send());
+    entered.recv().await.unwrap();
+
+    // The only permit is held: the next API request is refused at once.
+    let response = http.get(daemon.url("/test/gate")).send().await.unwrap();
+    let body = expect_problem(response, 503).await;
     assert_eq!(body["type"], "urn:cqrsd:problem:overloaded");
-    assert_eq!(first.await.unwrap().unwrap().status(), 200);
     // Operations endpoints are never shed.
-    let busy = tokio::spawn(http.get(daemon.url("/test/slow")).send());
-    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         http.get(daemon.url("/livez"))
             .send()
@@ -122,7 +143,22 @@ async fn requests_beyond_the_concurrency_limit_are_shed() {
             .status(),
         200
     );
-    assert_eq!(busy.await.unwrap().unwrap().status(), 200);
+    assert_eq!(
+        http.get(daemon.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    release.add_permits(1);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    // With the permit back, requests are served again.
+    let again = tokio::spawn(http.get(daemon.url("/test/gate")).send());
+    entered.recv().await.unwrap();
+    release.add_permits(1);
+    assert_eq!(again.await.unwrap().unwrap().status(), 200);
     daemon.stop();
 }
 

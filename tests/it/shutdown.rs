@@ -1,6 +1,7 @@
 //! SIGTERM drains and exits 0; systemd hears READY=1 and STOPPING=1.
 
 use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -47,24 +48,45 @@ fn sigint_exits_zero() {
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
-#[tokio::test]
-async fn in_flight_requests_finish_during_the_drain() {
-    let routes: cqrsd::daemon::RoutesHook = Box::new(|_| cqrsd::http::ApiRoutes {
+/// A route that signals when a request is inside it and holds it until
+/// released (or forever), so the tests know a request is in flight.
+fn gate_routes(
+    entered: tokio::sync::mpsc::UnboundedSender<()>,
+    release: Arc<tokio::sync::Semaphore>,
+) -> cqrsd::daemon::RoutesHook {
+    Box::new(move |_| cqrsd::http::ApiRoutes {
         query: Router::new().route(
-            "/test/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                "finished"
+            "/test/gate",
+            get(move || {
+                let (entered, release) = (entered.clone(), release.clone());
+                async move {
+                    entered.send(()).unwrap();
+                    release.acquire().await.unwrap().forget();
+                    "finished"
+                }
             }),
         ),
         ..Default::default()
-    });
-    let daemon = InProcess::start(|_| {}, Some(routes));
+    })
+}
+
+#[tokio::test]
+async fn in_flight_requests_finish_during_the_drain() {
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let daemon = InProcess::start(|_| {}, Some(gate_routes(entered_tx, release.clone())));
     let http = client();
-    let in_flight = tokio::spawn(http.get(daemon.url("/test/slow")).send());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let in_flight = tokio::spawn(http.get(daemon.url("/test/gate")).send());
+    entered.recv().await.unwrap();
     let addr = daemon.addr;
     let stopped = tokio::task::spawn_blocking(move || daemon.stop());
+    // The shutdown has begun and waits for the request; let it finish.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !stopped.is_finished(),
+        "shutdown did not wait for the in-flight request"
+    );
+    release.add_permits(1);
 
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
@@ -76,21 +98,16 @@ async fn in_flight_requests_finish_during_the_drain() {
 
 #[tokio::test]
 async fn the_drain_is_bounded() {
-    let routes: cqrsd::daemon::RoutesHook = Box::new(|_| cqrsd::http::ApiRoutes {
-        query: Router::new().route(
-            "/test/forever",
-            get(|| async {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                "never"
-            }),
-        ),
-        ..Default::default()
-    });
-    let daemon = InProcess::start(|c| c.http.drain_timeout_ms = 200, Some(routes));
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let daemon = InProcess::start(
+        |c| c.http.drain_timeout_ms = 200,
+        Some(gate_routes(entered_tx, release)),
+    );
     let http = client();
-    let stuck = tokio::spawn(http.get(daemon.url("/test/forever")).send());
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // stop() returns although the request never finishes: the drain gave up.
+    let stuck = tokio::spawn(http.get(daemon.url("/test/gate")).send());
+    entered.recv().await.unwrap();
+    // stop() returns although the request is never released: the drain gave up.
     tokio::task::spawn_blocking(move || daemon.stop())
         .await
         .unwrap();
