@@ -528,10 +528,12 @@ async fn history_pages_and_unknown_aggregates(backend: Backend) {
 }
 
 async fn full_queues_answer_503(backend: Backend) {
+    // A 20 ms group-commit wait makes every append slow, so the one-slot
+    // queue fills for sure.
     let mut options = ProcessOptions::backend(backend);
     options
         .config
-        .push_str("[command]\nqueue_depth = 1\nmax_batch = 1\n");
+        .push_str("[command]\nqueue_depth = 1\nmax_batch = 1\n[log.embedded]\ngroup_commit_max_delay_us = 20000\n");
     let daemon = Process::start(options);
     let base = daemon.url("");
     let http = client();
