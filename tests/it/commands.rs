@@ -199,6 +199,33 @@ async fn every_command_status_code_has_its_body(backend: Backend) {
         state["state"],
         json!({"balance": 12.5, "owner": "Ada", "status": "open"})
     );
+
+    // The write side is visible in the metrics.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        r#"cqrsd_commands_total{aggregate="account",command="deposit",outcome="accepted"} 2"#,
+        r#"cqrsd_commands_total{aggregate="account",command="withdraw",outcome="rejected"} 1"#,
+        r#"cqrsd_commands_total{aggregate="account",command="deposit",outcome="conflict"} 1"#,
+        "cqrsd_command_duration_seconds_bucket",
+        "cqrsd_command_batch_size_bucket",
+        "cqrsd_log_group_commit_records_bucket",
+        "cqrsd_log_append_seconds_bucket",
+        "cqrsd_log_fsync_seconds_bucket",
+        r#"cqrsd_aggregate_cache_total{result="hit"}"#,
+        r#"cqrsd_aggregate_cache_total{result="miss"}"#,
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "`{needle}` missing from /metrics:\n{metrics}"
+        );
+    }
 }
 
 async fn concurrent_withdrawals_are_serialized(backend: Backend) {
