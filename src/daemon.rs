@@ -19,6 +19,8 @@ use crate::domain::Domain;
 use crate::health::Health;
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
 use crate::log::{EmbeddedSettings, EventLog};
+use crate::projection::{PoolOptions, ProjectionPool};
+use crate::store::ViewStore;
 
 /// How long runtimes get to finish their tasks once everything else stopped.
 const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -47,6 +49,7 @@ pub struct Daemon {
     health: Health,
     log: EventLog,
     domain: Arc<Domain>,
+    projections: Option<ProjectionPool>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -95,11 +98,42 @@ impl Daemon {
         let log = open_log(&config, &domain)?;
         let domain = Arc::new(domain);
 
+        let views = ViewStore::open(data_dir).with_context(|| {
+            format!(
+                "cannot open the view store in {} (is another cqrsd using it?)",
+                data_dir.display()
+            )
+        })?;
+        let projections = ProjectionPool::start(
+            PoolOptions {
+                workers: config.projections.workers,
+                batch_size: config.projections.batch_size,
+            },
+            domain.clone(),
+            log.clone(),
+            views,
+            &health,
+            &shutdown,
+        )
+        .context("cannot start the projections")?;
+
         let http_ready = health.register("http", "binding the listener");
-        let routes = options
+        let mut routes = options
             .extra_routes
             .map(|hook| hook(&runtimes))
             .unwrap_or_default();
+        let query_side = http::query_routes(
+            projections.read_models(),
+            Duration::from_millis(config.query.consistency_timeout_ms),
+        );
+        routes.query = routes.query.merge(query_side.query);
+        routes.openapi = match (routes.openapi, query_side.openapi) {
+            (Some(mut mine), Some(theirs)) => {
+                mine.merge(theirs);
+                Some(mine)
+            }
+            (mine, theirs) => mine.or(theirs),
+        };
         let router = http::router(
             routes,
             runtimes,
@@ -123,7 +157,15 @@ impl Daemon {
             let server = HttpServer::start(listener, router, server_options, shutdown.clone())
                 .context("cannot start the HTTP server")?;
             anyhow::Ok(server)
-        })?;
+        });
+        let server = match server {
+            Ok(server) => server,
+            Err(error) => {
+                // The projection workers are already running; stop them before failing.
+                projections.stop();
+                return Err(error);
+            }
+        };
         let local_addr = server.local_addr();
         http_ready.ready();
         tracing::info!(%local_addr, version = env!("CARGO_PKG_VERSION"), "listening");
@@ -148,6 +190,7 @@ impl Daemon {
             health,
             log,
             domain,
+            projections: Some(projections),
         })
     }
 
@@ -195,6 +238,10 @@ impl Daemon {
                 tracing::warn!("some background tasks did not stop in time");
             }
         });
+        // Workers see the cancelled token and finish their current batch.
+        if let Some(projections) = self.projections.take() {
+            projections.stop();
+        }
         let Daemon {
             io, command, query, ..
         } = self;

@@ -9,6 +9,7 @@
 mod middleware;
 mod ops;
 pub mod problem;
+mod queries;
 mod server;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use problem::{ApiError, FieldError, Problem};
+pub use queries::query_routes;
 pub use server::{HttpServer, ServerOptions};
 
 use crate::health::Health;
