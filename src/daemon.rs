@@ -278,6 +278,50 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
     Ok(log)
 }
 
+/// Rebuilds one projection offline, for `cqrsd projections rebuild`. Opening
+/// the log and the view store takes their sled locks, so this fails with a
+/// clear error while a daemon runs on the same data directory. `progress_bar`
+/// makes the bar for the number of records to read.
+pub fn rebuild_projection(
+    config: &Config,
+    name: &str,
+    progress_bar: impl FnOnce(u64) -> indicatif::ProgressBar,
+) -> anyhow::Result<u64> {
+    let domain = Arc::new(load_domain(config)?);
+    let data_dir = &config.storage.data_dir;
+    let hint = || {
+        format!(
+            "cannot open the stores in {}; stop the daemon first (a running cqrsd holds their lock)",
+            data_dir.display()
+        )
+    };
+    let log = open_log(config, &domain).with_context(hint)?;
+    let views = ViewStore::open(data_dir).with_context(hint)?;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut make = Some(progress_bar);
+    let events = crate::projection::rebuild_offline(
+        &domain,
+        &log,
+        &views,
+        name,
+        config.projections.batch_size,
+        |read, total, events| {
+            let bar = bar.get_or_insert_with(|| match make.take() {
+                Some(make) => make(total),
+                None => indicatif::ProgressBar::hidden(),
+            });
+            bar.set_position(read);
+            bar.set_message(format!("{events} events"));
+        },
+    )?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    views.flush()?;
+    log.close()?;
+    Ok(events)
+}
+
 /// Loads and compiles the configured domain; every problem is reported at
 /// once, here at startup, never at the first request.
 pub fn load_domain(config: &Config) -> anyhow::Result<Domain> {
