@@ -156,10 +156,11 @@ struct RebuildAccepted {
     state: String,
 }
 
+/// Query-string parameters as (name, value) pairs, in order.
+type Params = Vec<(String, String)>;
+
 /// The query parameters, split into `consistent_with` and the rest.
-fn split_params(
-    params: Vec<(String, String)>,
-) -> Result<(Option<Position>, Vec<(String, String)>), ApiError> {
+fn split_params(params: Params) -> Result<(Option<Position>, Params), ApiError> {
     let mut position = None;
     let mut rest = Vec::new();
     for (name, value) in params {

@@ -149,7 +149,7 @@ async fn a_restart_neither_skips_nor_double_applies() {
                 .append(&id, &[("MoneyDeposited", json!({"amount": 2}))])
                 .await;
         }
-        all_events.extend(writer.events.drain(..));
+        all_events.append(&mut writer.events);
         drop(writer);
         if round == 2 {
             wait_caught_up(&http, &daemon.url("")).await;
