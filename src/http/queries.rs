@@ -107,6 +107,8 @@ struct ProjectionsReport {
 struct ProjectionInfo {
     name: String,
     kind: String,
+    /// The live generation of the data; each finished rebuild adds one.
+    generation: u64,
     /// starting, running, rebuilding or failed.
     state: String,
     error: Option<String>,
@@ -336,6 +338,7 @@ async fn admin_projections(
         .map(|r| ProjectionInfo {
             name: r.name,
             kind: r.kind.to_owned(),
+            generation: r.generation,
             state: r.state.as_str().to_owned(),
             error: r.error,
             partitions: r

@@ -111,6 +111,8 @@ impl ProjectionHandle {
 pub struct ProjectionReport {
     pub name: String,
     pub kind: &'static str,
+    /// The live generation; each finished rebuild adds one.
+    pub generation: u64,
     pub state: ProjectionState,
     pub error: Option<String>,
     /// (topic, partition, next offset, lag).
@@ -330,13 +332,15 @@ impl ReadModels {
                 let end = self.log.end_offset(&topic, partition).unwrap_or(next);
                 partitions.push((topic, partition, next, end.saturating_sub(next)));
             }
-            let quarantined = match self.store.live_cached(&handle.name) {
+            let live = self.store.live_cached(&handle.name);
+            let quarantined = match &live {
                 Some(generation) => generation.quarantined(max_quarantined)?,
                 None => Vec::new(),
             };
             out.push(ProjectionReport {
                 name: handle.name.clone(),
                 kind: handle.kind,
+                generation: live.map_or(0, |g| g.number),
                 state: status.state,
                 error: status.error,
                 partitions,

@@ -169,7 +169,9 @@ async fn a_rebuild_under_query_load_never_shows_a_half_built_view() {
 
     let report = wait_caught_up(&http, &daemon.url("")).await;
     for name in ["accounts", "daily_flows"] {
-        assert!(projection(&report, name)["rebuild"].is_null(), "{report}");
+        let p = projection(&report, name);
+        assert!(p["rebuild"].is_null(), "{report}");
+        assert_eq!(p["generation"], 1, "the rebuilt generation is live: {p}");
     }
     stop.store(true, Ordering::Relaxed);
     for task in load {
@@ -184,4 +186,48 @@ async fn a_rebuild_under_query_load_never_shows_a_half_built_view() {
         .unwrap();
     assert_eq!(missing.status(), 404);
     daemon.stop();
+}
+
+#[tokio::test]
+async fn the_cli_rebuilds_offline_and_refuses_while_the_daemon_runs() {
+    use crate::harness::{Process, ProcessOptions, run_cli};
+    let mut daemon = Process::start(ProcessOptions::default());
+    let data_dir = daemon.dir.path().join("data");
+    let config = daemon.dir.path().join("rebuild.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\ndata_dir = {:?}\n", data_dir.to_str().unwrap()),
+    )
+    .unwrap();
+    let args = [
+        "projections",
+        "rebuild",
+        "accounts",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let (code, _, stderr) = run_cli(&args, daemon.dir.path());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("stop the daemon"), "{stderr}");
+
+    daemon.signal("TERM");
+    assert_eq!(
+        daemon.wait_exit(std::time::Duration::from_secs(15)).code(),
+        Some(0)
+    );
+    let (code, stdout, stderr) = run_cli(&args, daemon.dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("rebuilt projection accounts"), "{stdout}");
+    let (code, _, stderr) = run_cli(
+        &[
+            "projections",
+            "rebuild",
+            "nope",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        daemon.dir.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("nope"), "{stderr}");
 }

@@ -208,6 +208,17 @@ async fn bad_queries_are_problems() {
     )
     .await;
     expect_problem(get("/aggregations/accounts").await.unwrap(), 404).await;
+
+    let openapi: Value = get("/openapi.json").await.unwrap().json().await.unwrap();
+    for path in [
+        "/views/{view}",
+        "/views/{view}/{key}",
+        "/aggregations/{name}",
+        "/admin/projections",
+        "/admin/projections/{name}/rebuild",
+    ] {
+        assert!(openapi["paths"][path].is_object(), "{path} missing");
+    }
     daemon.stop();
 }
 
