@@ -20,7 +20,9 @@ use crate::domain::Domain;
 use crate::health::Health;
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
 use crate::log::{EmbeddedSettings, EventLog};
+use crate::projection::{PoolOptions, ProjectionPool};
 use crate::store::CommandStore;
+use crate::store::ViewStore;
 use axum::Router;
 
 /// How long runtimes get to finish their tasks once everything else stopped.
@@ -51,6 +53,7 @@ pub struct Daemon {
     log: EventLog,
     domain: Arc<Domain>,
     components_stop: CancellationToken,
+    projections: Option<ProjectionPool>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -106,6 +109,25 @@ impl Daemon {
         let log = open_log(&config, &domain)?;
         let domain = Arc::new(domain);
 
+        let views = ViewStore::open(data_dir).with_context(|| {
+            format!(
+                "cannot open the view store in {} (is another cqrsd using it?)",
+                data_dir.display()
+            )
+        })?;
+        let projections = ProjectionPool::start(
+            PoolOptions {
+                workers: config.projections.workers,
+                batch_size: config.projections.batch_size,
+            },
+            domain.clone(),
+            log.clone(),
+            views,
+            &health,
+            &shutdown,
+        )
+        .context("cannot start the projections")?;
+
         let http_ready = health.register("http", "binding the listener");
         // Components stop after the HTTP drain, so in-flight requests can
         // still reach them while it runs.
@@ -129,10 +151,13 @@ impl Daemon {
             query: Router::new(),
             openapi: Some(command_api),
         };
+        let query_side = http::query_routes(
+            projections.read_models(),
+            Duration::from_millis(config.query.consistency_timeout_ms),
+        );
+        routes.merge(query_side);
         if let Some(hook) = options.extra_routes {
-            let extra = hook(&runtimes);
-            routes.command = routes.command.merge(extra.command);
-            routes.query = routes.query.merge(extra.query);
+            routes.merge(hook(&runtimes));
         }
         let router = http::router(
             routes,
@@ -157,7 +182,15 @@ impl Daemon {
             let server = HttpServer::start(listener, router, server_options, shutdown.clone())
                 .context("cannot start the HTTP server")?;
             anyhow::Ok(server)
-        })?;
+        });
+        let server = match server {
+            Ok(server) => server,
+            Err(error) => {
+                // The projection workers are already running; stop them before failing.
+                projections.stop();
+                return Err(error);
+            }
+        };
         let local_addr = server.local_addr();
         http_ready.ready();
         tracing::info!(%local_addr, version = env!("CARGO_PKG_VERSION"), "listening");
@@ -180,6 +213,7 @@ impl Daemon {
             log,
             domain,
             components_stop,
+            projections: Some(projections),
         })
     }
 
@@ -229,12 +263,22 @@ impl Daemon {
                 tracing::warn!("some background tasks did not stop in time");
             }
         });
+        // Workers see the cancelled token and finish their current batch.
+        if let Some(projections) = self.projections.take() {
+            projections.stop();
+        }
         let Daemon {
-            io, command, query, ..
+            io,
+            command,
+            query,
+            log,
+            ..
         } = self;
         command.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
         query.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
         io.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+        // Every task that could append is gone: flush what is queued.
+        log.close().context("cannot flush the event log")?;
         tracing::info!("stopped");
         Ok(())
     }
@@ -263,6 +307,50 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
             .with_context(|| format!("cannot create or check topic {topic}"))?;
     }
     Ok(log)
+}
+
+/// Rebuilds one projection offline, for `cqrsd projections rebuild`. Opening
+/// the log and the view store takes their sled locks, so this fails with a
+/// clear error while a daemon runs on the same data directory. `progress_bar`
+/// makes the bar for the number of records to read.
+pub fn rebuild_projection(
+    config: &Config,
+    name: &str,
+    progress_bar: impl FnOnce(u64) -> indicatif::ProgressBar,
+) -> anyhow::Result<u64> {
+    let domain = Arc::new(load_domain(config)?);
+    let data_dir = &config.storage.data_dir;
+    let hint = || {
+        format!(
+            "cannot open the stores in {}; stop the daemon first (a running cqrsd holds their lock)",
+            data_dir.display()
+        )
+    };
+    let log = open_log(config, &domain).with_context(hint)?;
+    let views = ViewStore::open(data_dir).with_context(hint)?;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut make = Some(progress_bar);
+    let events = crate::projection::rebuild_offline(
+        &domain,
+        &log,
+        &views,
+        name,
+        config.projections.batch_size,
+        |read, total, events| {
+            let bar = bar.get_or_insert_with(|| match make.take() {
+                Some(make) => make(total),
+                None => indicatif::ProgressBar::hidden(),
+            });
+            bar.set_position(read);
+            bar.set_message(format!("{events} events"));
+        },
+    )?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    views.flush()?;
+    log.close()?;
+    Ok(events)
 }
 
 /// Loads and compiles the configured domain; every problem is reported at

@@ -10,6 +10,7 @@ pub mod domain;
 pub mod health;
 pub mod http;
 pub mod log;
+pub mod projection;
 pub mod store;
 mod systemd;
 pub mod telemetry;

@@ -10,6 +10,7 @@ pub mod commands;
 mod middleware;
 mod ops;
 pub mod problem;
+mod queries;
 mod server;
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use problem::{ApiError, FieldError, Problem};
+pub use queries::query_routes;
 pub use server::{HttpServer, ServerOptions};
 
 use crate::health::Health;
@@ -44,6 +46,21 @@ pub struct ApiRoutes {
     pub query: Router,
     /// OpenAPI paths and schemas of these routes, merged into `/openapi.json`.
     pub openapi: Option<utoipa::openapi::OpenApi>,
+}
+
+impl ApiRoutes {
+    /// Adds another part's routes and OpenAPI paths to these.
+    pub fn merge(&mut self, other: ApiRoutes) {
+        self.command = std::mem::take(&mut self.command).merge(other.command);
+        self.query = std::mem::take(&mut self.query).merge(other.query);
+        self.openapi = match (self.openapi.take(), other.openapi) {
+            (Some(mut mine), Some(theirs)) => {
+                mine.merge(theirs);
+                Some(mine)
+            }
+            (mine, theirs) => mine.or(theirs),
+        };
+    }
 }
 
 impl std::fmt::Debug for ApiRoutes {

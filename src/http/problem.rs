@@ -107,6 +107,9 @@ pub enum ApiError {
     NotReady { components: serde_json::Value },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The query side: views, aggregations and projection administration.
+    #[error(transparent)]
+    Query(#[from] crate::projection::QueryError),
 }
 
 impl ApiError {
@@ -152,6 +155,7 @@ impl ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "an internal error occurred; it has been logged",
             ),
+            ApiError::Query(error) => query_problem(error, detail),
         }
     }
 }
@@ -225,6 +229,48 @@ fn command_problem(failure: &CommandFailure, detail: String) -> Problem {
         CommandFailure::Internal(_) => Problem::from_status(
             StatusCode::INTERNAL_SERVER_ERROR,
             "an internal error occurred; it has been logged",
+        ),
+    }
+}
+
+/// The statuses of the query side's errors.
+fn query_problem(error: &crate::projection::QueryError, detail: String) -> Problem {
+    use crate::projection::QueryError as Q;
+    match error {
+        Q::UnknownView(_) | Q::UnknownAggregation(_) | Q::UnknownProjection(_) | Q::NoDocument { .. } => {
+            Problem::from_status(StatusCode::NOT_FOUND, detail)
+        }
+        Q::NotIndexed { field, indexed, .. } => Problem::typed(
+            StatusCode::BAD_REQUEST,
+            "not-indexed",
+            "Field not indexed",
+            detail,
+        )
+        .with_extension("field", serde_json::json!(field))
+        .with_extension("indexed", serde_json::json!(indexed)),
+        Q::BadParameter(_) => Problem::from_status(StatusCode::BAD_REQUEST, detail),
+        Q::NotConsistent { lag, .. } => Problem::typed(
+            StatusCode::GATEWAY_TIMEOUT,
+            "not-consistent",
+            "Read models not caught up",
+            detail,
+        )
+        .with_extension(
+            "lag",
+            lag.iter()
+                .map(|(projection, position, lag)| {
+                    serde_json::json!({"projection": projection, "next_offset": position, "lag": lag})
+                })
+                .collect(),
+        ),
+        Q::RebuildRunning(_) | Q::NotRebuildable(_) => {
+            Problem::from_status(StatusCode::CONFLICT, detail)
+        }
+        Q::Unavailable(_) => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "read-models-unavailable",
+            "Read models unavailable",
+            detail,
         ),
     }
 }

@@ -6,9 +6,11 @@
 pub mod command_store;
 pub mod embedded_log;
 mod frame;
+pub mod views;
 
 pub use command_store::{CommandStore, Snapshot, StoredReply};
 pub use embedded_log::{EmbeddedLog, EmbeddedLogOptions, LogStats};
+pub use views::ViewStore;
 
 /// Why a storage operation failed, grouped by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]

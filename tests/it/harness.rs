@@ -246,6 +246,8 @@ pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
 /// A daemon started inside the test process, for tests that add routes.
 pub struct InProcess {
     pub addr: SocketAddr,
+    /// The daemon's event log, for tests that append records directly.
+    pub log: cqrsd::log::EventLog,
     pub dir: tempfile::TempDir,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -267,13 +269,18 @@ impl InProcess {
             };
             let daemon = Daemon::start(config, options).unwrap();
             started_tx
-                .send((daemon.local_addr(), daemon.shutdown_token()))
+                .send((
+                    daemon.local_addr(),
+                    daemon.shutdown_token(),
+                    daemon.log().clone(),
+                ))
                 .unwrap();
             daemon.wait().unwrap();
         });
-        let (addr, shutdown) = started_rx.recv_timeout(STARTUP_BOUND).unwrap();
+        let (addr, shutdown, log) = started_rx.recv_timeout(STARTUP_BOUND).unwrap();
         InProcess {
             addr,
+            log,
             dir,
             shutdown,
             thread: Some(thread),

@@ -3,11 +3,15 @@
 //! daemon started in-process when the test needs handlers of its own.
 
 mod harness;
+mod readside;
 
+mod aggregations;
 mod cli;
 mod commands;
 mod crash;
 mod dispatch;
 mod operations;
+mod projection_admin;
 mod protection;
 mod shutdown;
+mod views;

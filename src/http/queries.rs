@@ -1,0 +1,402 @@
+//! Query-side routes: views, aggregations, and projection administration.
+//!
+//! Handlers parse and check the request here, then read sled on the query
+//! runtime's blocking pool (`spawn_blocking`), never on an async worker.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::{OpenApi, ToSchema};
+
+use super::ApiRoutes;
+use super::problem::{ApiError, Problem};
+use crate::log::Position;
+use crate::projection::{ListRequest, QueryError, ReadModels, SortOrder};
+
+/// Quarantined events listed per projection by the admin API.
+const MAX_QUARANTINED_LISTED: usize = 100;
+
+#[derive(Debug, Clone)]
+struct QueryState {
+    models: ReadModels,
+    consistency_timeout: Duration,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        get_document,
+        list_view,
+        get_aggregation,
+        admin_projections,
+        rebuild_projection
+    ),
+    components(schemas(
+        ViewDocument,
+        ViewPage,
+        AggregationRows,
+        ProjectionsReport,
+        ProjectionInfo,
+        PartitionInfo,
+        QuarantinedEvent,
+        RebuildInfo,
+        RebuildAccepted
+    ))
+)]
+struct QueryApi;
+
+/// The query side's routes and their OpenAPI description.
+pub fn query_routes(models: ReadModels, consistency_timeout: Duration) -> ApiRoutes {
+    let state = QueryState {
+        models,
+        consistency_timeout,
+    };
+    let query = Router::new()
+        .route("/views/{view}", get(list_view))
+        .route("/views/{view}/{key}", get(get_document))
+        .route("/aggregations/{name}", get(get_aggregation))
+        .route("/admin/projections", get(admin_projections))
+        .route(
+            "/admin/projections/{name}/rebuild",
+            post(rebuild_projection),
+        )
+        .with_state(state);
+    ApiRoutes {
+        command: Router::new(),
+        query,
+        openapi: Some(QueryApi::openapi()),
+    }
+}
+
+/// A view document.
+#[derive(Debug, Serialize, ToSchema)]
+struct ViewDocument {
+    key: String,
+    #[schema(value_type = Object)]
+    doc: Value,
+}
+
+/// A page of a view; `next_cursor` is null on the last page.
+#[derive(Debug, Serialize, ToSchema)]
+struct ViewPage {
+    items: Vec<ViewDocument>,
+    next_cursor: Option<String>,
+}
+
+/// Rows of an aggregation: the group fields and the measures of each group.
+#[derive(Debug, Serialize, ToSchema)]
+struct AggregationRows {
+    #[schema(value_type = Vec<Object>)]
+    rows: Vec<Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct ProjectionsReport {
+    projections: Vec<ProjectionInfo>,
+}
+
+/// One projection's state, positions, lag and quarantine.
+#[derive(Debug, Serialize, ToSchema)]
+struct ProjectionInfo {
+    name: String,
+    kind: String,
+    /// The live generation of the data; each finished rebuild adds one.
+    generation: u64,
+    /// starting, running, rebuilding or failed.
+    state: String,
+    error: Option<String>,
+    partitions: Vec<PartitionInfo>,
+    events_total: u64,
+    events_per_sec: f64,
+    quarantine_count: u64,
+    quarantined: Vec<QuarantinedEvent>,
+    rebuild: Option<RebuildInfo>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct PartitionInfo {
+    topic: String,
+    partition: u32,
+    /// The next offset the projection reads.
+    position: u64,
+    /// Records appended but not yet applied.
+    lag: u64,
+}
+
+/// An event the projection could not apply.
+#[derive(Debug, Serialize, ToSchema)]
+struct QuarantinedEvent {
+    /// The record's position (`topic:partition:offset`).
+    position: String,
+    /// The event's index inside the record.
+    index: u32,
+    /// The event, or null when the record does not decode.
+    #[schema(value_type = Object)]
+    event: Option<Value>,
+    reason: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct RebuildInfo {
+    /// Events applied to the new generation so far.
+    events: u64,
+    /// Next offset of the new generation per `topic:partition`.
+    #[schema(value_type = Object)]
+    positions: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct RebuildAccepted {
+    projection: String,
+    state: String,
+}
+
+/// Query-string parameters as (name, value) pairs, in order.
+type Params = Vec<(String, String)>;
+
+/// The query parameters, split into `consistent_with` and the rest.
+fn split_params(params: Params) -> Result<(Option<Position>, Params), ApiError> {
+    let mut position = None;
+    let mut rest = Vec::new();
+    for (name, value) in params {
+        if name == "consistent_with" {
+            let parsed = value
+                .parse::<Position>()
+                .map_err(|e| QueryError::BadParameter(format!("invalid consistent_with: {e}")))?;
+            position = Some(parsed);
+        } else {
+            rest.push((name, value));
+        }
+    }
+    Ok((position, rest))
+}
+
+async fn wait_consistent(
+    state: &QueryState,
+    projection: &str,
+    position: Option<Position>,
+) -> Result<(), ApiError> {
+    if let Some(position) = position {
+        state
+            .models
+            .wait_for(&[projection], &position, state.consistency_timeout)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, QueryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("query task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// One document of a view.
+#[utoipa::path(get, path = "/views/{view}/{key}", tag = "queries",
+    params(
+        ("view" = String, Path, description = "The view"),
+        ("key" = String, Path, description = "The document key (aggregate id)"),
+        ("consistent_with" = Option<String>, Query, description = "Wait until the view has passed this position")
+    ),
+    responses(
+        (status = 200, description = "The document", body = ViewDocument),
+        (status = 400, description = "Malformed parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such view or document", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The view did not reach the position in time", body = Problem, content_type = "application/problem+json")
+    ))]
+async fn get_document(
+    State(state): State<QueryState>,
+    Path((view, key)): Path<(String, String)>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Json<ViewDocument>, ApiError> {
+    let (position, rest) = split_params(params)?;
+    if let Some((name, _)) = rest.first() {
+        return Err(QueryError::BadParameter(format!(
+            "unknown query parameter {name:?}; only consistent_with is accepted here"
+        ))
+        .into());
+    }
+    state.models.check_view(&view)?;
+    wait_consistent(&state, &view, position).await?;
+    let models = state.models.clone();
+    let doc = {
+        let (view, key) = (view.clone(), key.clone());
+        blocking(move || models.get(&view, &key)).await?
+    };
+    Ok(Json(ViewDocument { key, doc }))
+}
+
+/// Lists a view, filtered and ordered by indexed fields, a page at a time.
+#[utoipa::path(get, path = "/views/{view}", tag = "queries",
+    params(
+        ("view" = String, Path, description = "The view"),
+        ("where.<field>" = Option<String>, Query, description = "Equality filter on an indexed field; the value is read as JSON when it parses, else as a string"),
+        ("order" = Option<String>, Query, description = "`field` or `-field` (descending); an indexed field. Default: by key"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000, default 50"),
+        ("cursor" = Option<String>, Query, description = "The next_cursor of the previous page"),
+        ("consistent_with" = Option<String>, Query, description = "Wait until the view has passed this position")
+    ),
+    responses(
+        (status = 200, description = "A page", body = ViewPage),
+        (status = 400, description = "Non-indexed field or malformed parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such view", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The view did not reach the position in time", body = Problem, content_type = "application/problem+json")
+    ))]
+async fn list_view(
+    State(state): State<QueryState>,
+    Path(view): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Json<ViewPage>, ApiError> {
+    let (position, rest) = split_params(params)?;
+    let mut request = ListRequest::default();
+    for (name, value) in rest {
+        if let Some(field) = name.strip_prefix("where.") {
+            request
+                .filters
+                .push((field.to_owned(), crate::projection::parse_value(&value)));
+        } else if name == "order" {
+            let order = match value.strip_prefix('-') {
+                Some(field) => (field.to_owned(), SortOrder::Descending),
+                None => (value, SortOrder::Ascending),
+            };
+            request.order = Some(order);
+        } else if name == "limit" {
+            let limit = value.parse::<usize>().map_err(|_| {
+                QueryError::BadParameter(format!("limit must be a positive integer, got {value:?}"))
+            })?;
+            request.limit = Some(limit);
+        } else if name == "cursor" {
+            request.cursor = Some(value);
+        } else {
+            return Err(QueryError::BadParameter(format!(
+                "unknown query parameter {name:?}; use where.<field>, order, limit, cursor or consistent_with"
+            ))
+            .into());
+        }
+    }
+    state.models.check_view(&view)?;
+    wait_consistent(&state, &view, position).await?;
+    let models = state.models.clone();
+    let page = blocking(move || models.list(&view, &request)).await?;
+    Ok(Json(ViewPage {
+        items: page
+            .items
+            .into_iter()
+            .map(|(key, doc)| ViewDocument { key, doc })
+            .collect(),
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// The rows of an aggregation, optionally restricted to group field values.
+#[utoipa::path(get, path = "/aggregations/{name}", tag = "queries",
+    params(
+        ("name" = String, Path, description = "The aggregation"),
+        ("<group field>" = Option<String>, Query, description = "Keep only groups with this value"),
+        ("consistent_with" = Option<String>, Query, description = "Wait until the aggregation has passed this position")
+    ),
+    responses(
+        (status = 200, description = "The rows", body = AggregationRows),
+        (status = 400, description = "Unknown group field or malformed parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such aggregation", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The aggregation did not reach the position in time", body = Problem, content_type = "application/problem+json")
+    ))]
+async fn get_aggregation(
+    State(state): State<QueryState>,
+    Path(name): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Result<Json<AggregationRows>, ApiError> {
+    let (position, filters) = split_params(params)?;
+    state.models.check_aggregation(&name)?;
+    wait_consistent(&state, &name, position).await?;
+    let models = state.models.clone();
+    let rows = blocking(move || models.aggregation(&name, &filters)).await?;
+    Ok(Json(AggregationRows { rows }))
+}
+
+/// Every projection: state, positions and lag per partition, events/s and
+/// quarantined events.
+#[utoipa::path(get, path = "/admin/projections", tag = "admin",
+    responses((status = 200, description = "The projections", body = ProjectionsReport)))]
+async fn admin_projections(
+    State(state): State<QueryState>,
+) -> Result<Json<ProjectionsReport>, ApiError> {
+    let models = state.models.clone();
+    let reports = blocking(move || models.report(MAX_QUARANTINED_LISTED)).await?;
+    let projections = reports
+        .into_iter()
+        .map(|r| ProjectionInfo {
+            name: r.name,
+            kind: r.kind.to_owned(),
+            generation: r.generation,
+            state: r.state.as_str().to_owned(),
+            error: r.error,
+            partitions: r
+                .partitions
+                .into_iter()
+                .map(|(topic, partition, position, lag)| PartitionInfo {
+                    topic,
+                    partition,
+                    position,
+                    lag,
+                })
+                .collect(),
+            events_total: r.events_total,
+            events_per_sec: r.events_per_sec,
+            quarantine_count: r.quarantine_count,
+            quarantined: r
+                .quarantined
+                .into_iter()
+                .map(|q| QuarantinedEvent {
+                    position: Position::new(q.topic, q.partition, q.offset).to_string(),
+                    index: q.index,
+                    event: q.event,
+                    reason: q.reason,
+                })
+                .collect(),
+            rebuild: r.rebuild.map(|progress| RebuildInfo {
+                events: progress.events,
+                positions: progress
+                    .positions
+                    .into_iter()
+                    .map(|((topic, partition), next)| (format!("{topic}:{partition}"), next.into()))
+                    .collect(),
+            }),
+        })
+        .collect();
+    Ok(Json(ProjectionsReport { projections }))
+}
+
+/// Rebuilds a projection from offset 0 beside the live one, then swaps it in
+/// atomically; queries keep reading the live data meanwhile.
+#[utoipa::path(post, path = "/admin/projections/{name}/rebuild", tag = "admin",
+    params(("name" = String, Path, description = "The projection")),
+    responses(
+        (status = 202, description = "The rebuild started", body = RebuildAccepted),
+        (status = 404, description = "No such projection", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A rebuild is already running", body = Problem, content_type = "application/problem+json")
+    ))]
+async fn rebuild_projection(
+    State(state): State<QueryState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let projection_state = state.models.request_rebuild(&name)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RebuildAccepted {
+            projection: name,
+            state: projection_state.as_str().to_owned(),
+        }),
+    )
+        .into_response())
+}

@@ -1,0 +1,385 @@
+//! A projection worker: one std thread that owns some projections, reads their
+//! source partitions in batches, and commits each batch with its positions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Engine, SourceRecord, Target};
+use super::{ProjectionError, ProjectionHandle, ProjectionState, RebuildProgress};
+use crate::health::Readiness;
+use crate::log::{EventLog, decode};
+use crate::store::StoreError;
+use crate::store::views::Positions;
+
+/// How long a failed projection waits before it tries again.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often an idle worker refreshes rates and lag gauges.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// What every worker shares with the pool.
+pub(super) struct WorkerContext {
+    pub log: EventLog,
+    pub batch_size: usize,
+    pub cancel: CancellationToken,
+    pub wake: Arc<Notify>,
+    pub readiness: Readiness,
+    /// Projections that have not reached the end offsets seen at startup.
+    pub pending: Arc<AtomicUsize>,
+}
+
+/// A rebuild in progress: a new generation filled from offset 0.
+struct Rebuild {
+    target: Box<dyn Target>,
+    positions: Positions,
+    events: u64,
+}
+
+/// One projection as its worker drives it.
+pub(super) struct Runner {
+    handle: Arc<ProjectionHandle>,
+    engine: Box<dyn Engine>,
+    live: Option<Box<dyn Target>>,
+    positions: Positions,
+    startup_end: Option<Positions>,
+    rebuild: Option<Rebuild>,
+    retry_at: Option<Instant>,
+    rate_since: Instant,
+    rate_events: u64,
+}
+
+/// The stored positions completed with offset 0 for every source partition.
+pub(super) fn full_positions(stored: &Positions, topics: &[String], partitions: u32) -> Positions {
+    let mut positions = Positions::new();
+    for topic in topics {
+        for partition in 0..partitions {
+            let key = (topic.clone(), partition);
+            let offset = stored.get(&key).copied().unwrap_or(0);
+            positions.insert(key, offset);
+        }
+    }
+    positions
+}
+
+/// Reads up to one batch from each partition and applies it. Returns the
+/// events seen, the quarantined events and whether any record was read.
+fn advance(
+    log: &EventLog,
+    batch_size: usize,
+    target: &mut dyn Target,
+    positions: &mut Positions,
+) -> Result<(u64, u64, bool), ProjectionError> {
+    let (mut events, mut quarantined, mut read) = (0, 0, false);
+    for ((topic, partition), next) in positions.iter_mut() {
+        let records = log.read(topic, *partition, *next, batch_size)?;
+        let Some((last, _)) = records.last() else {
+            continue;
+        };
+        let new_next = last + 1;
+        let decoded: Vec<SourceRecord> = records
+            .into_iter()
+            .map(|(offset, record)| SourceRecord {
+                topic: topic.clone(),
+                partition: *partition,
+                offset,
+                events: decode(&record.headers, &record.value).map_err(|e| e.to_string()),
+            })
+            .collect();
+        let mut commit = Positions::new();
+        commit.insert((topic.clone(), *partition), new_next);
+        let stats = target.apply(&decoded, &commit)?;
+        *next = new_next;
+        events += stats.events;
+        quarantined += stats.quarantined;
+        read = true;
+    }
+    Ok((events, quarantined, read))
+}
+
+impl Runner {
+    pub(super) fn new(
+        handle: Arc<ProjectionHandle>,
+        engine: Box<dyn Engine>,
+        live: Box<dyn Target>,
+        positions: Positions,
+        startup_end: Positions,
+    ) -> Self {
+        Self {
+            handle,
+            engine,
+            live: Some(live),
+            positions,
+            startup_end: Some(startup_end),
+            rebuild: None,
+            retry_at: None,
+            rate_since: Instant::now(),
+            rate_events: 0,
+        }
+    }
+
+    /// One round of work; returns whether anything was read.
+    fn step(&mut self, context: &WorkerContext) -> bool {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
+        match self.try_step(context) {
+            Ok(worked) => {
+                if self.retry_at.take().is_some() {
+                    let state = if self.rebuild.is_some() {
+                        ProjectionState::Rebuilding
+                    } else {
+                        ProjectionState::Running
+                    };
+                    self.handle.set_state(state, None);
+                }
+                worked
+            }
+            Err(error) => {
+                tracing::error!(projection = %self.handle.name, %error, "projection failed; retrying");
+                self.handle
+                    .set_state(ProjectionState::Failed, Some(error.to_string()));
+                self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                // A failed open of the live generation is retried from scratch.
+                if self.live.is_none() {
+                    match self.engine.open_live() {
+                        Ok(live) => self.live = Some(live),
+                        Err(error) => tracing::error!(%error, "cannot reopen the live generation"),
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    fn try_step(&mut self, context: &WorkerContext) -> Result<bool, ProjectionError> {
+        if self.rebuild.is_none()
+            && self
+                .handle
+                .rebuild_requested
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            let target = self.engine.open_rebuild()?;
+            let positions = full_positions(
+                &Positions::new(),
+                &self.handle.topics,
+                context.log.partitions(),
+            );
+            tracing::info!(projection = %self.handle.name, "rebuild started");
+            self.rebuild = Some(Rebuild {
+                target,
+                positions,
+                events: 0,
+            });
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Err(ProjectionError::Store(StoreError::Unavailable(
+                "the live generation is not open".to_owned(),
+            )));
+        };
+        let (events, quarantined, mut worked) = advance(
+            &context.log,
+            context.batch_size,
+            live.as_mut(),
+            &mut self.positions,
+        )?;
+        if worked {
+            self.handle.positions.send_replace(self.positions.clone());
+            let mut status = self.handle.status();
+            status.events_total += events;
+            status.quarantined += quarantined;
+            metrics::counter!("cqrsd_projection_events_total", "projection" => self.handle.name.clone())
+                .increment(events);
+            metrics::counter!("cqrsd_projection_quarantined_total", "projection" => self.handle.name.clone())
+                .increment(quarantined);
+        }
+        if let Some(rebuild) = self.rebuild.as_mut() {
+            let (events, _, read) = advance(
+                &context.log,
+                context.batch_size,
+                rebuild.target.as_mut(),
+                &mut rebuild.positions,
+            )?;
+            worked |= read;
+            rebuild.events += events;
+            self.handle.status().rebuild = Some(RebuildProgress {
+                positions: rebuild.positions.clone(),
+                events: rebuild.events,
+            });
+            // Swap only once the new generation is at least where the live one
+            // is, so positions seen by queries never go back.
+            let caught_up = self
+                .positions
+                .iter()
+                .all(|(key, live)| rebuild.positions.get(key).is_some_and(|p| p >= live));
+            if caught_up && let Some(rebuild) = self.rebuild.take() {
+                self.finish_rebuild(rebuild)?;
+            }
+        }
+        if let Some(end) = &self.startup_end
+            && end
+                .iter()
+                .all(|(key, end)| self.positions.get(key).is_some_and(|p| p >= end))
+        {
+            self.startup_end = None;
+            if self.handle.status().state == ProjectionState::Starting {
+                self.handle.set_state(ProjectionState::Running, None);
+            }
+            if context.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                context.readiness.ready();
+                tracing::info!("every projection caught up with the event log");
+            }
+        }
+        Ok(worked)
+    }
+
+    fn finish_rebuild(&mut self, rebuild: Rebuild) -> Result<(), ProjectionError> {
+        // The live target holds the old generation; it must be let go before the
+        // swap, which waits for the last reader of the old generation.
+        self.live = None;
+        let quarantined = rebuild.target.quarantine_count()?;
+        rebuild.target.promote()?;
+        self.live = Some(self.engine.open_live()?);
+        self.positions = rebuild.positions;
+        self.handle.positions.send_replace(self.positions.clone());
+        {
+            let mut status = self.handle.status();
+            status.quarantined = quarantined;
+            status.rebuild = None;
+            status.state = ProjectionState::Running;
+            status.error = None;
+        }
+        self.handle
+            .rebuild_requested
+            .store(false, std::sync::atomic::Ordering::Release);
+        tracing::info!(projection = %self.handle.name, events = rebuild.events, "rebuild finished and swapped in");
+        Ok(())
+    }
+
+    /// Refreshes events/s and the position and lag gauges.
+    fn refresh(&mut self, log: &EventLog) {
+        let elapsed = self.rate_since.elapsed();
+        if elapsed >= REFRESH {
+            let mut status = self.handle.status();
+            let delta = status.events_total.saturating_sub(self.rate_events);
+            status.events_per_sec = delta as f64 / elapsed.as_secs_f64();
+            self.rate_events = status.events_total;
+            self.rate_since = Instant::now();
+        }
+        for ((topic, partition), next) in &self.positions {
+            let labels = [
+                ("projection", self.handle.name.clone()),
+                ("topic", topic.clone()),
+                ("partition", partition.to_string()),
+            ];
+            metrics::gauge!("cqrsd_projection_position", &labels).set(*next as f64);
+            let end = log.end_offset(topic, *partition).unwrap_or(*next);
+            metrics::gauge!("cqrsd_projection_lag", &labels).set(end.saturating_sub(*next) as f64);
+        }
+    }
+}
+
+/// The worker thread's loop: work while there is something to read, then
+/// sleep until an append, a wake-up (rebuild request) or shutdown.
+pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start a projection worker");
+            return;
+        }
+    };
+    let mut watches: Vec<watch::Receiver<u64>> = Vec::new();
+    for runner in &runners {
+        for (topic, partition) in runner.positions.keys() {
+            match context.log.subscribe(topic, *partition) {
+                Ok(receiver) => watches.push(receiver),
+                Err(error) => tracing::error!(%error, %topic, partition, "cannot watch partition"),
+            }
+        }
+    }
+    while !context.cancel.is_cancelled() {
+        // Marking the watches seen before working means an append during the
+        // work is not missed: the wait below returns at once for it.
+        for watch in &mut watches {
+            watch.borrow_and_update();
+        }
+        let mut worked = false;
+        for runner in &mut runners {
+            if context.cancel.is_cancelled() {
+                break;
+            }
+            worked |= runner.step(&context);
+            runner.refresh(&context.log);
+        }
+        if worked {
+            continue;
+        }
+        let retrying = runners.iter().any(|r| r.retry_at.is_some());
+        let idle = if retrying { RETRY_AFTER / 4 } else { REFRESH };
+        runtime.block_on(async {
+            let mut changes: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>> =
+                watches
+                    .iter_mut()
+                    .map(|w| {
+                        Box::pin(async move {
+                            // A closed log never changes again: wait on the other arms.
+                            if w.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        })
+                            as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+                    })
+                    .collect();
+            // `select_all` needs at least one future.
+            changes.push(Box::pin(std::future::pending()));
+            tokio::select! {
+                _ = futures::future::select_all(changes) => {}
+                () = context.wake.notified() => {}
+                () = context.cancel.cancelled() => {}
+                () = tokio::time::sleep(idle) => {}
+            }
+        });
+    }
+}
+
+/// Rebuilds one projection offline (the daemon must not run): fills a new
+/// generation from offset 0 to the current end of the log, then swaps it in.
+/// `progress` is called with (records read, records in total, events applied).
+pub fn rebuild_offline(
+    domain: &Arc<crate::domain::Domain>,
+    log: &EventLog,
+    store: &crate::store::ViewStore,
+    name: &str,
+    batch_size: usize,
+    mut progress: impl FnMut(u64, u64, u64),
+) -> Result<u64, ProjectionError> {
+    if domain.projection(name).is_none() {
+        return Err(ProjectionError::Unknown(name.to_owned()));
+    }
+    let engine = super::engine_for(domain, store, name)
+        .ok_or_else(|| ProjectionError::NotRebuildable(name.to_owned()))?;
+    let topics = super::topics_of(domain, log, name);
+    let mut positions = full_positions(&Positions::new(), &topics, log.partitions());
+    let mut total = 0;
+    for (topic, partition) in positions.keys() {
+        total += log.end_offset(topic, *partition)?;
+    }
+    let mut target = engine.open_rebuild()?;
+    let mut events = 0;
+    loop {
+        let (seen, _, read) = advance(log, batch_size.max(1), target.as_mut(), &mut positions)?;
+        events += seen;
+        progress(positions.values().sum(), total, events);
+        if !read {
+            break;
+        }
+    }
+    target.promote()?;
+    Ok(events)
+}

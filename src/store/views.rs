@@ -1,0 +1,545 @@
+//! The read models of view and aggregation projections, in a sled database at
+//! `<data_dir>/views`.
+//!
+//! Layout:
+//! - tree `meta`: `live/<projection>` → the live generation (u64 big-endian);
+//! - tree `view/<projection>/<generation>`, one per generation, with key prefixes:
+//!   - `d` ‖ id → the document (JSON);
+//!   - `i` ‖ field length (u16 BE) ‖ field ‖ encoded value ‖ id → empty (secondary index);
+//!   - `g` ‖ encoded group values → the group's measure states (JSON);
+//!   - `p` ‖ topic ‖ 0x00 ‖ partition (u32 BE) → the next offset to read (u64 BE);
+//!   - `q` ‖ topic ‖ 0x00 ‖ partition (u32 BE) ‖ offset (u64 BE) ‖ event index (u32 BE)
+//!     → a quarantined event (JSON).
+//!
+//! Encoded values sort as the values do (see [`encode_value`]), so an index range
+//! scan returns documents in field order, and then by id.
+//!
+//! Each projection has one writer (its worker thread), which commits a batch of
+//! changes and the new positions in one sled `Batch` on the generation's tree:
+//! sled applies a batch atomically, so data and positions never disagree after a
+//! crash (DESIGN.md §2 guarantee 5). Rebuilds fill generation N+1 beside N and
+//! switch `meta` with one write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use serde_json::Value as Json;
+
+use super::StoreError;
+
+const LIVE_PREFIX: &str = "live/";
+pub const DOC: u8 = b'd';
+pub const INDEX: u8 = b'i';
+pub const GROUP: u8 = b'g';
+const POSITION: u8 = b'p';
+const QUARANTINE: u8 = b'q';
+
+/// Where a projection is in one partition: (topic, partition) → next offset.
+pub type Positions = BTreeMap<(String, u32), u64>;
+
+/// The sled database of every view and aggregation; cheap to clone.
+#[derive(Clone)]
+pub struct ViewStore {
+    db: sled::Db,
+    meta: sled::Tree,
+    /// The live generation's tree of each projection, so queries find it without
+    /// reading `meta`; replaced as a whole when a rebuild swaps generations.
+    live: Arc<RwLock<HashMap<String, Generation>>>,
+}
+
+impl std::fmt::Debug for ViewStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewStore").finish_non_exhaustive()
+    }
+}
+
+/// One generation of one projection's data.
+#[derive(Clone)]
+pub struct Generation {
+    pub number: u64,
+    tree: Arc<sled::Tree>,
+}
+
+impl std::fmt::Debug for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("number", &self.number)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A quarantined event: what could not be applied, where, and why.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Quarantined {
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    /// The event's index inside its record.
+    pub index: u32,
+    /// The event as decoded, or `None` when the record itself does not decode.
+    pub event: Option<Json>,
+    pub reason: String,
+}
+
+/// The changes of one batch, written atomically with the new positions.
+#[derive(Debug, Default)]
+pub struct ChangeSet {
+    /// id → (document before the batch, document after it); `None` is absent.
+    pub docs: HashMap<String, (Option<Json>, Option<Json>)>,
+    /// Indexed fields of the view, to maintain index entries.
+    pub indexes: Vec<String>,
+    /// Encoded group key → measure states.
+    pub groups: HashMap<Vec<u8>, Json>,
+    pub quarantined: Vec<Quarantined>,
+    pub positions: Positions,
+}
+
+fn lock_err<T>(_: T) -> StoreError {
+    StoreError::Unavailable("a view store lock was poisoned".to_owned())
+}
+
+fn tree_name(projection: &str, generation: u64) -> String {
+    format!("view/{projection}/{generation}")
+}
+
+fn corrupt(what: &str, detail: impl Into<String>) -> StoreError {
+    StoreError::corrupt(what.to_owned(), detail)
+}
+
+impl ViewStore {
+    /// Opens (or creates) the store at `<data_dir>/views`. Blocking. Fails with
+    /// sled's lock error when another process (a running daemon) holds it.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(data_dir.join("views")).open()?;
+        let meta = db.open_tree("meta")?;
+        Ok(Self {
+            db,
+            meta,
+            live: Arc::default(),
+        })
+    }
+
+    /// The live generation of a projection, created empty (generation 0) on first use.
+    /// Blocking.
+    pub fn live(&self, projection: &str) -> Result<Generation, StoreError> {
+        if let Some(generation) = self.live.read().map_err(lock_err)?.get(projection) {
+            return Ok(generation.clone());
+        }
+        let key = format!("{LIVE_PREFIX}{projection}");
+        let number = match self.meta.get(&key)? {
+            Some(bytes) => decode_u64(&bytes).ok_or_else(|| corrupt(&key, "not 8 bytes"))?,
+            None => {
+                self.meta.insert(&key, &0u64.to_be_bytes())?;
+                0
+            }
+        };
+        let generation = Generation {
+            number,
+            tree: Arc::new(self.db.open_tree(tree_name(projection, number))?),
+        };
+        self.live
+            .write()
+            .map_err(lock_err)?
+            .insert(projection.to_owned(), generation.clone());
+        Ok(generation)
+    }
+
+    /// The live generation of a projection if it was opened already; never blocks
+    /// on disk, so queries can look it up on any thread.
+    pub fn live_cached(&self, projection: &str) -> Option<Generation> {
+        self.live.read().ok()?.get(projection).cloned()
+    }
+
+    /// A fresh generation beside the live one, emptied in case an interrupted
+    /// rebuild left data behind. Blocking.
+    pub fn new_generation(&self, projection: &str) -> Result<Generation, StoreError> {
+        let live = self.live(projection)?;
+        let number = live.number + 1;
+        let tree = self.db.open_tree(tree_name(projection, number))?;
+        tree.clear()?;
+        Ok(Generation {
+            number,
+            tree: Arc::new(tree),
+        })
+    }
+
+    /// Makes `generation` the live one with one atomic write, then drops the old
+    /// generation once no reader holds it any more (bounded wait). Blocking.
+    pub fn swap(&self, projection: &str, generation: &Generation) -> Result<(), StoreError> {
+        let old = self.live(projection)?;
+        generation.tree.flush()?;
+        self.meta.insert(
+            format!("{LIVE_PREFIX}{projection}"),
+            &generation.number.to_be_bytes(),
+        )?;
+        self.meta.flush()?;
+        self.live
+            .write()
+            .map_err(lock_err)?
+            .insert(projection.to_owned(), generation.clone());
+        // Queries clone the generation they read, so waiting for the last clone
+        // keeps a query that started before the swap from seeing the tree vanish.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while Arc::strong_count(&old.tree) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let old_number = old.number;
+        drop(old);
+        self.db.drop_tree(tree_name(projection, old_number))?;
+        Ok(())
+    }
+
+    /// Flushes everything to disk. Blocking.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+impl Generation {
+    /// The stored positions of this generation. Blocking.
+    pub fn positions(&self) -> Result<Positions, StoreError> {
+        let mut out = Positions::new();
+        for item in self.tree.scan_prefix([POSITION]) {
+            let (key, value) = item?;
+            let rest = &key[1..];
+            let split = rest.iter().position(|b| *b == 0);
+            let (Some(split), Some(offset)) = (split, decode_u64(&value)) else {
+                return Err(corrupt("projection position", "malformed entry"));
+            };
+            let topic = String::from_utf8_lossy(&rest[..split]).into_owned();
+            let partition = rest[split + 1..]
+                .try_into()
+                .map(u32::from_be_bytes)
+                .map_err(|_| corrupt("projection position", "malformed partition"))?;
+            out.insert((topic, partition), offset);
+        }
+        Ok(out)
+    }
+
+    /// The current document of `id`. Blocking.
+    pub fn doc(&self, id: &str) -> Result<Option<Json>, StoreError> {
+        let mut key = vec![DOC];
+        key.extend_from_slice(id.as_bytes());
+        self.tree
+            .get(key)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| corrupt(&format!("document {id}"), e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// The current document whose id has these bytes. Blocking.
+    pub fn doc_by_key(&self, id: &[u8]) -> Result<Option<Json>, StoreError> {
+        let mut key = vec![DOC];
+        key.extend_from_slice(id);
+        self.tree
+            .get(key)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| corrupt("document", e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// The measure states of a group. Blocking.
+    pub fn group(&self, key: &[u8]) -> Result<Option<Json>, StoreError> {
+        let mut full = vec![GROUP];
+        full.extend_from_slice(key);
+        self.tree
+            .get(full)?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| corrupt("group", e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Every quarantined event, in log order. Blocking.
+    pub fn quarantined(&self, max: usize) -> Result<Vec<Quarantined>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([QUARANTINE]).take(max) {
+            let (_, value) = item?;
+            out.push(
+                serde_json::from_slice(&value)
+                    .map_err(|e| corrupt("quarantine entry", e.to_string()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// How many events are quarantined. Blocking.
+    pub fn quarantine_count(&self) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for item in self.tree.scan_prefix([QUARANTINE]) {
+            item?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Writes a batch's changes and its positions in one atomic sled batch. Blocking.
+    pub fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (id, (before, after)) in &changes.docs {
+            if before == after {
+                continue;
+            }
+            if let Some(before) = before {
+                for key in index_keys(&changes.indexes, before, id) {
+                    batch.remove(key);
+                }
+            }
+            let mut doc_key = vec![DOC];
+            doc_key.extend_from_slice(id.as_bytes());
+            match after {
+                Some(after) => {
+                    for key in index_keys(&changes.indexes, after, id) {
+                        batch.insert(key, &[]);
+                    }
+                    let bytes = serde_json::to_vec(after)
+                        .map_err(|e| corrupt(&format!("document {id}"), e.to_string()))?;
+                    batch.insert(doc_key, bytes);
+                }
+                None => batch.remove(doc_key),
+            }
+        }
+        for (key, state) in &changes.groups {
+            let mut full = vec![GROUP];
+            full.extend_from_slice(key);
+            let bytes = serde_json::to_vec(state).map_err(|e| corrupt("group", e.to_string()))?;
+            batch.insert(full, bytes);
+        }
+        for entry in &changes.quarantined {
+            let mut key = vec![QUARANTINE];
+            key.extend_from_slice(&partition_key(&entry.topic, entry.partition));
+            key.extend_from_slice(&entry.offset.to_be_bytes());
+            key.extend_from_slice(&entry.index.to_be_bytes());
+            let bytes = serde_json::to_vec(entry)
+                .map_err(|e| corrupt("quarantine entry", e.to_string()))?;
+            batch.insert(key, bytes);
+        }
+        for ((topic, partition), offset) in &changes.positions {
+            let mut key = vec![POSITION];
+            key.extend_from_slice(&partition_key(topic, *partition));
+            batch.insert(key, &offset.to_be_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Entries of the tree whose keys start with `prefix`, in key order (or
+    /// reversed), strictly after `after` (before it when reversed), as full keys.
+    /// Blocking.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + '_ {
+        use std::ops::Bound;
+        let upper = prefix_end(prefix);
+        let (lower, upper) = match (after, reverse) {
+            (Some(after), false) => (Bound::Excluded(after.to_vec()), upper),
+            (Some(after), true) => (
+                Bound::Included(prefix.to_vec()),
+                Bound::Excluded(after.to_vec()),
+            ),
+            (None, _) => (Bound::Included(prefix.to_vec()), upper),
+        };
+        let range = self.tree.range::<Vec<u8>, _>((lower, upper));
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if reverse {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        iter.map(|item| item.map_err(StoreError::from))
+    }
+}
+
+/// The exclusive upper bound of all keys starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> std::ops::Bound<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return std::ops::Bound::Excluded(end);
+        }
+    }
+    std::ops::Bound::Unbounded
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+fn partition_key(topic: &str, partition: u32) -> Vec<u8> {
+    let mut key = topic.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// The prefix of every index entry of `field`.
+pub fn index_prefix(field: &str) -> Vec<u8> {
+    let mut key = vec![INDEX];
+    let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
+    key.extend_from_slice(&len.to_be_bytes());
+    key.extend_from_slice(field.as_bytes());
+    key
+}
+
+/// The index entries of a document: one per indexed field, a missing field
+/// indexed as "missing" (sorting first) so ordering by a field lists every document.
+fn index_keys<'a>(
+    indexes: &'a [String],
+    doc: &'a Json,
+    id: &'a str,
+) -> impl Iterator<Item = Vec<u8>> + 'a {
+    indexes.iter().map(move |field| {
+        let mut key = index_prefix(field);
+        encode_value(doc.get(field), &mut key);
+        key.extend_from_slice(id.as_bytes());
+        key
+    })
+}
+
+/// Encodes a JSON value so that byte order is value order: missing < null <
+/// false < true < numbers (by value) < strings (by bytes) < arrays/objects.
+/// Every encoding is self-delimiting, so whatever follows it (an id) does not
+/// change the order of the values.
+pub fn encode_value(value: Option<&Json>, out: &mut Vec<u8>) {
+    match value {
+        None => out.push(0x00),
+        Some(Json::Null) => out.push(0x01),
+        Some(Json::Bool(false)) => out.push(0x02),
+        Some(Json::Bool(true)) => out.push(0x03),
+        Some(Json::Number(n)) => {
+            out.push(0x04);
+            let f = n.as_f64().unwrap_or(0.0);
+            // Normalise -0.0 so that 0 and -0.0 are one value.
+            let f = if f == 0.0 { 0.0 } else { f };
+            let bits = f.to_bits();
+            let ordered = if bits >> 63 == 1 {
+                !bits
+            } else {
+                bits | (1 << 63)
+            };
+            out.extend_from_slice(&ordered.to_be_bytes());
+        }
+        Some(Json::String(s)) => {
+            out.push(0x05);
+            escape(s.as_bytes(), out);
+        }
+        Some(other) => {
+            out.push(0x06);
+            escape(other.to_string().as_bytes(), out);
+        }
+    }
+}
+
+/// Escapes 0x00 as 0x00 0xFF and terminates with 0x00 0x00, which keeps the
+/// byte order of the original and marks its end unambiguously.
+fn escape(bytes: &[u8], out: &mut Vec<u8>) {
+    for &b in bytes {
+        out.push(b);
+        if b == 0 {
+            out.push(0xFF);
+        }
+    }
+    out.extend_from_slice(&[0, 0]);
+}
+
+/// The length of the encoded value at the start of `bytes`, if well formed.
+pub fn encoded_len(bytes: &[u8]) -> Option<usize> {
+    match bytes.first()? {
+        0x00..=0x03 => Some(1),
+        0x04 => (bytes.len() >= 9).then_some(9),
+        0x05 | 0x06 => {
+            let mut i = 1;
+            while i + 1 < bytes.len() {
+                match (bytes[i], bytes[i + 1]) {
+                    (0, 0) => return Some(i + 2),
+                    (0, 0xFF) => i += 2,
+                    _ => i += 1,
+                }
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn enc(v: &Json) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_value(Some(v), &mut out);
+        out
+    }
+
+    #[test]
+    fn encoded_values_sort_like_values() {
+        let values = [
+            json!(null),
+            json!(false),
+            json!(true),
+            json!(-1e300),
+            json!(-2.5),
+            json!(-1),
+            json!(0),
+            json!(0.5),
+            json!(3),
+            json!(1e300),
+            json!(""),
+            json!("a"),
+            json!("a\u{0}b"),
+            json!("ab"),
+            json!("b"),
+            json!([1]),
+        ];
+        for pair in values.windows(2) {
+            assert!(enc(&pair[0]) < enc(&pair[1]), "{} < {}", pair[0], pair[1]);
+        }
+        assert_eq!(enc(&json!(5)), enc(&json!(5.0)));
+        for v in &values {
+            let mut e = enc(v);
+            let len = e.len();
+            e.extend_from_slice(b"id");
+            assert_eq!(encoded_len(&e), Some(len), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_batch_commits_docs_indexes_and_positions_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ViewStore::open(dir.path()).unwrap();
+        let live = store.live("accounts").unwrap();
+        let mut changes = ChangeSet {
+            indexes: vec!["owner".to_owned()],
+            ..ChangeSet::default()
+        };
+        changes
+            .docs
+            .insert("a1".to_owned(), (None, Some(json!({"owner": "ada"}))));
+        changes.positions.insert(("t".to_owned(), 2), 7);
+        live.commit(&changes).unwrap();
+        assert_eq!(live.doc("a1").unwrap(), Some(json!({"owner": "ada"})));
+        assert_eq!(live.positions().unwrap()[&("t".to_owned(), 2)], 7);
+        let entries: Vec<_> = live
+            .scan(&index_prefix("owner"), None, false)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(entries.len(), 1);
+
+        let next = store.new_generation("accounts").unwrap();
+        assert!(next.positions().unwrap().is_empty());
+        drop(live);
+        store.swap("accounts", &next).unwrap();
+        assert_eq!(store.live("accounts").unwrap().number, 1);
+        assert_eq!(store.live("accounts").unwrap().doc("a1").unwrap(), None);
+    }
+}
