@@ -84,6 +84,11 @@ pub(super) fn load_aggregate(
             state: aggregate.initial_state().clone(),
         },
     };
+    if !log.indexes_aggregates() {
+        // Kafka: the snapshot is already the latest state (see
+        // `EventLog::indexes_aggregates`); scanning the log would find nothing newer.
+        return Ok(state);
+    }
     for (partition, offset, record) in log.aggregate_records(topic, id, state.version + 1)? {
         let at = || format!("{topic}:{partition}:{offset}");
         let events = crate::log::decode(&record.headers, &record.value)

@@ -8,6 +8,7 @@ mod cli;
 mod commands;
 mod crash;
 mod dispatch;
+mod kafka;
 mod operations;
 mod protection;
 mod shutdown;
