@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -49,6 +49,8 @@ pub const ENFORCED_CONSUMER_KEYS: &[&str] =
 
 /// How often the background thread refreshes the cached end offsets.
 const REFRESH_EVERY: Duration = Duration::from_millis(250);
+/// Pause between the end-offset answers compared after a failed append.
+const SETTLE: Duration = Duration::from_millis(500);
 /// Wait between retries while librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// Records read per step while indexing a partition.
@@ -116,7 +118,10 @@ type Key = (String, u32);
 
 struct Inner {
     settings: KafkaSettings,
-    producer: FutureProducer<Context>,
+    producer_config: ClientConfig,
+    /// Replaced when librdkafka reports a fatal error (e.g. the idempotent
+    /// producer was fenced after an outage), so the log recovers by itself.
+    producer: RwLock<Arc<FutureProducer<Context>>>,
     /// Metadata and watermark requests.
     meta: BaseConsumer<Context>,
     readers: Mutex<Vec<BaseConsumer<Context>>>,
@@ -124,6 +129,9 @@ struct Inner {
     indexes: Mutex<HashMap<Key, Arc<Mutex<PartitionIndex>>>>,
     in_flight: AtomicI64,
     closed: AtomicBool,
+    /// Set when a delivery failed on the producer's idempotence state
+    /// (fenced, bad epoch or sequence): only a new producer gets past it.
+    producer_broken: AtomicBool,
 }
 
 /// A handle on the Kafka backend; cheap to clone.
@@ -172,9 +180,11 @@ impl KafkaLog {
         let producer: FutureProducer<Context> = producer_config
             .create_with_context(Context)
             .map_err(|e| unavailable("cannot create the producer", e))?;
+        let producer = RwLock::new(Arc::new(producer));
         let meta = Self::consumer(&settings)?;
         let inner = Arc::new(Inner {
             settings,
+            producer_config,
             producer,
             meta,
             readers: Mutex::new(Vec::new()),
@@ -182,6 +192,7 @@ impl KafkaLog {
             indexes: Mutex::new(HashMap::new()),
             in_flight: AtomicI64::new(0),
             closed: AtomicBool::new(false),
+            producer_broken: AtomicBool::new(false),
         });
         // Fail at startup, with a clear message, when no broker answers.
         inner
@@ -363,7 +374,27 @@ impl KafkaLog {
         {
             return Ok(*entry.tx.borrow());
         }
-        let end = self.fetch_end(topic, partition)?;
+        // Unknown, or an append to it failed. A failed record can still be
+        // written by a broker that resumes with the request buffered, so ask
+        // until two answers a moment apart agree: the caller (the writer's
+        // re-read) then sees such a record rather than reusing its version.
+        let mut end = self.fetch_end(topic, partition)?;
+        let known = self
+            .inner
+            .ends
+            .lock()
+            .unwrap()
+            .contains_key(&(topic.to_owned(), partition));
+        if known {
+            loop {
+                std::thread::sleep(SETTLE);
+                let again = self.fetch_end(topic, partition)?;
+                if again == end {
+                    break;
+                }
+                end = again;
+            }
+        }
         self.observe_end(topic, partition, end, true);
         Ok(end)
     }
@@ -400,8 +431,42 @@ impl KafkaLog {
             self.mark_stale(topic, partition);
             metrics::counter!("cqrsd_kafka_produce_errors_total").increment(1);
             tracing::warn!(topic, partition, %error, "kafka append failed");
+            self.replace_producer_if_fatal();
         }
         result
+    }
+
+    /// After a fatal producer error every later send would fail: start a new
+    /// producer (a new producer id) instead of waiting for an operator.
+    fn replace_producer_if_fatal(&self) {
+        let current = self.inner.producer.read().unwrap().clone();
+        let broken = self.inner.producer_broken.swap(false, Ordering::AcqRel);
+        let Some((code, reason)) = current.client().fatal_error().or_else(|| {
+            broken.then(|| {
+                (
+                    RDKafkaErrorCode::ProducerFenced,
+                    "the producer's idempotence state was refused".to_owned(),
+                )
+            })
+        }) else {
+            return;
+        };
+        tracing::error!(%code, reason, "the kafka producer cannot continue; starting a new producer");
+        match self
+            .inner
+            .producer_config
+            .create_with_context::<_, FutureProducer<Context>>(Context)
+        {
+            Ok(fresh) => {
+                let mut slot = self.inner.producer.write().unwrap();
+                if Arc::ptr_eq(&slot, &current) {
+                    let old = std::mem::replace(&mut *slot, Arc::new(fresh));
+                    // Dropping a producer waits for its queue: not on this task.
+                    std::thread::spawn(move || drop(old));
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot start a new kafka producer"),
+        }
     }
 
     async fn produce(
@@ -416,6 +481,7 @@ impl KafkaLog {
         let deadline = started + self.inner.settings.produce_timeout + Duration::from_secs(1);
         let count = records.len() as i64;
         let in_flight = InFlight::new(&self.inner.in_flight, count);
+        let producer = self.inner.producer.read().unwrap().clone();
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
             let headers = record.headers.iter().fold(
@@ -434,7 +500,7 @@ impl KafkaLog {
                 .headers(headers)
                 .timestamp(record.timestamp_ms);
             loop {
-                match self.inner.producer.send_result(message) {
+                match producer.send_result(message) {
                     Ok(delivery) => {
                         deliveries.push(delivery);
                         break;
@@ -473,7 +539,21 @@ impl KafkaLog {
                     }
                     offsets.push(u64::try_from(delivery.offset).unwrap_or(0));
                 }
-                Ok(Err((error, _))) => return Err(unavailable("produce", error)),
+                Ok(Err((error, _))) => {
+                    if matches!(
+                        error,
+                        KafkaError::MessageProduction(
+                            RDKafkaErrorCode::ProducerFenced
+                                | RDKafkaErrorCode::InvalidProducerEpoch
+                                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                                | RDKafkaErrorCode::UnknownProducerId
+                                | RDKafkaErrorCode::InvalidProducerIdMapping
+                        )
+                    ) {
+                        self.inner.producer_broken.store(true, Ordering::Release);
+                    }
+                    return Err(unavailable("produce", error));
+                }
                 Err(_) => return Err(unavailable("produce", "the delivery report was lost")),
             }
         }
@@ -642,8 +722,8 @@ impl KafkaLog {
     /// Waits for queued records to be delivered and stops the refresher. Blocking.
     pub fn close(&self) -> Result<(), LogError> {
         self.inner.closed.store(true, Ordering::Release);
-        self.inner
-            .producer
+        let producer = self.inner.producer.read().unwrap().clone();
+        producer
             .flush(self.inner.settings.produce_timeout)
             .map_err(|e| unavailable("flush", e))
     }
@@ -707,7 +787,9 @@ fn refresh_ends(weak: Weak<Inner>) {
         for (topic, partition) in keys {
             match log.fetch_end(&topic, partition) {
                 Ok(end) => {
-                    log.observe_end(&topic, partition, end, true);
+                    // Never marks a partition fresh: after a failed append only
+                    // `end_offset`'s own settled answer does.
+                    log.observe_end(&topic, partition, end, false);
                     metrics::gauge!("cqrsd_kafka_end_offset", "topic" => topic.clone(), "partition" => partition.to_string())
                         .set(end as f64);
                 }
