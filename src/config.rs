@@ -159,6 +159,17 @@ pub struct KafkaConfig {
     /// Topics are named `<topic_prefix>.<aggregate>`; the embedded log uses the same names.
     pub topic_prefix: String,
     pub partitions: u32,
+    /// Replication factor of topics cqrsd creates (existing topics are only checked).
+    pub replication_factor: i32,
+    /// How long the producer waits to fill a batch (librdkafka `linger.ms`).
+    pub linger_ms: u64,
+    /// Largest producer batch in bytes (librdkafka `batch.size`).
+    pub batch_size: u64,
+    /// Bound on one append: a record not acknowledged by the brokers within it
+    /// fails the append and its commands answer 503 (librdkafka `message.timeout.ms`).
+    pub produce_timeout_ms: u64,
+    /// Bound on one read, end-offset or metadata request.
+    pub request_timeout_ms: u64,
     /// Passed to librdkafka's producer as they are (e.g. SASL or TLS settings).
     pub producer: BTreeMap<String, String>,
     /// Passed to librdkafka's consumers as they are.
@@ -171,6 +182,11 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".to_owned(),
             topic_prefix: "cqrsd".to_owned(),
             partitions: 8,
+            replication_factor: 1,
+            linger_ms: 1,
+            batch_size: 1_000_000,
+            produce_timeout_ms: 10_000,
+            request_timeout_ms: 10_000,
             producer: BTreeMap::new(),
             consumer: BTreeMap::new(),
         }
@@ -484,10 +500,45 @@ impl Config {
                     "must name at least one broker".to_owned(),
                 );
             }
-            problem(
-                "log.backend",
-                "the kafka backend is not available in this build yet; use \"embedded\"".to_owned(),
-            );
+            let kafka = &self.log.kafka;
+            if kafka.replication_factor < 1 {
+                problem(
+                    "log.kafka.replication_factor",
+                    "must be at least 1".to_owned(),
+                );
+            }
+            for (key, value) in [
+                ("log.kafka.batch_size", kafka.batch_size),
+                ("log.kafka.produce_timeout_ms", kafka.produce_timeout_ms),
+                ("log.kafka.request_timeout_ms", kafka.request_timeout_ms),
+            ] {
+                if value == 0 {
+                    problem(key, "must be greater than 0".to_owned());
+                }
+            }
+            if kafka.linger_ms >= kafka.produce_timeout_ms {
+                problem(
+                    "log.kafka.linger_ms",
+                    "must be less than log.kafka.produce_timeout_ms".to_owned(),
+                );
+            }
+            for key in crate::kafka::ENFORCED_PRODUCER_KEYS {
+                if kafka.producer.contains_key(*key) {
+                    problem(
+                        &format!("log.kafka.producer.{key}"),
+                        "is set by cqrsd (its guarantees depend on it) and cannot be overridden"
+                            .to_owned(),
+                    );
+                }
+            }
+            for key in crate::kafka::ENFORCED_CONSUMER_KEYS {
+                if kafka.consumer.contains_key(*key) {
+                    problem(
+                        &format!("log.kafka.consumer.{key}"),
+                        "is set by cqrsd and cannot be overridden".to_owned(),
+                    );
+                }
+            }
         }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
             problem(

@@ -19,6 +19,7 @@ use crate::config::{Config, LogBackend};
 use crate::domain::Domain;
 use crate::health::Health;
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
+use crate::kafka::KafkaSettings;
 use crate::log::{EmbeddedSettings, EventLog};
 use crate::projection::{PoolOptions, ProjectionPool};
 use crate::store::CommandStore;
@@ -298,7 +299,23 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
             ),
             fsync: config.log.embedded.fsync,
         }),
-        LogBackend::Kafka => anyhow::bail!("the kafka backend is not available in this build"),
+        LogBackend::Kafka => {
+            let kafka = &config.log.kafka;
+            EventLog::open_kafka(
+                KafkaSettings {
+                    brokers: kafka.brokers.clone(),
+                    partitions: kafka.partitions,
+                    replication_factor: kafka.replication_factor,
+                    linger_ms: kafka.linger_ms,
+                    batch_size: kafka.batch_size,
+                    produce_timeout: Duration::from_millis(kafka.produce_timeout_ms),
+                    request_timeout: Duration::from_millis(kafka.request_timeout_ms),
+                    producer: kafka.producer.clone(),
+                    consumer: kafka.consumer.clone(),
+                },
+                kafka.topic_prefix.clone(),
+            )
+        }
     }
     .context("cannot open the event log")?;
     for aggregate in domain.aggregates() {

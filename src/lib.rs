@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod domain;
 pub mod health;
 pub mod http;
+pub mod kafka;
 pub mod log;
 pub mod projection;
 pub mod store;

@@ -10,6 +10,9 @@ use crate::domain::{Aggregate, Domain, EventInput};
 use crate::log::{Event, EventLog, Position};
 use crate::store::{CommandStore, Snapshot, StoredReply};
 
+/// How long a restore waits for records it knows exist before it fails.
+const RESTORE_STALL_BOUND: Duration = Duration::from_secs(60);
+
 /// Records read per step of a restore.
 const RESTORE_CHUNK: usize = 1000;
 
@@ -84,6 +87,11 @@ pub(super) fn load_aggregate(
             state: aggregate.initial_state().clone(),
         },
     };
+    if !log.indexes_aggregates() {
+        // Kafka: the snapshot is already the latest state (see
+        // `EventLog::indexes_aggregates`); scanning the log would find nothing newer.
+        return Ok(state);
+    }
     for (partition, offset, record) in log.aggregate_records(topic, id, state.version + 1)? {
         let at = || format!("{topic}:{partition}:{offset}");
         let events = crate::log::decode(&record.headers, &record.value)
@@ -117,10 +125,20 @@ pub(super) fn restore_partition(
     let ttl_ms = i64::try_from(idempotency_ttl.as_millis()).unwrap_or(i64::MAX);
     let mut states: HashMap<String, AggregateState> = HashMap::new();
     let mut replies = Vec::new();
+    // A remote log may answer a read with nothing before the end is reached
+    // (a fetch that timed out); that is no reason to stop early, which would
+    // checkpoint past records never folded.
+    let deadline = std::time::Instant::now() + RESTORE_STALL_BOUND;
     while from < end {
         let records = log.read(topic, partition, from, RESTORE_CHUNK)?;
         let Some((last, _)) = records.last() else {
-            break;
+            if std::time::Instant::now() >= deadline {
+                return Err(CommandFailure::Unavailable(format!(
+                    "{topic}:{partition}: no records from offset {from} although the log ends at {end}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         };
         from = last + 1;
         for (offset, record) in records {

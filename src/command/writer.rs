@@ -55,6 +55,9 @@ pub(super) struct Writer {
     /// The log offset after the last record this writer knows of.
     next_offset: u64,
     records_since_checkpoint: u64,
+    /// Set when an append failed: its records may still land in the log, so
+    /// the partition is re-read to its end before the next command.
+    needs_resync: bool,
 }
 
 impl Writer {
@@ -81,6 +84,7 @@ impl Writer {
             dirty: HashMap::new(),
             next_offset: 0,
             records_since_checkpoint: 0,
+            needs_resync: false,
         }
     }
 
@@ -156,7 +160,37 @@ impl Writer {
         Ok(())
     }
 
+    /// After a failed append: saves what is known, forgets the cached
+    /// states, and restores the partition from the checkpoint to the end of
+    /// the log, so a record of the failed append that landed anyway is
+    /// folded (with its idempotent answer) before the next command decides.
+    async fn resync(&mut self) -> Result<(), CommandFailure> {
+        self.checkpoint().await;
+        // If that checkpoint failed, the store's older checkpoint and
+        // snapshots are still consistent: the restore folds from there.
+        self.cache.clear();
+        self.dirty.clear();
+        self.replies.clear();
+        self.records_since_checkpoint = 0;
+        self.restore().await?;
+        self.needs_resync = false;
+        tracing::info!(topic = %self.topic, partition = self.partition, next_offset = self.next_offset, "partition re-read after a failed append");
+        Ok(())
+    }
+
     async fn process(&mut self, jobs: Vec<Job>) {
+        if self.needs_resync
+            && let Err(error) = self.resync().await
+        {
+            let failure = match error {
+                CommandFailure::Unavailable(reason) => CommandFailure::Unavailable(reason),
+                other => CommandFailure::Unavailable(other.to_string()),
+            };
+            for job in jobs {
+                answer_failure(job, failure.clone());
+            }
+            return;
+        }
         let now = Utc::now().trunc_subsecs(3);
         let mut overlay: HashMap<String, AggregateState> = HashMap::new();
         let mut pending_keys: HashMap<(String, String), (usize, String)> = HashMap::new();
@@ -226,6 +260,7 @@ impl Writer {
             }
             Err(error) => {
                 tracing::warn!(topic = %self.topic, partition = self.partition, %error, "append failed; the batch's commands are not applied");
+                self.needs_resync = true;
             }
         }
         let expires_at_ms = (now + self.settings.idempotency_ttl).timestamp_millis();

@@ -1,14 +1,15 @@
 //! The event log as the rest of the daemon sees it, whichever backend holds it.
 //!
 //! The command side appends through this handle and the read side reads
-//! through it; they never talk to each other directly. A Kafka backend joins
-//! as another variant with the same methods, so callers do not change.
+//! through it; they never talk to each other directly. The embedded log and
+//! Kafka are variants with the same methods, so callers do not change.
 
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::Record;
+use crate::kafka::{KafkaLog, KafkaSettings};
 use crate::store::{EmbeddedLog, EmbeddedLogOptions, StoreError};
 
 /// Why a log operation failed, grouped by what a caller does about it.
@@ -45,6 +46,7 @@ impl From<StoreError> for LogError {
 #[derive(Debug, Clone)]
 enum Backend {
     Embedded(EmbeddedLog),
+    Kafka(KafkaLog),
 }
 
 /// A handle on the event log; cheap to clone.
@@ -85,6 +87,25 @@ impl EventLog {
         })
     }
 
+    /// Connects to a Kafka cluster. Blocking.
+    pub fn open_kafka(settings: KafkaSettings, topic_prefix: String) -> Result<Self, LogError> {
+        let partitions = settings.partitions;
+        Ok(Self {
+            backend: Backend::Kafka(KafkaLog::open(settings)?),
+            prefix: topic_prefix,
+            partitions,
+        })
+    }
+
+    /// Whether `aggregate_records` is served by a durable per-aggregate index
+    /// (the embedded log). On Kafka it scans partitions, so the write side
+    /// never calls it for a cache miss: after its startup restore, the command
+    /// store's snapshots plus each writer's unsaved ones hold every
+    /// aggregate's latest state.
+    pub fn indexes_aggregates(&self) -> bool {
+        matches!(self.backend, Backend::Embedded(_))
+    }
+
     /// The topic that holds an aggregate type's events: `<prefix>.<aggregate>`.
     pub fn topic(&self, aggregate: &str) -> String {
         format!("{}.{aggregate}", self.prefix)
@@ -101,6 +122,7 @@ impl EventLog {
             Backend::Embedded(log) => {
                 log.ensure_topic(topic)?;
             }
+            Backend::Kafka(log) => log.ensure_topic(topic)?,
         }
         Ok(())
     }
@@ -114,6 +136,7 @@ impl EventLog {
     ) -> Result<Vec<u64>, LogError> {
         match &self.backend {
             Backend::Embedded(log) => Ok(log.append(topic, partition, records).await?),
+            Backend::Kafka(log) => log.append(topic, partition, records).await,
         }
     }
 
@@ -127,6 +150,7 @@ impl EventLog {
     ) -> Result<Vec<(u64, Record)>, LogError> {
         match &self.backend {
             Backend::Embedded(log) => Ok(log.read(topic, partition, from, max)?),
+            Backend::Kafka(log) => log.read(topic, partition, from, max),
         }
     }
 
@@ -134,6 +158,7 @@ impl EventLog {
     pub fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
         match &self.backend {
             Backend::Embedded(log) => Ok(log.end_offset(topic, partition)?),
+            Backend::Kafka(log) => log.end_offset(topic, partition),
         }
     }
 
@@ -141,6 +166,7 @@ impl EventLog {
     pub fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
         match &self.backend {
             Backend::Embedded(log) => Ok(log.subscribe(topic, partition)?),
+            Backend::Kafka(log) => log.subscribe(topic, partition),
         }
     }
 
@@ -156,6 +182,7 @@ impl EventLog {
             Backend::Embedded(log) => {
                 Ok(log.aggregate_records(topic, aggregate_id, from_version)?)
             }
+            Backend::Kafka(log) => log.aggregate_records(topic, aggregate_id, from_version),
         }
     }
 
@@ -163,6 +190,7 @@ impl EventLog {
     pub fn close(&self) -> Result<(), LogError> {
         match &self.backend {
             Backend::Embedded(log) => Ok(log.close()?),
+            Backend::Kafka(log) => log.close(),
         }
     }
 }

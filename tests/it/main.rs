@@ -10,6 +10,7 @@ mod cli;
 mod commands;
 mod crash;
 mod dispatch;
+mod kafka;
 mod operations;
 mod projection_admin;
 mod protection;

@@ -1,0 +1,803 @@
+//! The Kafka event-log backend: the only module that knows rdkafka.
+//!
+//! - Appends go through one idempotent producer (`enable.idempotence`,
+//!   `acks=all`). One record per command, keyed by aggregate id, sent to the
+//!   partition the writer chose. A batch's records are all handed to
+//!   librdkafka before any is awaited; the append resolves once every one is
+//!   acknowledged, or fails with `Unavailable` within `produce_timeout_ms`.
+//! - Reads use a small pool of consumers with manual partition assignment
+//!   (`assign`, no group, no commits): the consumer offsets of cqrsd live
+//!   beside its data, never in Kafka.
+//! - End offsets (high watermarks) are cached per partition in a `watch`:
+//!   own appends advance them at once, a background thread refreshes them,
+//!   and a partition whose append failed is re-fetched on its next read.
+//! - Kafka has no per-aggregate index: `aggregate_records` keeps an
+//!   in-memory one (aggregate id → offsets), built lazily per partition by
+//!   scanning the records it has not seen yet, then reads the range holding
+//!   the aggregate's records. The write side does not need it (see
+//!   `EventLog::indexes_aggregates`); only `GET .../events` does.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::log::{LogError, Record, partition_for};
+
+/// Producer settings cqrsd sets itself; the pass-through map may not change them.
+pub const ENFORCED_PRODUCER_KEYS: &[&str] = &[
+    "bootstrap.servers",
+    "enable.idempotence",
+    "acks",
+    "message.timeout.ms",
+    "linger.ms",
+    "batch.size",
+];
+/// Consumer settings cqrsd sets itself.
+pub const ENFORCED_CONSUMER_KEYS: &[&str] =
+    &["bootstrap.servers", "enable.auto.commit", "group.id"];
+
+/// How often the background thread refreshes the cached end offsets.
+const REFRESH_EVERY: Duration = Duration::from_millis(250);
+/// Pause between the end-offset answers compared after a failed append.
+const SETTLE: Duration = Duration::from_millis(500);
+/// Wait between retries while librdkafka's local queue is full.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
+/// Records read per step while indexing a partition.
+const INDEX_CHUNK: usize = 2000;
+/// Idle consumers kept for reads.
+const POOL_SIZE: usize = 8;
+
+/// Settings of the Kafka backend.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub partitions: u32,
+    pub replication_factor: i32,
+    pub linger_ms: u64,
+    pub batch_size: u64,
+    pub produce_timeout: Duration,
+    pub request_timeout: Duration,
+    pub producer: BTreeMap<String, String>,
+    pub consumer: BTreeMap<String, String>,
+}
+
+/// librdkafka's logs and errors, into tracing and metrics.
+#[derive(Clone, Copy)]
+struct Context;
+
+impl ClientContext for Context {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(facility = fac, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for Context {}
+
+/// A partition's cached end offset.
+struct End {
+    tx: watch::Sender<u64>,
+    /// False after a failed append: a record may have landed unseen, so the
+    /// next `end_offset` asks the brokers.
+    fresh: bool,
+}
+
+/// Aggregate id → (offset, last version) of its records, for one partition.
+#[derive(Default)]
+struct PartitionIndex {
+    scanned_to: u64,
+    by_id: HashMap<String, Vec<(u64, u64)>>,
+}
+
+type Key = (String, u32);
+
+struct Inner {
+    settings: KafkaSettings,
+    producer_config: ClientConfig,
+    /// Replaced when librdkafka reports a fatal error (e.g. the idempotent
+    /// producer was fenced after an outage), so the log recovers by itself.
+    producer: RwLock<Arc<FutureProducer<Context>>>,
+    /// Metadata and watermark requests.
+    meta: BaseConsumer<Context>,
+    readers: Mutex<Vec<BaseConsumer<Context>>>,
+    ends: Mutex<HashMap<Key, End>>,
+    indexes: Mutex<HashMap<Key, Arc<Mutex<PartitionIndex>>>>,
+    in_flight: AtomicI64,
+    closed: AtomicBool,
+    /// Set when a delivery failed on the producer's idempotence state
+    /// (fenced, bad epoch or sequence): only a new producer gets past it.
+    producer_broken: AtomicBool,
+}
+
+/// A handle on the Kafka backend; cheap to clone.
+#[derive(Clone)]
+pub struct KafkaLog {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaLog")
+            .field("brokers", &self.inner.settings.brokers)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(format!("kafka: {what}: {error}"))
+}
+
+fn ms(duration: Duration) -> String {
+    duration.as_millis().max(1).to_string()
+}
+
+impl KafkaLog {
+    /// Connects the producer and the metadata client, and starts the
+    /// end-offset refresher. Blocking.
+    pub fn open(settings: KafkaSettings) -> Result<Self, LogError> {
+        let mut producer_config = ClientConfig::new();
+        for (key, value) in &settings.producer {
+            producer_config.set(key, value);
+        }
+        producer_config
+            .set("bootstrap.servers", &settings.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", settings.linger_ms.to_string())
+            .set("batch.size", settings.batch_size.to_string())
+            .set("message.timeout.ms", ms(settings.produce_timeout));
+        if !settings.producer.contains_key("request.timeout.ms") {
+            producer_config.set(
+                "request.timeout.ms",
+                ms(settings.produce_timeout.min(Duration::from_secs(30))),
+            );
+        }
+        let producer: FutureProducer<Context> = producer_config
+            .create_with_context(Context)
+            .map_err(|e| unavailable("cannot create the producer", e))?;
+        let producer = RwLock::new(Arc::new(producer));
+        let meta = Self::consumer(&settings)?;
+        let inner = Arc::new(Inner {
+            settings,
+            producer_config,
+            producer,
+            meta,
+            readers: Mutex::new(Vec::new()),
+            ends: Mutex::new(HashMap::new()),
+            indexes: Mutex::new(HashMap::new()),
+            in_flight: AtomicI64::new(0),
+            closed: AtomicBool::new(false),
+            producer_broken: AtomicBool::new(false),
+        });
+        // Fail at startup, with a clear message, when no broker answers.
+        inner
+            .meta
+            .fetch_metadata(None, inner.settings.request_timeout)
+            .map_err(|e| {
+                unavailable(
+                    &format!("no broker answered at {}", inner.settings.brokers),
+                    e,
+                )
+            })?;
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("cqrsd-kafka-ends".to_owned())
+            .spawn(move || refresh_ends(weak))
+            .map_err(|e| unavailable("cannot start the end-offset refresher", e))?;
+        Ok(Self { inner })
+    }
+
+    fn consumer(settings: &KafkaSettings) -> Result<BaseConsumer<Context>, LogError> {
+        let mut config = ClientConfig::new();
+        for (key, value) in &settings.consumer {
+            config.set(key, value);
+        }
+        config
+            .set("bootstrap.servers", &settings.brokers)
+            // librdkafka's assign needs a group id; with manual assignment
+            // and no subscribe the consumer never joins the group.
+            .set("group.id", "cqrsd-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("allow.auto.create.topics", "false");
+        if !settings.consumer.contains_key("fetch.wait.max.ms") {
+            config.set("fetch.wait.max.ms", "20");
+        }
+        config
+            .create_with_context(Context)
+            .map_err(|e| unavailable("cannot create a consumer", e))
+    }
+
+    fn check_partition(&self, partition: u32) -> Result<(), LogError> {
+        if partition >= self.inner.settings.partitions {
+            return Err(LogError::Invalid(format!(
+                "partition {partition} out of range (0..{})",
+                self.inner.settings.partitions
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates the topic with the configured partitions, or checks that an
+    /// existing one has them. Blocking.
+    pub fn ensure_topic(&self, topic: &str) -> Result<(), LogError> {
+        let settings = &self.inner.settings;
+        let wanted = settings.partitions as usize;
+        let mut count = self.partition_count(topic)?;
+        if count == 0 {
+            let admin: AdminClient<Context> = {
+                let mut config = ClientConfig::new();
+                for (key, value) in &settings.producer {
+                    config.set(key, value);
+                }
+                config
+                    .set("bootstrap.servers", &settings.brokers)
+                    .create_with_context(Context)
+                    .map_err(|e| unavailable("cannot create the admin client", e))?
+            };
+            let new = NewTopic::new(
+                topic,
+                settings.partitions as i32,
+                TopicReplication::Fixed(settings.replication_factor),
+            );
+            let options = AdminOptions::new().operation_timeout(Some(settings.request_timeout));
+            let results = futures::executor::block_on(admin.create_topics([&new], &options))
+                .map_err(|e| unavailable(&format!("cannot create topic {topic}"), e))?;
+            for result in results {
+                match result {
+                    Ok(_) => tracing::info!(topic, partitions = wanted, "topic created"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        return Err(unavailable(&format!("cannot create topic {topic}"), code));
+                    }
+                }
+            }
+            // Wait until the metadata shows the new topic's partitions.
+            let deadline = Instant::now() + settings.request_timeout;
+            loop {
+                count = self.partition_count(topic)?;
+                if count > 0 || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if count != wanted {
+            return Err(LogError::Invalid(format!(
+                "topic {topic} has {count} partitions but [log.kafka] partitions = {wanted}; \
+                 an aggregate's partition depends on the count, so it must match \
+                 (use another topic_prefix, or set partitions = {count})"
+            )));
+        }
+        for partition in 0..settings.partitions {
+            let end = self.fetch_end(topic, partition)?;
+            self.observe_end(topic, partition, end, true);
+        }
+        Ok(())
+    }
+
+    /// The topic's partition count in the cluster metadata; 0 when it does not exist.
+    fn partition_count(&self, topic: &str) -> Result<usize, LogError> {
+        let metadata = self
+            .inner
+            .meta
+            .fetch_metadata(Some(topic), self.inner.settings.request_timeout)
+            .map_err(|e| unavailable(&format!("metadata of {topic}"), e))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
+    }
+
+    /// Asks the brokers for a partition's high watermark. Blocking.
+    fn fetch_end(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        let (_, high) = self
+            .inner
+            .meta
+            .fetch_watermarks(topic, partition as i32, self.inner.settings.request_timeout)
+            .map_err(|e| unavailable(&format!("end offset of {topic}:{partition}"), e))?;
+        Ok(u64::try_from(high).unwrap_or(0))
+    }
+
+    /// Records a known end offset; it only ever moves forward.
+    fn observe_end(&self, topic: &str, partition: u32, end: u64, fresh: bool) {
+        let mut ends = self.inner.ends.lock().unwrap();
+        let entry = ends
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| End {
+                tx: watch::Sender::new(0),
+                fresh,
+            });
+        if fresh {
+            entry.fresh = true;
+        }
+        entry.tx.send_if_modified(|current| {
+            if end > *current {
+                *current = end;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn mark_stale(&self, topic: &str, partition: u32) {
+        if let Some(entry) = self
+            .inner
+            .ends
+            .lock()
+            .unwrap()
+            .get_mut(&(topic.to_owned(), partition))
+        {
+            entry.fresh = false;
+        }
+    }
+
+    /// The partition's end offset: cached, asked of the brokers when unknown
+    /// or when an append to it failed.
+    pub fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        self.check_partition(partition)?;
+        if let Some(entry) = self
+            .inner
+            .ends
+            .lock()
+            .unwrap()
+            .get(&(topic.to_owned(), partition))
+            && entry.fresh
+        {
+            return Ok(*entry.tx.borrow());
+        }
+        // Unknown, or an append to it failed. A failed record can still be
+        // written by a broker that resumes with the request buffered, so ask
+        // until two answers a moment apart agree: the caller (the writer's
+        // re-read) then sees such a record rather than reusing its version.
+        let mut end = self.fetch_end(topic, partition)?;
+        let known = self
+            .inner
+            .ends
+            .lock()
+            .unwrap()
+            .contains_key(&(topic.to_owned(), partition));
+        if known {
+            loop {
+                std::thread::sleep(SETTLE);
+                let again = self.fetch_end(topic, partition)?;
+                if again == end {
+                    break;
+                }
+                end = again;
+            }
+        }
+        self.observe_end(topic, partition, end, true);
+        Ok(end)
+    }
+
+    /// Wakes on every change of the partition's end offset.
+    pub fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
+        self.end_offset(topic, partition)?;
+        let ends = self.inner.ends.lock().unwrap();
+        ends.get(&(topic.to_owned(), partition))
+            .map(|entry| entry.tx.subscribe())
+            .ok_or_else(|| LogError::Invalid(format!("unknown partition {topic}:{partition}")))
+    }
+
+    /// Sends every record of the batch, then waits for all acknowledgements;
+    /// resolves with their offsets once every one is acknowledged by all
+    /// in-sync replicas, or fails within the produce timeout.
+    pub async fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<Vec<u64>, LogError> {
+        self.check_partition(partition)?;
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed);
+        }
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let result = self.produce(topic, partition, &records).await;
+        if let Err(error) = &result {
+            // A failed record may still land: whoever reads this partition
+            // next must ask the brokers where it ends.
+            self.mark_stale(topic, partition);
+            metrics::counter!("cqrsd_kafka_produce_errors_total").increment(1);
+            tracing::warn!(topic, partition, %error, "kafka append failed");
+            self.replace_producer_if_fatal();
+        }
+        result
+    }
+
+    /// After a fatal producer error every later send would fail: start a new
+    /// producer (a new producer id) instead of waiting for an operator.
+    fn replace_producer_if_fatal(&self) {
+        let current = self.inner.producer.read().unwrap().clone();
+        let broken = self.inner.producer_broken.swap(false, Ordering::AcqRel);
+        let Some((code, reason)) = current.client().fatal_error().or_else(|| {
+            broken.then(|| {
+                (
+                    RDKafkaErrorCode::ProducerFenced,
+                    "the producer's idempotence state was refused".to_owned(),
+                )
+            })
+        }) else {
+            return;
+        };
+        tracing::error!(%code, reason, "the kafka producer cannot continue; starting a new producer");
+        match self
+            .inner
+            .producer_config
+            .create_with_context::<_, FutureProducer<Context>>(Context)
+        {
+            Ok(fresh) => {
+                let mut slot = self.inner.producer.write().unwrap();
+                if Arc::ptr_eq(&slot, &current) {
+                    let old = std::mem::replace(&mut *slot, Arc::new(fresh));
+                    // Dropping a producer waits for its queue: not on this task.
+                    std::thread::spawn(move || drop(old));
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot start a new kafka producer"),
+        }
+    }
+
+    async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: &[Record],
+    ) -> Result<Vec<u64>, LogError> {
+        let started = Instant::now();
+        // librdkafka fails every record by message.timeout.ms; this bound
+        // only guards against a lost delivery report.
+        let deadline = started + self.inner.settings.produce_timeout + Duration::from_secs(1);
+        let count = records.len() as i64;
+        let in_flight = InFlight::new(&self.inner.in_flight, count);
+        let producer = self.inner.producer.read().unwrap().clone();
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records {
+            let headers = record.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(record.headers.len()),
+                |headers, (name, value)| {
+                    headers.insert(Header {
+                        key: name,
+                        value: Some(value.as_slice()),
+                    })
+                },
+            );
+            let mut message = FutureRecord::to(topic)
+                .partition(partition as i32)
+                .key(record.key.as_bytes())
+                .payload(record.value.as_slice())
+                .headers(headers)
+                .timestamp(record.timestamp_ms);
+            loop {
+                match producer.send_result(message) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    // Backpressure from librdkafka's local queue: wait, within the bound.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        if Instant::now() >= deadline {
+                            return Err(unavailable(
+                                "produce",
+                                "the producer queue stayed full for the whole produce timeout",
+                            ));
+                        }
+                        message = back;
+                        tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                    }
+                    Err((error, _)) => return Err(unavailable("produce", error)),
+                }
+            }
+        }
+        let results = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline),
+            futures::future::join_all(deliveries),
+        )
+        .await
+        .map_err(|_| unavailable("produce", "no delivery report within the produce timeout"))?;
+        drop(in_flight);
+        let mut offsets = Vec::with_capacity(results.len());
+        for result in results {
+            match result {
+                Ok(Ok(delivery)) => {
+                    if delivery.partition != partition as i32 {
+                        return Err(LogError::Invalid(format!(
+                            "a record for partition {partition} went to {}",
+                            delivery.partition
+                        )));
+                    }
+                    offsets.push(u64::try_from(delivery.offset).unwrap_or(0));
+                }
+                Ok(Err((error, _))) => {
+                    if matches!(
+                        error,
+                        KafkaError::MessageProduction(
+                            RDKafkaErrorCode::ProducerFenced
+                                | RDKafkaErrorCode::InvalidProducerEpoch
+                                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                                | RDKafkaErrorCode::UnknownProducerId
+                                | RDKafkaErrorCode::InvalidProducerIdMapping
+                        )
+                    ) {
+                        self.inner.producer_broken.store(true, Ordering::Release);
+                    }
+                    return Err(unavailable("produce", error));
+                }
+                Err(_) => return Err(unavailable("produce", "the delivery report was lost")),
+            }
+        }
+        metrics::histogram!("cqrsd_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
+        if let Some(last) = offsets.last() {
+            self.observe_end(topic, partition, last + 1, false);
+        }
+        Ok(offsets)
+    }
+
+    /// Up to `max` records of a partition from offset `from`, stopping at the
+    /// end offset known when the call starts. Blocking.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError> {
+        let end = self.end_offset(topic, partition)?;
+        if from >= end || max == 0 {
+            return Ok(Vec::new());
+        }
+        let want = usize::try_from(end - from).unwrap_or(usize::MAX).min(max);
+        let consumer = match self.inner.readers.lock().unwrap().pop() {
+            Some(consumer) => consumer,
+            None => Self::consumer(&self.inner.settings)?,
+        };
+        let result = self.read_with(&consumer, topic, partition, from, end, want);
+        let _ = consumer.unassign();
+        let mut pool = self.inner.readers.lock().unwrap();
+        if pool.len() < POOL_SIZE {
+            pool.push(consumer);
+        }
+        drop(pool);
+        if let Ok(records) = &result {
+            let next = records.last().map_or(from, |(offset, _)| offset + 1);
+            metrics::gauge!("cqrsd_kafka_consumer_lag", "topic" => topic.to_owned(), "partition" => partition.to_string())
+                .set(end.saturating_sub(next) as f64);
+        }
+        result
+    }
+
+    fn read_with(
+        &self,
+        consumer: &BaseConsumer<Context>,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        end: u64,
+        want: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError> {
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
+            .map_err(|e| LogError::Invalid(e.to_string()))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| unavailable("assign", e))?;
+        let deadline = Instant::now() + self.inner.settings.request_timeout;
+        let mut records = Vec::with_capacity(want.min(4096));
+        let mut next = from;
+        let mut last_error: Option<KafkaError> = None;
+        while records.len() < want && next < end {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(unavailable(
+                    &format!("read of {topic}:{partition} from {from}"),
+                    last_error.map_or_else(|| "timed out".to_owned(), |e| e.to_string()),
+                ));
+            }
+            match consumer.poll(left.min(Duration::from_millis(100))) {
+                None => {}
+                Some(Err(error)) => {
+                    metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
+                    last_error = Some(error);
+                }
+                Some(Ok(message)) => {
+                    let offset = u64::try_from(message.offset()).unwrap_or(0);
+                    // Skip anything left from an earlier assignment of this consumer.
+                    if message.topic() != topic
+                        || message.partition() != partition as i32
+                        || offset < next
+                    {
+                        continue;
+                    }
+                    next = offset + 1;
+                    records.push((offset, to_record(&message, topic, partition)?));
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// The records of one aggregate holding versions from `from_version` on.
+    /// Blocking; see the module documentation for the index it keeps.
+    pub fn aggregate_records(
+        &self,
+        topic: &str,
+        aggregate_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
+        let partition = partition_for(aggregate_id, self.inner.settings.partitions);
+        let index = self
+            .inner
+            .indexes
+            .lock()
+            .unwrap()
+            .entry((topic.to_owned(), partition))
+            .or_default()
+            .clone();
+        let offsets: Vec<u64> = {
+            let mut index = index.lock().unwrap();
+            let end = self.end_offset(topic, partition)?;
+            while index.scanned_to < end {
+                let records = self.read(topic, partition, index.scanned_to, INDEX_CHUNK)?;
+                let Some((last, _)) = records.last() else {
+                    break;
+                };
+                index.scanned_to = last + 1;
+                for (offset, record) in records {
+                    let (_, last_version) = record.version_range().map_err(|e| {
+                        LogError::Corrupt(format!("{topic}:{partition}:{offset}: {e}"))
+                    })?;
+                    index
+                        .by_id
+                        .entry(record.key)
+                        .or_default()
+                        .push((offset, last_version));
+                }
+            }
+            index
+                .by_id
+                .get(aggregate_id)
+                .map(|entries| {
+                    entries
+                        .iter()
+                        .filter(|(_, last)| *last >= from_version)
+                        .map(|(offset, _)| *offset)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
+            return Ok(Vec::new());
+        };
+        let wanted: HashSet<u64> = offsets.iter().copied().collect();
+        let mut found = Vec::with_capacity(offsets.len());
+        let mut from = first;
+        while from <= last {
+            let records = self.read(topic, partition, from, INDEX_CHUNK)?;
+            let Some((end, _)) = records.last() else {
+                break;
+            };
+            from = end + 1;
+            found.extend(
+                records
+                    .into_iter()
+                    .filter(|(offset, _)| wanted.contains(offset))
+                    .map(|(offset, record)| (partition, offset, record)),
+            );
+        }
+        Ok(found)
+    }
+
+    /// Waits for queued records to be delivered and stops the refresher. Blocking.
+    pub fn close(&self) -> Result<(), LogError> {
+        self.inner.closed.store(true, Ordering::Release);
+        let producer = self.inner.producer.read().unwrap().clone();
+        producer
+            .flush(self.inner.settings.produce_timeout)
+            .map_err(|e| unavailable("flush", e))
+    }
+}
+
+/// Counts records awaiting acknowledgement, also when the wait is cancelled.
+struct InFlight<'a> {
+    counter: &'a AtomicI64,
+    count: i64,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicI64, count: i64) -> Self {
+        let now = counter.fetch_add(count, Ordering::Relaxed) + count;
+        metrics::gauge!("cqrsd_kafka_in_flight_records").set(now as f64);
+        Self { counter, count }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let now = self.counter.fetch_sub(self.count, Ordering::Relaxed) - self.count;
+        metrics::gauge!("cqrsd_kafka_in_flight_records").set(now as f64);
+    }
+}
+
+fn to_record(message: &impl Message, topic: &str, partition: u32) -> Result<Record, LogError> {
+    let at = || format!("{topic}:{partition}:{}", message.offset());
+    let key = std::str::from_utf8(message.key().unwrap_or_default())
+        .map_err(|_| LogError::Corrupt(format!("{}: the key is not UTF-8", at())))?
+        .to_owned();
+    let headers = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Record {
+        key,
+        headers,
+        value: message.payload().unwrap_or_default().to_vec(),
+        timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+    })
+}
+
+/// Refreshes every known partition's end offset until the log is dropped or closed.
+fn refresh_ends(weak: Weak<Inner>) {
+    loop {
+        std::thread::sleep(REFRESH_EVERY);
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let log = KafkaLog { inner };
+        let keys: Vec<Key> = log.inner.ends.lock().unwrap().keys().cloned().collect();
+        for (topic, partition) in keys {
+            match log.fetch_end(&topic, partition) {
+                Ok(end) => {
+                    // Never marks a partition fresh: after a failed append only
+                    // `end_offset`'s own settled answer does.
+                    log.observe_end(&topic, partition, end, false);
+                    metrics::gauge!("cqrsd_kafka_end_offset", "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(end as f64);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "end offset refresh failed");
+                    break;
+                }
+            }
+        }
+    }
+}
