@@ -96,10 +96,23 @@ impl Daemon {
         let domain = Arc::new(domain);
 
         let http_ready = health.register("http", "binding the listener");
-        let routes = options
+        let mut routes = options
             .extra_routes
             .map(|hook| hook(&runtimes))
             .unwrap_or_default();
+        let topics = domain
+            .aggregates()
+            .map(|aggregate| log.topic(aggregate.name()))
+            .collect();
+        routes.query =
+            routes
+                .query
+                .merge(http::stream::routes(log.clone(), topics, shutdown.clone()));
+        let mut openapi = http::stream::openapi();
+        if let Some(extra) = routes.openapi.take() {
+            openapi.merge(extra);
+        }
+        routes.openapi = Some(openapi);
         let router = http::router(
             routes,
             runtimes,

@@ -10,6 +10,7 @@ mod middleware;
 mod ops;
 pub mod problem;
 mod server;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;

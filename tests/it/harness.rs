@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use cqrsd::config::Config;
 use cqrsd::daemon::{Daemon, RoutesHook, StartOptions};
+use cqrsd::log::EventLog;
 use tokio_util::sync::CancellationToken;
 
 /// The binary under test.
@@ -160,6 +161,8 @@ pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
 pub struct InProcess {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The daemon's event log, for tests that append records directly.
+    pub log: EventLog,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -180,14 +183,19 @@ impl InProcess {
             };
             let daemon = Daemon::start(config, options).unwrap();
             started_tx
-                .send((daemon.local_addr(), daemon.shutdown_token()))
+                .send((
+                    daemon.local_addr(),
+                    daemon.shutdown_token(),
+                    daemon.log().clone(),
+                ))
                 .unwrap();
             daemon.wait().unwrap();
         });
-        let (addr, shutdown) = started_rx.recv_timeout(STARTUP_BOUND).unwrap();
+        let (addr, shutdown, log) = started_rx.recv_timeout(STARTUP_BOUND).unwrap();
         InProcess {
             addr,
             dir,
+            log,
             shutdown,
             thread: Some(thread),
         }

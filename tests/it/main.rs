@@ -9,3 +9,4 @@ mod dispatch;
 mod operations;
 mod protection;
 mod shutdown;
+mod stream;
