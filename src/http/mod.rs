@@ -9,6 +9,7 @@
 mod middleware;
 mod ops;
 pub mod problem;
+pub mod search;
 mod server;
 pub mod stream;
 
