@@ -547,6 +547,13 @@ mod tests {
     }
 
     #[test]
+    fn handles_can_move_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<SearchIndex>();
+        assert_send_sync::<SearchReader>();
+    }
+
+    #[test]
     fn upserts_and_deletes_are_visible_after_commit_only() {
         let dir = tempfile::tempdir().unwrap();
         let mut index = SearchIndex::open(dir.path(), &fields()).unwrap();
