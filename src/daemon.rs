@@ -157,6 +157,15 @@ impl Daemon {
             Duration::from_millis(config.query.consistency_timeout_ms),
         );
         routes.merge(query_side);
+        let topics = domain
+            .aggregates()
+            .map(|aggregate| log.topic(aggregate.name()))
+            .collect();
+        routes.merge(ApiRoutes {
+            query: http::stream::routes(log.clone(), topics, shutdown.clone()),
+            openapi: Some(http::stream::openapi()),
+            ..ApiRoutes::default()
+        });
         if let Some(hook) = options.extra_routes {
             routes.merge(hook(&runtimes));
         }

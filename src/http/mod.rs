@@ -11,7 +11,9 @@ mod middleware;
 mod ops;
 pub mod problem;
 mod queries;
+pub mod search;
 mod server;
+pub mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;

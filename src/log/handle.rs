@@ -36,9 +36,10 @@ impl From<StoreError> for LogError {
             StoreError::Corrupt { .. } => LogError::Corrupt(error.to_string()),
             StoreError::InvalidRequest(reason) => LogError::Invalid(reason),
             StoreError::TopicMismatch { .. } => LogError::Invalid(error.to_string()),
-            StoreError::Unavailable(_) | StoreError::Io(_) | StoreError::Sled(_) => {
-                LogError::Unavailable(error.to_string())
-            }
+            StoreError::Unavailable(_)
+            | StoreError::Io(_)
+            | StoreError::Sled(_)
+            | StoreError::Search(_) => LogError::Unavailable(error.to_string()),
         }
     }
 }

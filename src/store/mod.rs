@@ -1,4 +1,5 @@
-//! Local storage: the embedded event log and the command side's state, both in sled.
+//! Local storage: the embedded event log and the command side's state, both in sled,
+//! and the full-text search indexes, in tantivy.
 //!
 //! This is the only module that knows the storage engine; everything above it speaks in
 //! log records, positions, snapshots and checkpoints.
@@ -6,10 +7,12 @@
 pub mod command_store;
 pub mod embedded_log;
 mod frame;
+pub mod search;
 pub mod views;
 
 pub use command_store::{CommandStore, Snapshot, StoredReply};
 pub use embedded_log::{EmbeddedLog, EmbeddedLogOptions, LogStats};
+pub use search::{SearchError, SearchHit, SearchIndex, SearchPage, SearchReader};
 pub use views::ViewStore;
 
 /// Why a storage operation failed, grouped by what the caller can do about it.
@@ -50,6 +53,10 @@ pub enum StoreError {
     /// The caller asked for something that does not exist or is not valid.
     #[error("invalid log request: {0}")]
     InvalidRequest(String),
+
+    /// The search engine (tantivy) failed for a reason other than IO or corruption.
+    #[error("search index error: {0}")]
+    Search(String),
 }
 
 impl StoreError {

@@ -15,4 +15,5 @@ mod operations;
 mod projection_admin;
 mod protection;
 mod shutdown;
+mod stream;
 mod views;
