@@ -419,6 +419,17 @@ impl Config {
                 ),
             );
         }
+        // Beyond an hour, changes would hardly ever become searchable; the
+        // bound also keeps deadline arithmetic far from overflowing.
+        if self.projections.search_commit_interval_ms > 3_600_000 {
+            problem(
+                "projections.search_commit_interval_ms",
+                format!(
+                    "{} ms is more than the limit of 3600000 (one hour)",
+                    self.projections.search_commit_interval_ms
+                ),
+            );
+        }
         for (key, value) in [
             ("http.threads", self.http.threads),
             ("command.threads", self.command.threads),

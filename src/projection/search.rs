@@ -193,11 +193,13 @@ impl Target for SearchTarget {
         let Some(since) = self.dirty_since else {
             return Ok(None);
         };
-        let due = since + self.commit_interval;
-        if force || Instant::now() >= due {
+        // The configuration bounds the interval, so this only saturates on a
+        // clock near its end; then the changes are committed at once.
+        let due = since.checked_add(self.commit_interval);
+        let Some(due) = due.filter(|due| !force && Instant::now() < *due) else {
             self.commit()?;
             return Ok(None);
-        }
+        };
         Ok(Some(due))
     }
 
