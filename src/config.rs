@@ -248,6 +248,10 @@ pub struct ProjectionsConfig {
     pub workers: usize,
     /// Most events applied and committed in one atomic write.
     pub batch_size: usize,
+    /// How often, at most, a search index commits (tantivy commits are costly:
+    /// they fsync and start new segments); changes become visible to searches
+    /// at the next commit. 0 commits after every batch.
+    pub search_commit_interval_ms: u64,
 }
 
 impl Default for ProjectionsConfig {
@@ -255,6 +259,7 @@ impl Default for ProjectionsConfig {
         Self {
             workers: 1,
             batch_size: 1000,
+            search_commit_interval_ms: 500,
         }
     }
 }
@@ -411,6 +416,17 @@ impl Config {
                 format!(
                     "`{}` is not an IP address and port ({error})",
                     self.http.listen
+                ),
+            );
+        }
+        // Beyond an hour, changes would hardly ever become searchable; the
+        // bound also keeps deadline arithmetic far from overflowing.
+        if self.projections.search_commit_interval_ms > 3_600_000 {
+            problem(
+                "projections.search_commit_interval_ms",
+                format!(
+                    "{} ms is more than the limit of 3600000 (one hour)",
+                    self.projections.search_commit_interval_ms
                 ),
             );
         }

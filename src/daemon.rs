@@ -120,6 +120,9 @@ impl Daemon {
             PoolOptions {
                 workers: config.projections.workers,
                 batch_size: config.projections.batch_size,
+                search_commit_interval: Duration::from_millis(
+                    config.projections.search_commit_interval_ms,
+                ),
             },
             domain.clone(),
             log.clone(),
@@ -152,11 +155,14 @@ impl Daemon {
             query: Router::new(),
             openapi: Some(command_api),
         };
-        let query_side = http::query_routes(
-            projections.read_models(),
-            Duration::from_millis(config.query.consistency_timeout_ms),
-        );
+        let consistency_timeout = Duration::from_millis(config.query.consistency_timeout_ms);
+        let query_side = http::query_routes(projections.read_models(), consistency_timeout);
         routes.merge(query_side);
+        routes.merge(ApiRoutes {
+            query: http::search::routes(projections.read_models(), consistency_timeout),
+            openapi: Some(http::search::openapi()),
+            ..ApiRoutes::default()
+        });
         let topics = domain
             .aggregates()
             .map(|aggregate| log.topic(aggregate.name()))

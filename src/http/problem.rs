@@ -237,7 +237,11 @@ fn command_problem(failure: &CommandFailure, detail: String) -> Problem {
 fn query_problem(error: &crate::projection::QueryError, detail: String) -> Problem {
     use crate::projection::QueryError as Q;
     match error {
-        Q::UnknownView(_) | Q::UnknownAggregation(_) | Q::UnknownProjection(_) | Q::NoDocument { .. } => {
+        Q::UnknownView(_)
+        | Q::UnknownAggregation(_)
+        | Q::UnknownProjection(_)
+        | Q::UnknownSearch(_)
+        | Q::NoDocument { .. } => {
             Problem::from_status(StatusCode::NOT_FOUND, detail)
         }
         Q::NotIndexed { field, indexed, .. } => Problem::typed(

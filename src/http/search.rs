@@ -1,10 +1,12 @@
 //! `GET /search/{name}`: full-text search over a search projection.
 //!
 //! The projection pool owns each index's writer and hands this module reader
-//! handles; searching blocks on disk reads, so it runs on the blocking pool.
+//! handles (the live index's, looked up per request, since a rebuild swaps in
+//! another); searching blocks on disk reads, so it runs on the blocking pool.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::routing::get;
@@ -13,16 +15,51 @@ use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use super::problem::{ApiError, Problem};
+use crate::log::Position;
+use crate::projection::{QueryError, ReadModels};
 use crate::store::{SearchError, SearchPage, SearchReader};
 
 /// Hits per page when the request does not say.
 const DEFAULT_LIMIT: usize = 20;
 
-/// The search route, ready to be merged into the query router.
-pub fn routes(indexes: HashMap<String, SearchReader>) -> Router {
+/// Finds the live reader of a search projection by name.
+type Lookup = Arc<dyn Fn(&str) -> Result<SearchReader, ApiError> + Send + Sync>;
+
+#[derive(Clone)]
+struct SearchState {
+    lookup: Lookup,
+    /// The read models that `consistent_with` waits on, and for how long.
+    consistency: Option<(ReadModels, Duration)>,
+}
+
+/// The search route over the pool's search projections, ready to be merged
+/// into the query router.
+pub fn routes(models: ReadModels, consistency_timeout: Duration) -> Router {
+    let lookup_models = models.clone();
+    let lookup: Lookup = Arc::new(move |name: &str| Ok(lookup_models.search_reader(name)?));
     Router::new()
         .route("/search/{name}", get(search))
-        .with_state(Arc::new(indexes))
+        .with_state(SearchState {
+            lookup,
+            consistency: Some((models, consistency_timeout)),
+        })
+}
+
+/// The search route over fixed indexes, without `consistent_with` (there are
+/// no positions to wait for).
+pub fn fixed_routes(indexes: HashMap<String, SearchReader>) -> Router {
+    let lookup: Lookup = Arc::new(move |name: &str| {
+        indexes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no search projection {name:?}")))
+    });
+    Router::new()
+        .route("/search/{name}", get(search))
+        .with_state(SearchState {
+            lookup,
+            consistency: None,
+        })
 }
 
 /// The OpenAPI description of the search route.
@@ -69,7 +106,8 @@ impl From<SearchPage> for SearchResponse {
 impl From<SearchError> for ApiError {
     fn from(error: SearchError) -> Self {
         match error {
-            SearchError::Store(error) => ApiError::Internal(error.to_string()),
+            // A failing index is the server's trouble, not the request's: 503.
+            SearchError::Store(error) => QueryError::Unavailable(error.to_string()).into(),
             bad => ApiError::BadRequest(bad.to_string()),
         }
     }
@@ -85,31 +123,32 @@ impl From<SearchError> for ApiError {
         ("q" = Option<String>, Query, description = "Query over the text fields; empty matches everything"),
         ("limit" = Option<usize>, Query, description = "Hits per page, 1 to 1000 (default 20)"),
         ("cursor" = Option<String>, Query, description = "The previous page's next_cursor"),
+        ("consistent_with" = Option<String>, Query, description = "Wait until the index has committed this position"),
     ),
     responses(
         (status = 200, description = "A page of hits", body = SearchResponse),
-        (status = 400, description = "Malformed query, filter, limit or cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such search projection", body = Problem, content_type = "application/problem+json")
+        (status = 400, description = "Malformed query, filter, limit, cursor or position", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such search projection", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The index is unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The index did not reach consistent_with in time", body = Problem, content_type = "application/problem+json")
     ))]
 async fn search(
-    State(indexes): State<Arc<HashMap<String, SearchReader>>>,
+    State(state): State<SearchState>,
     Path(name): Path<String>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Result<Json<SearchResponse>, ApiError> {
-    let Some(reader) = indexes.get(&name).cloned() else {
-        return Err(ApiError::NotFound(format!("no search projection {name:?}")));
-    };
+    (state.lookup)(&name)?;
     let mut query = None;
     let mut limit = None;
     let mut cursor = None;
+    let mut position = None;
     let mut filters = Vec::new();
     for (key, value) in params {
         let slot = match key.as_str() {
             "q" => &mut query,
             "limit" => &mut limit,
             "cursor" => &mut cursor,
-            // Read-your-writes is handled before the search, by the query side.
-            "consistent_with" => continue,
+            "consistent_with" => &mut position,
             _ => {
                 filters.push((key, value));
                 continue;
@@ -127,6 +166,17 @@ async fn search(
             ApiError::BadRequest(format!("limit {text:?} is not a non-negative integer"))
         })?,
     };
+    if let Some(text) = position {
+        let position = text.parse::<Position>().map_err(|e| {
+            QueryError::BadParameter(format!("invalid consistent_with {text:?}: {e}"))
+        })?;
+        if let Some((models, timeout)) = &state.consistency {
+            models.wait_for(&[&name], &position, *timeout).await?;
+        }
+    }
+    // Looked up again after the wait: a rebuild may have swapped in another
+    // index meanwhile, and only the live one has reached the position.
+    let reader = (state.lookup)(&name)?;
     let page = tokio::task::spawn_blocking(move || {
         reader.search(
             query.as_deref().unwrap_or(""),
@@ -177,7 +227,7 @@ mod tests {
             index.upsert(&format!("k{n}"), Some(&doc)).unwrap();
         }
         index.commit(&BTreeMap::new()).unwrap();
-        let router = routes(HashMap::from([("people".to_owned(), index.reader())]));
+        let router = fixed_routes(HashMap::from([("people".to_owned(), index.reader())]));
 
         let (status, body) = get_json(&router, "/search/people?q=ann&limit=2&status=open").await;
         assert_eq!(status, StatusCode::OK);
@@ -202,6 +252,7 @@ mod tests {
             "limit=0",
             "cursor=zzz",
             "q=a&q=b",
+            "consistent_with=nope",
         ] {
             let (status, body) = get_json(&router, &format!("/search/people?{bad}")).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");

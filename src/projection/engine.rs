@@ -3,11 +3,11 @@
 //! The pool reads the log, decodes records and hands them to a [`Target`]
 //! (one generation of one projection's storage), which applies them and
 //! commits its data together with the new positions. Views and aggregations
-//! are stored in sled ([`SledEngine`]); a search index joins the pool by
-//! implementing [`Engine`] and [`Target`] over tantivy (positions in the
-//! commit payload) and being returned by [`engine_for`].
+//! are stored in sled ([`SledEngine`]); search indexes in tantivy
+//! ([`super::search::SearchEngine`], positions in the commit payload).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::domain::{Domain, EventInput, ProjectionKind, ViewChange};
 use crate::log::Event;
@@ -47,25 +47,53 @@ pub trait Target: Send {
     fn quarantine_count(&self) -> Result<u64, StoreError>;
     /// Applies `records` and commits the result with `positions` atomically.
     /// Events that cannot be applied are quarantined in the same commit.
+    /// Some targets buffer what `apply` did and commit it later, in
+    /// [`Target::flush`]; positions are then committed with the data.
     fn apply(
         &mut self,
         records: &[SourceRecord],
         positions: &Positions,
     ) -> Result<BatchStats, StoreError>;
+    /// The next offset, per partition, that must not be read yet; `None` lets
+    /// the pool read up to the end of the log. A target derived from another
+    /// projection's data reads no further than that projection has committed.
+    fn read_limit(&self) -> Result<Option<Positions>, StoreError> {
+        Ok(None)
+    }
+    /// The positions whose effects queries see, when that is less than what
+    /// was applied (buffered targets); `None` means everything applied.
+    fn visible_positions(&self) -> Option<Positions> {
+        None
+    }
+    /// Commits buffered changes if they are due, or at once with `force`.
+    /// Returns when the changes still buffered are due.
+    fn flush(&mut self, _force: bool) -> Result<Option<Instant>, StoreError> {
+        Ok(None)
+    }
     /// Makes this (rebuilt) generation the live one and drops the old one.
     fn promote(self: Box<Self>) -> Result<(), StoreError>;
 }
 
-/// The engine of a projection, or `None` for kinds this pool does not run
-/// (search: the tantivy engine plugs in here).
-pub fn engine_for(domain: &Arc<Domain>, store: &ViewStore, name: &str) -> Option<Box<dyn Engine>> {
+/// The engine of a projection, or `None` when there is no such projection.
+/// Search indexes commit at most every `search_commit_interval`.
+pub fn engine_for(
+    domain: &Arc<Domain>,
+    store: &ViewStore,
+    name: &str,
+    search_commit_interval: Duration,
+) -> Option<Box<dyn Engine>> {
     match domain.projection(name)?.kind() {
         ProjectionKind::View(_) | ProjectionKind::Aggregation(_) => Some(Box::new(SledEngine {
             domain: domain.clone(),
             store: store.clone(),
             name: name.to_owned(),
         })),
-        ProjectionKind::Search(_) => None,
+        ProjectionKind::Search(_) => Some(Box::new(super::search::SearchEngine::new(
+            domain.clone(),
+            store.clone(),
+            name,
+            search_commit_interval,
+        ))),
     }
 }
 

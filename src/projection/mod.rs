@@ -12,6 +12,7 @@
 mod engine;
 mod measures;
 mod query;
+mod search;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -37,6 +38,8 @@ use crate::store::{StoreError, ViewStore};
 pub struct PoolOptions {
     pub workers: usize,
     pub batch_size: usize,
+    /// How often, at most, a search index commits.
+    pub search_commit_interval: std::time::Duration,
 }
 
 /// The life cycle of a projection, as shown by the admin API.
@@ -184,7 +187,8 @@ impl ProjectionPool {
         let mut next = 0;
         for projection in domain.projections() {
             let name = projection.name();
-            let Some(engine) = engine_for(&domain, &store, name) else {
+            let Some(engine) = engine_for(&domain, &store, name, options.search_commit_interval)
+            else {
                 continue;
             };
             let kind = match projection.kind() {
@@ -226,6 +230,17 @@ impl ProjectionPool {
             ));
             handles.insert(name.to_owned(), handle);
             next = (next + 1) % workers;
+        }
+        // A search projection reads no further than its view has committed, so
+        // its worker wakes when the view's positions move.
+        for runner in assignments.iter_mut().flatten() {
+            if let Some(ProjectionKind::Search(def)) =
+                domain.projection(runner.name()).map(|p| p.kind())
+                && let Some(view) = handles.get(def.view())
+            {
+                let receiver: watch::Receiver<Positions> = view.positions.subscribe();
+                runner.follow(receiver);
+            }
         }
         let read_models = ReadModels {
             domain,
@@ -332,15 +347,20 @@ impl ReadModels {
                 let end = self.log.end_offset(&topic, partition).unwrap_or(next);
                 partitions.push((topic, partition, next, end.saturating_sub(next)));
             }
-            let live = self.store.live_cached(&handle.name);
-            let quarantined = match &live {
-                Some(generation) => generation.quarantined(max_quarantined)?,
-                None => Vec::new(),
+            let (generation, quarantined) = if handle.kind == "search" {
+                // A search index only copies view documents: the view
+                // quarantines what cannot be applied.
+                (self.store.search_generation(&handle.name)?, Vec::new())
+            } else {
+                match self.store.live_cached(&handle.name) {
+                    Some(live) => (live.number, live.quarantined(max_quarantined)?),
+                    None => (0, Vec::new()),
+                }
             };
             out.push(ProjectionReport {
                 name: handle.name.clone(),
                 kind: handle.kind,
-                generation: live.map_or(0, |g| g.number),
+                generation,
                 state: status.state,
                 error: status.error,
                 partitions,

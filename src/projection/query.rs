@@ -29,6 +29,8 @@ pub enum QueryError {
     UnknownAggregation(String),
     #[error("no projection named {0:?}")]
     UnknownProjection(String),
+    #[error("no search projection named {0:?}")]
+    UnknownSearch(String),
     #[error("view {view:?} has no document with key {key:?}")]
     NoDocument { view: String, key: String },
     #[error(
@@ -128,6 +130,17 @@ impl ReadModels {
             }
             _ => Err(QueryError::UnknownAggregation(name.to_owned())),
         }
+    }
+
+    /// The reader of a search projection's live index; never blocks on disk.
+    pub fn search_reader(&self, name: &str) -> Result<crate::store::SearchReader, QueryError> {
+        match self.domain.projection(name).map(|p| p.kind()) {
+            Some(ProjectionKind::Search(_)) if self.projections.contains_key(name) => {}
+            _ => return Err(QueryError::UnknownSearch(name.to_owned())),
+        }
+        self.store.search_reader(name).ok_or_else(|| {
+            QueryError::Unavailable(format!("the search index {name:?} is not open"))
+        })
     }
 
     /// One document of a view. Blocking.

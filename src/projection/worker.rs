@@ -19,6 +19,9 @@ use crate::store::views::Positions;
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often an idle worker refreshes rates and lag gauges.
 const REFRESH: Duration = Duration::from_secs(1);
+/// Nobody searches an index while it is rebuilt offline, so it commits
+/// rarely (commits cost fsyncs and segments) and once more at the end.
+const OFFLINE_SEARCH_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What every worker shares with the pool.
 pub(super) struct WorkerContext {
@@ -49,6 +52,11 @@ pub(super) struct Runner {
     retry_at: Option<Instant>,
     rate_since: Instant,
     rate_events: u64,
+    /// When the live target's buffered changes are due to be committed.
+    flush_at: Option<Instant>,
+    /// The positions of the projection this one reads from (a search
+    /// projection's view): its progress is what lets this one read on.
+    follows: Option<watch::Receiver<Positions>>,
 }
 
 /// The stored positions completed with offset 0 for every source partition.
@@ -73,8 +81,21 @@ fn advance(
     positions: &mut Positions,
 ) -> Result<(u64, u64, bool), ProjectionError> {
     let (mut events, mut quarantined, mut read) = (0, 0, false);
+    let limit = target.read_limit()?;
     for ((topic, partition), next) in positions.iter_mut() {
-        let records = log.read(topic, *partition, *next, batch_size)?;
+        let end = match &limit {
+            None => u64::MAX,
+            Some(limit) => limit
+                .get(&(topic.clone(), *partition))
+                .copied()
+                .unwrap_or(0),
+        };
+        if *next >= end {
+            continue;
+        }
+        let max = usize::try_from(end - *next).map_or(batch_size, |left| left.min(batch_size));
+        let mut records = log.read(topic, *partition, *next, max)?;
+        records.retain(|(offset, _)| *offset < end);
         let Some((last, _)) = records.last() else {
             continue;
         };
@@ -117,6 +138,45 @@ impl Runner {
             retry_at: None,
             rate_since: Instant::now(),
             rate_events: 0,
+            flush_at: None,
+            follows: None,
+        }
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.handle.name
+    }
+
+    /// Wakes this projection's worker whenever `positions` change.
+    pub(super) fn follow(&mut self, positions: watch::Receiver<Positions>) {
+        self.follows = Some(positions);
+    }
+
+    /// Publishes the positions queries can rely on: what the live target has
+    /// committed and made visible, for every source partition.
+    fn publish(handle: &ProjectionHandle, positions: &Positions, live: &dyn Target) {
+        let visible = match live.visible_positions() {
+            None => positions.clone(),
+            Some(visible) => positions
+                .keys()
+                .map(|key| (key.clone(), visible.get(key).copied().unwrap_or(0)))
+                .collect(),
+        };
+        handle.positions.send_if_modified(|published| {
+            let changed = *published != visible;
+            if changed {
+                *published = visible;
+            }
+            changed
+        });
+    }
+
+    /// Commits what the live target buffered, at shutdown. Blocking.
+    fn flush_live(&mut self) {
+        if let Some(live) = self.live.as_mut()
+            && let Err(error) = live.flush(true)
+        {
+            tracing::error!(projection = %self.handle.name, %error, "cannot commit buffered changes");
         }
     }
 
@@ -185,8 +245,9 @@ impl Runner {
             live.as_mut(),
             &mut self.positions,
         )?;
+        self.flush_at = live.flush(false)?;
+        Self::publish(&self.handle, &self.positions, live.as_ref());
         if worked {
-            self.handle.positions.send_replace(self.positions.clone());
             let mut status = self.handle.status();
             status.events_total += events;
             status.quarantined += quarantined;
@@ -241,9 +302,10 @@ impl Runner {
         self.live = None;
         let quarantined = rebuild.target.quarantine_count()?;
         rebuild.target.promote()?;
-        self.live = Some(self.engine.open_live()?);
+        let live = self.engine.open_live()?;
         self.positions = rebuild.positions;
-        self.handle.positions.send_replace(self.positions.clone());
+        Self::publish(&self.handle, &self.positions, live.as_ref());
+        self.live = Some(live);
         {
             let mut status = self.handle.status();
             status.quarantined = quarantined;
@@ -295,19 +357,24 @@ pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
         }
     };
     let mut watches: Vec<watch::Receiver<u64>> = Vec::new();
-    for runner in &runners {
+    let mut follows: Vec<watch::Receiver<Positions>> = Vec::new();
+    for runner in &mut runners {
         for (topic, partition) in runner.positions.keys() {
             match context.log.subscribe(topic, *partition) {
                 Ok(receiver) => watches.push(receiver),
                 Err(error) => tracing::error!(%error, %topic, partition, "cannot watch partition"),
             }
         }
+        follows.extend(runner.follows.take());
     }
     while !context.cancel.is_cancelled() {
         // Marking the watches seen before working means an append during the
         // work is not missed: the wait below returns at once for it.
         for watch in &mut watches {
             watch.borrow_and_update();
+        }
+        for follow in &mut follows {
+            follow.borrow_and_update();
         }
         let mut worked = false;
         for runner in &mut runners {
@@ -321,7 +388,11 @@ pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
             continue;
         }
         let retrying = runners.iter().any(|r| r.retry_at.is_some());
-        let idle = if retrying { RETRY_AFTER / 4 } else { REFRESH };
+        let mut idle = if retrying { RETRY_AFTER / 4 } else { REFRESH };
+        // Buffered changes are committed on time even when nothing else happens.
+        if let Some(due) = runners.iter().filter_map(|r| r.flush_at).min() {
+            idle = idle.min(due.saturating_duration_since(Instant::now()));
+        }
         runtime.block_on(async {
             let mut changes: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>> =
                 watches
@@ -336,6 +407,14 @@ pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
                             as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
                     })
                     .collect();
+            changes.extend(follows.iter_mut().map(|w| {
+                Box::pin(async move {
+                    // A stopped projection never moves again: wait on the other arms.
+                    if w.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>
+            }));
             // `select_all` needs at least one future.
             changes.push(Box::pin(std::future::pending()));
             tokio::select! {
@@ -345,6 +424,10 @@ pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
                 () = tokio::time::sleep(idle) => {}
             }
         });
+    }
+    // Committing at shutdown spares a restart from applying the batches again.
+    for runner in &mut runners {
+        runner.flush_live();
     }
 }
 
@@ -362,7 +445,7 @@ pub fn rebuild_offline(
     if domain.projection(name).is_none() {
         return Err(ProjectionError::Unknown(name.to_owned()));
     }
-    let engine = super::engine_for(domain, store, name)
+    let engine = super::engine_for(domain, store, name, OFFLINE_SEARCH_COMMIT_INTERVAL)
         .ok_or_else(|| ProjectionError::NotRebuildable(name.to_owned()))?;
     let topics = super::topics_of(domain, log, name);
     let mut positions = full_positions(&Positions::new(), &topics, log.partitions());

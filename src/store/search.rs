@@ -191,6 +191,16 @@ impl SearchIndex {
         })
     }
 
+    /// Deletes the index in `dir`, if any: an interrupted rebuild's leftovers
+    /// or a generation a rebuild replaced. Open readers keep their mapped
+    /// files until they are dropped. Blocking.
+    pub fn remove(dir: &Path) -> Result<(), StoreError> {
+        match std::fs::remove_dir_all(dir) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error.into()),
+            _ => Ok(()),
+        }
+    }
+
     /// A handle for concurrent searches of the last committed state.
     pub fn reader(&self) -> SearchReader {
         self.reader.clone()

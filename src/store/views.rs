@@ -19,9 +19,14 @@
 //! sled applies a batch atomically, so data and positions never disagree after a
 //! crash (DESIGN.md §2 guarantee 5). Rebuilds fill generation N+1 beside N and
 //! switch `meta` with one write.
+//!
+//! The same `meta` tree records the live generation of each search index
+//! (`search-live/<projection>`); the indexes themselves are tantivy
+//! directories at `<data_dir>/search/<projection>/<generation>` (see
+//! [`super::search`]).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use serde_json::Value as Json;
@@ -29,6 +34,7 @@ use serde_json::Value as Json;
 use super::StoreError;
 
 const LIVE_PREFIX: &str = "live/";
+const SEARCH_LIVE_PREFIX: &str = "search-live/";
 pub const DOC: u8 = b'd';
 pub const INDEX: u8 = b'i';
 pub const GROUP: u8 = b'g';
@@ -46,6 +52,10 @@ pub struct ViewStore {
     /// The live generation's tree of each projection, so queries find it without
     /// reading `meta`; replaced as a whole when a rebuild swaps generations.
     live: Arc<RwLock<HashMap<String, Generation>>>,
+    data_dir: PathBuf,
+    /// The reader of each search projection's live index, replaced when a
+    /// rebuilt index is swapped in, so searches always find the live one.
+    search_readers: Arc<RwLock<HashMap<String, super::SearchReader>>>,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -117,7 +127,62 @@ impl ViewStore {
             db,
             meta,
             live: Arc::default(),
+            data_dir: data_dir.to_owned(),
+            search_readers: Arc::default(),
         })
+    }
+
+    /// The directory of one generation of a search index.
+    pub fn search_dir(&self, projection: &str, generation: u64) -> PathBuf {
+        self.data_dir
+            .join("search")
+            .join(projection)
+            .join(generation.to_string())
+    }
+
+    /// The live generation of a search index (0 until a rebuild swaps one in).
+    /// Blocking.
+    pub fn search_generation(&self, projection: &str) -> Result<u64, StoreError> {
+        let key = format!("{SEARCH_LIVE_PREFIX}{projection}");
+        match self.meta.get(&key)? {
+            Some(bytes) => decode_u64(&bytes).ok_or_else(|| corrupt(&key, "not 8 bytes")),
+            None => Ok(0),
+        }
+    }
+
+    /// Makes `generation` the live search index with one durable write. The
+    /// caller has committed that index and dropped its writer. Blocking.
+    pub fn set_search_generation(
+        &self,
+        projection: &str,
+        generation: u64,
+        reader: super::SearchReader,
+    ) -> Result<(), StoreError> {
+        self.meta.insert(
+            format!("{SEARCH_LIVE_PREFIX}{projection}"),
+            &generation.to_be_bytes(),
+        )?;
+        self.meta.flush()?;
+        self.publish_search_reader(projection, reader)
+    }
+
+    /// Makes `reader` the one searches of `projection` use.
+    pub fn publish_search_reader(
+        &self,
+        projection: &str,
+        reader: super::SearchReader,
+    ) -> Result<(), StoreError> {
+        self.search_readers
+            .write()
+            .map_err(lock_err)?
+            .insert(projection.to_owned(), reader);
+        Ok(())
+    }
+
+    /// The reader of a search projection's live index, if it is open; never
+    /// blocks on disk.
+    pub fn search_reader(&self, projection: &str) -> Option<super::SearchReader> {
+        self.search_readers.read().ok()?.get(projection).cloned()
     }
 
     /// The live generation of a projection, created empty (generation 0) on first use.

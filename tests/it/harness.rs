@@ -431,7 +431,15 @@ pub struct InProcess {
 impl InProcess {
     /// Starts a daemon on a free loopback port; `adjust` edits the test config.
     pub fn start(adjust: impl FnOnce(&mut Config), routes: Option<RoutesHook>) -> InProcess {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), adjust, routes)
+    }
+
+    /// Starts a daemon on the data of `dir` (e.g. one a stopped daemon left).
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        adjust: impl FnOnce(&mut Config),
+        routes: Option<RoutesHook>,
+    ) -> InProcess {
         let mut config = Config::default();
         config.http.listen = "127.0.0.1:0".to_owned();
         config.storage.data_dir = dir.path().join("data");
@@ -477,6 +485,15 @@ impl InProcess {
         if let Some(thread) = self.thread.take() {
             thread.join().unwrap();
         }
+    }
+
+    /// Shuts down, waits, and hands back the data directory for a restart.
+    pub fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }
 

@@ -14,6 +14,7 @@ mod kafka;
 mod operations;
 mod projection_admin;
 mod protection;
+mod search;
 mod shutdown;
 mod stream;
 mod views;

@@ -1,0 +1,229 @@
+//! The search projection: keeps a tantivy index of a view's documents.
+//!
+//! A search projection reads the same source partitions as its view, but it
+//! never reads past the view's committed positions: for every event of a
+//! batch that the view handles, it indexes the view's current document of
+//! that key (or deletes it when the view has none). Because the view's data
+//! and positions are committed together, a document read after the view's
+//! positions always includes every event below them, so no change is missed;
+//! a document that is newer than the batch is simply indexed early and
+//! indexed again when its later events come by.
+//!
+//! Tantivy commits are costly (fsync, new segments), so changes are buffered
+//! in the index writer and committed, with the positions in the commit
+//! payload (DESIGN.md §2 guarantee 5), at most every
+//! `[projections] search_commit_interval_ms`. Queries only ever see committed
+//! positions ([`Target::visible_positions`]), so `consistent_with` waits for
+//! the data to be searchable, not merely applied.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::engine::{BatchStats, Engine, SourceRecord, Target};
+use crate::domain::{Domain, ProjectionKind, SearchDef};
+use crate::store::views::Positions;
+use crate::store::{SearchIndex, StoreError, ViewStore};
+
+/// The engine of one search projection.
+pub struct SearchEngine {
+    domain: Arc<Domain>,
+    store: ViewStore,
+    name: String,
+    commit_interval: Duration,
+}
+
+impl SearchEngine {
+    pub fn new(
+        domain: Arc<Domain>,
+        store: ViewStore,
+        name: &str,
+        commit_interval: Duration,
+    ) -> Self {
+        Self {
+            domain,
+            store,
+            name: name.to_owned(),
+            commit_interval,
+        }
+    }
+
+    fn def(&self) -> Result<&SearchDef, StoreError> {
+        match self.domain.projection(&self.name).map(|p| p.kind()) {
+            Some(ProjectionKind::Search(def)) => Ok(def),
+            _ => Err(StoreError::InvalidRequest(format!(
+                "{:?} is not a search projection",
+                self.name
+            ))),
+        }
+    }
+
+    fn open(&self, generation: u64, live: bool) -> Result<SearchTarget, StoreError> {
+        let def = self.def()?;
+        let dir = self.store.search_dir(&self.name, generation);
+        if !live {
+            // A rebuild starts from nothing, whatever an interrupted one left.
+            SearchIndex::remove(&dir)?;
+        }
+        let index = SearchIndex::open(&dir, def.fields())?;
+        let committed = index.positions()?;
+        if live {
+            self.store
+                .publish_search_reader(&self.name, index.reader())?;
+        }
+        Ok(SearchTarget {
+            domain: self.domain.clone(),
+            store: self.store.clone(),
+            name: self.name.clone(),
+            view: def.view().to_owned(),
+            generation,
+            index,
+            applied: committed.clone(),
+            committed,
+            dirty_since: None,
+            commit_interval: self.commit_interval,
+        })
+    }
+}
+
+impl Engine for SearchEngine {
+    fn open_live(&self) -> Result<Box<dyn Target>, StoreError> {
+        let generation = self.store.search_generation(&self.name)?;
+        Ok(Box::new(self.open(generation, true)?))
+    }
+
+    fn open_rebuild(&self) -> Result<Box<dyn Target>, StoreError> {
+        let generation = self.store.search_generation(&self.name)? + 1;
+        Ok(Box::new(self.open(generation, false)?))
+    }
+}
+
+/// One generation of a search index, written by its worker thread only.
+struct SearchTarget {
+    domain: Arc<Domain>,
+    store: ViewStore,
+    name: String,
+    view: String,
+    generation: u64,
+    index: SearchIndex,
+    /// Positions of everything handed to the index writer.
+    applied: Positions,
+    /// Positions in the index's last commit: what searches see.
+    committed: Positions,
+    /// When the first change not yet committed was made.
+    dirty_since: Option<Instant>,
+    commit_interval: Duration,
+}
+
+impl SearchTarget {
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.index.commit(&self.applied)?;
+        self.committed = self.applied.clone();
+        self.dirty_since = None;
+        Ok(())
+    }
+}
+
+impl Target for SearchTarget {
+    fn positions(&self) -> Result<Positions, StoreError> {
+        Ok(self.applied.clone())
+    }
+
+    fn quarantine_count(&self) -> Result<u64, StoreError> {
+        // Events the view cannot apply are quarantined by the view; the index
+        // only copies the view's documents, which cannot fail.
+        Ok(0)
+    }
+
+    fn read_limit(&self) -> Result<Option<Positions>, StoreError> {
+        Ok(Some(self.store.live(&self.view)?.positions()?))
+    }
+
+    fn apply(
+        &mut self,
+        records: &[SourceRecord],
+        positions: &Positions,
+    ) -> Result<BatchStats, StoreError> {
+        let view = match self.domain.projection(&self.view).map(|p| p.kind()) {
+            Some(ProjectionKind::View(def)) => def,
+            _ => {
+                return Err(StoreError::InvalidRequest(format!(
+                    "search projection {:?} indexes {:?}, which is not a view",
+                    self.name, self.view
+                )));
+            }
+        };
+        let mut stats = BatchStats::default();
+        // A set, so a key changed many times in a batch is indexed once.
+        let mut keys = BTreeSet::new();
+        for record in records {
+            // A record that does not decode is quarantined by the view, which
+            // has no document for it either: there is nothing to index.
+            let Ok(events) = &record.events else {
+                continue;
+            };
+            for event in events {
+                if view.handles(&event.event_type) {
+                    stats.events += 1;
+                    keys.insert(event.aggregate_id.as_str());
+                }
+            }
+        }
+        if !keys.is_empty() {
+            // Read after the caller read the view's positions (the read
+            // limit), so every document includes at least those events.
+            let generation = self.store.live(&self.view)?;
+            for key in keys {
+                let doc = generation.doc(key)?;
+                self.index.upsert(key, doc.as_ref())?;
+            }
+        }
+        self.applied
+            .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));
+        self.dirty_since.get_or_insert_with(Instant::now);
+        self.flush(false)?;
+        Ok(stats)
+    }
+
+    fn visible_positions(&self) -> Option<Positions> {
+        Some(self.committed.clone())
+    }
+
+    fn flush(&mut self, force: bool) -> Result<Option<Instant>, StoreError> {
+        let Some(since) = self.dirty_since else {
+            return Ok(None);
+        };
+        // The configuration bounds the interval, so this only saturates on a
+        // clock near its end; then the changes are committed at once.
+        let due = since.checked_add(self.commit_interval);
+        let Some(due) = due.filter(|due| !force && Instant::now() < *due) else {
+            self.commit()?;
+            return Ok(None);
+        };
+        Ok(Some(due))
+    }
+
+    fn promote(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.commit()?;
+        let old = self.store.search_generation(&self.name)?;
+        let reader = self.index.reader();
+        let SearchTarget {
+            store,
+            name,
+            generation,
+            index,
+            ..
+        } = *self;
+        // The writer holds the index's lock: it must be gone before the live
+        // target reopens this generation.
+        drop(index);
+        store.set_search_generation(&name, generation, reader)?;
+        if old != generation {
+            // Searches that started before the swap keep their mapped files.
+            if let Err(error) = SearchIndex::remove(&store.search_dir(&name, old)) {
+                tracing::warn!(projection = %name, %error, "cannot remove the replaced search index");
+            }
+        }
+        Ok(())
+    }
+}
