@@ -13,6 +13,7 @@ mod dispatch;
 mod kafka;
 mod operations;
 mod projection_admin;
+mod projection_crash;
 mod protection;
 mod search;
 mod shutdown;
