@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{AggregateState, CommandFailure, CommandReply, EmittedEvent};
-use crate::domain::{Aggregate, Domain, EventInput};
+use crate::domain::{Aggregate, Domain};
 use crate::log::{Event, EventLog, Position};
 use crate::store::{CommandStore, Snapshot, StoredReply};
 
@@ -15,16 +15,6 @@ const RESTORE_STALL_BOUND: Duration = Duration::from_secs(60);
 
 /// Records read per step of a restore.
 const RESTORE_CHUNK: usize = 1000;
-
-fn input(event: &Event) -> EventInput<'_> {
-    EventInput {
-        event_type: &event.event_type,
-        data: &event.data,
-        aggregate_id: &event.aggregate_id,
-        version: event.version,
-        timestamp: event.timestamp,
-    }
-}
 
 fn aggregate<'a>(domain: &'a Domain, name: &str) -> Result<&'a Aggregate, CommandFailure> {
     domain
@@ -52,7 +42,7 @@ fn fold(
             )));
         }
         state.state = aggregate
-            .apply(&state.state, &input(event))
+            .apply(&state.state, &event.as_input())
             .map_err(|error| {
                 CommandFailure::Internal(format!(
                     "{}: the domain cannot apply a logged event: {error}",

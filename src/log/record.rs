@@ -80,6 +80,19 @@ pub struct Event {
     pub metadata: EventMetadata,
 }
 
+impl Event {
+    /// The event as the domain's handlers see it.
+    pub fn as_input(&self) -> crate::domain::EventInput<'_> {
+        crate::domain::EventInput {
+            event_type: &self.event_type,
+            data: &self.data,
+            aggregate_id: &self.aggregate_id,
+            version: self.version,
+            timestamp: self.timestamp,
+        }
+    }
+}
+
 /// Where an event came from; used for idempotency, tracing and auditing.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {

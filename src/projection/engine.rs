@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::domain::{Domain, EventInput, ProjectionKind, ViewChange};
+use crate::domain::{Domain, ProjectionKind, ViewChange};
 use crate::log::Event;
 use crate::store::views::{ChangeSet, Generation, Positions, Quarantined, encode_value};
 use crate::store::{StoreError, ViewStore};
@@ -135,16 +135,6 @@ fn event_json(event: &Event) -> Option<serde_json::Value> {
     serde_json::to_value(event).ok()
 }
 
-fn input(event: &Event) -> EventInput<'_> {
-    EventInput {
-        event_type: &event.event_type,
-        data: &event.data,
-        aggregate_id: &event.aggregate_id,
-        version: event.version,
-        timestamp: event.timestamp,
-    }
-}
-
 impl Target for SledTarget {
     fn positions(&self) -> Result<Positions, StoreError> {
         self.generation.positions()
@@ -202,21 +192,23 @@ impl Target for SledTarget {
                             Some((_, after)) => after.clone(),
                             None => self.generation.doc(&event.aggregate_id)?,
                         };
-                        let change =
-                            match def.apply(current.as_ref(), &input(event), &event.aggregate_type)
-                            {
-                                Ok(change) => change,
-                                Err(error) => {
-                                    quarantine(
-                                        &mut changes,
-                                        record,
-                                        index,
-                                        Some(event),
-                                        error.to_string(),
-                                    );
-                                    continue;
-                                }
-                            };
+                        let change = match def.apply(
+                            current.as_ref(),
+                            &event.as_input(),
+                            &event.aggregate_type,
+                        ) {
+                            Ok(change) => change,
+                            Err(error) => {
+                                quarantine(
+                                    &mut changes,
+                                    record,
+                                    index,
+                                    Some(event),
+                                    error.to_string(),
+                                );
+                                continue;
+                            }
+                        };
                         let after = match change {
                             ViewChange::Put(doc) => Some(doc),
                             ViewChange::Delete => None,
@@ -234,7 +226,7 @@ impl Target for SledTarget {
                         }
                         stats.events += 1;
                         let (group, inputs) =
-                            match def.evaluate(&input(event), &event.aggregate_type) {
+                            match def.evaluate(&event.as_input(), &event.aggregate_type) {
                                 Ok(evaluated) => evaluated,
                                 Err(error) => {
                                     quarantine(

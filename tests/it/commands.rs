@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::{Value, json};
 
 use crate::for_each_backend;
-use crate::harness::{Backend, Process, ProcessOptions, client, command, expect_problem};
+use crate::harness::{Backend, Process, ProcessOptions, client, command, expect_problem, get_json};
 
 for_each_backend!(
     every_command_status_code_has_its_body,
@@ -71,14 +71,7 @@ async fn every_command_status_code_has_its_body(backend: Backend) {
     // Numbers behave as users expect: 0 + 10.5 is 10.5, integers stay integers.
     deposit(&http, &base, "a1", json!(10.5)).await;
     deposit(&http, &base, "a1", json!(2)).await;
-    let state: Value = http
-        .get(format!("{base}/aggregates/account/a1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/account/a1")).await;
     assert_eq!(state["state"]["balance"], json!(12.5));
     assert_eq!(state["version"], 3);
 
@@ -193,14 +186,7 @@ async fn every_command_status_code_has_its_body(backend: Backend) {
     assert_eq!(problem["detail"], "account already exists");
 
     // None of the failures changed anything.
-    let state: Value = http
-        .get(format!("{base}/aggregates/account/a1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/account/a1")).await;
     assert_eq!(state["version"], 3);
     assert_eq!(
         state["state"],
@@ -284,24 +270,10 @@ async fn concurrent_withdrawals_are_serialized(backend: Backend) {
     // Exactly the balance was withdrawn, and the replies' versions are 3..=102
     // with no gap and no duplicate.
     assert_eq!(versions, (3..=102).collect::<Vec<u64>>());
-    let state: Value = http
-        .get(format!("{base}/aggregates/account/shared"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/account/shared")).await;
     assert_eq!(state["state"]["balance"], 0);
     assert_eq!(state["version"], 102);
-    let history: Value = http
-        .get(format!("{base}/aggregates/account/shared/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = get_json(&http, &format!("{base}/aggregates/account/shared/events")).await;
     let logged: Vec<u64> = history["events"]
         .as_array()
         .unwrap()
@@ -346,14 +318,7 @@ async fn concurrent_if_match_writers_win_once_per_version(backend: Backend) {
             "version {version}: {statuses:?}"
         );
     }
-    let state: Value = http
-        .get(format!("{base}/aggregates/account/race"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/account/race")).await;
     assert_eq!(state["version"], 6);
     assert_eq!(state["state"]["balance"], 5);
 }
@@ -385,14 +350,7 @@ async fn idempotent_retries_are_applied_once_even_after_a_restart(backend: Backe
     }
     assert_eq!(answers.len(), 1, "100 identical answers: {answers:?}");
     let first = answers.into_iter().next().unwrap();
-    let state: Value = http
-        .get(format!("{base}/aggregates/account/idem"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/account/idem")).await;
     assert_eq!(state["state"]["balance"], 7, "applied once");
 
     // The same key with another body is refused, and changes nothing.
@@ -414,14 +372,7 @@ async fn idempotent_retries_are_applied_once_even_after_a_restart(backend: Backe
     let (status, body) = send(http.clone(), base.clone(), 7).await;
     assert_eq!(status, 200);
     assert_eq!(body, first);
-    let state: Value = http
-        .get(format!("{base}/aggregates/account/idem"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/account/idem")).await;
     assert_eq!(state["state"]["balance"], 7);
     assert_eq!(state["version"], 2);
 }
@@ -465,14 +416,7 @@ async fn multi_event_commands_are_all_or_nothing(backend: Backend) {
     .unwrap();
     assert_eq!(reply["version"], 2);
     assert_eq!(reply["events"].as_array().unwrap().len(), 2);
-    let history: Value = http
-        .get(format!("{base}/aggregates/order/o1/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let history = get_json(&http, &format!("{base}/aggregates/order/o1/events")).await;
     let events = history["events"].as_array().unwrap();
     assert_eq!(events.len(), 2);
     assert_eq!(
@@ -481,14 +425,7 @@ async fn multi_event_commands_are_all_or_nothing(backend: Backend) {
     );
     assert_eq!(events[0]["type"], "OrderPlaced");
     assert_eq!(events[1]["type"], "OrderNoted");
-    let state: Value = http
-        .get(format!("{base}/aggregates/order/o1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/order/o1")).await;
     assert_eq!(
         state["state"],
         json!({"status": "placed", "total": 5, "note": "gift"})
@@ -523,26 +460,18 @@ async fn history_pages_and_unknown_aggregates(backend: Backend) {
     for amount in 1..=9 {
         deposit(&http, &base, "h", json!(amount)).await;
     }
-    let page: Value = http
-        .get(format!("{base}/aggregates/account/h/events?limit=4"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = get_json(
+        &http,
+        &format!("{base}/aggregates/account/h/events?limit=4"),
+    )
+    .await;
     assert_eq!(page["events"].as_array().unwrap().len(), 4);
     assert_eq!(page["next_from_version"], 5);
-    let page: Value = http
-        .get(format!(
-            "{base}/aggregates/account/h/events?from_version=5&limit=100"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = get_json(
+        &http,
+        &format!("{base}/aggregates/account/h/events?from_version=5&limit=100"),
+    )
+    .await;
     let versions: Vec<u64> = page["events"]
         .as_array()
         .unwrap()
@@ -605,13 +534,6 @@ async fn full_queues_answer_503(backend: Backend) {
         "a one-command queue never filled under 200 concurrent commands"
     );
     // Refused commands changed nothing.
-    let state: Value = http
-        .get(format!("{base}/aggregates/account/busy"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = get_json(&http, &format!("{base}/aggregates/account/busy")).await;
     assert_eq!(state["state"]["balance"], accepted);
 }

@@ -4,9 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::harness::{Backend, Process, ProcessOptions, client, command};
+use crate::harness::{Backend, Process, ProcessOptions, client, command, get_json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded() {
@@ -95,16 +95,11 @@ async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
     let base = daemon.url("");
     let mut found: HashMap<String, usize> = HashMap::new();
     for account in 0..ACCOUNTS {
-        let history: Value = http
-            .get(format!(
-                "{base}/aggregates/account/acc{account}/events?limit=10000"
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let history = get_json(
+            &http,
+            &format!("{base}/aggregates/account/acc{account}/events?limit=10000"),
+        )
+        .await;
         let events = history["events"].as_array().unwrap();
         let versions: Vec<u64> = events
             .iter()
@@ -125,14 +120,7 @@ async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
             }
         }
         // The state equals a fold of the log.
-        let state: Value = http
-            .get(format!("{base}/aggregates/account/acc{account}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let state = get_json(&http, &format!("{base}/aggregates/account/acc{account}")).await;
         assert_eq!(state["version"], events.len() as u64);
         assert_eq!(state["state"]["balance"], deposits as u64);
     }
@@ -152,14 +140,7 @@ async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
     let key = acknowledged.iter().next().unwrap();
     let (client_no, n) = key[1..].split_once('-').unwrap();
     let account = (client_no.parse::<usize>().unwrap() + n.parse::<usize>().unwrap()) % ACCOUNTS;
-    let before: Value = http
-        .get(format!("{base}/aggregates/account/acc{account}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before = get_json(&http, &format!("{base}/aggregates/account/acc{account}")).await;
     let response = http
         .post(format!("{base}/commands/account/acc{account}/deposit"))
         .header("idempotency-key", key)
@@ -168,13 +149,6 @@ async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let after: Value = http
-        .get(format!("{base}/aggregates/account/acc{account}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after = get_json(&http, &format!("{base}/aggregates/account/acc{account}")).await;
     assert_eq!(before, after);
 }

@@ -552,3 +552,33 @@ pub fn path_str(path: &Path) -> &str {
 pub fn repo_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
 }
+
+/// A query route, `/test/gate`, that reports each request entering it and
+/// holds the request until the test adds a permit to `release`, so a test
+/// knows a request is in flight without relying on timing.
+pub fn gate_routes(
+    entered: tokio::sync::mpsc::UnboundedSender<()>,
+    release: std::sync::Arc<tokio::sync::Semaphore>,
+) -> RoutesHook {
+    Box::new(move |_runtimes| cqrsd::http::ApiRoutes {
+        query: axum::Router::new().route(
+            "/test/gate",
+            axum::routing::get(move || {
+                let (entered, release) = (entered.clone(), release.clone());
+                async move {
+                    entered.send(()).unwrap();
+                    release.acquire().await.unwrap().forget();
+                    "released"
+                }
+            }),
+        ),
+        ..Default::default()
+    })
+}
+
+/// GETs a URL and returns its JSON body, failing the test on a non-200.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    let response = http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {url}");
+    response.json().await.unwrap()
+}

@@ -93,38 +93,13 @@ async fn slow_handlers_are_answered_503_at_the_request_timeout() {
     daemon.stop();
 }
 
-/// A route that holds its request until the test releases it, so the test
-/// knows when a request occupies a permit without relying on timing.
-fn gate_routes(
-    entered: tokio::sync::mpsc::UnboundedSender<()>,
-    release: std::sync::Arc<tokio::sync::Semaphore>,
-) -> cqrsd::daemon::RoutesHook {
-    Box::new(move |_runtimes| {
-        let query = Router::new().route(
-            "/test/gate",
-            get(move || {
-                let (entered, release) = (entered.clone(), release.clone());
-                async move {
-                    entered.send(()).unwrap();
-                    release.acquire().await.unwrap().forget();
-                    "released"
-                }
-            }),
-        );
-        cqrsd::http::ApiRoutes {
-            query,
-            ..Default::default()
-        }
-    })
-}
-
 #[tokio::test]
 async fn requests_beyond_the_concurrency_limit_are_shed() {
     let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
     let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
     let daemon = InProcess::start(
         |c| c.http.max_concurrent_requests = 1,
-        Some(gate_routes(entered_tx, release.clone())),
+        Some(crate::harness::gate_routes(entered_tx, release.clone())),
     );
     let http = client();
     let first = tokio::spawn(http.get(daemon.url("/test/gate")).send());

@@ -4,9 +4,6 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
-
 use crate::harness::{InProcess, Process, ProcessOptions, client, expect_problem};
 
 #[test]
@@ -48,33 +45,14 @@ fn sigint_exits_zero() {
     assert_eq!(daemon.wait_exit(Duration::from_secs(15)).code(), Some(0));
 }
 
-/// A route that signals when a request is inside it and holds it until
-/// released (or forever), so the tests know a request is in flight.
-fn gate_routes(
-    entered: tokio::sync::mpsc::UnboundedSender<()>,
-    release: Arc<tokio::sync::Semaphore>,
-) -> cqrsd::daemon::RoutesHook {
-    Box::new(move |_| cqrsd::http::ApiRoutes {
-        query: Router::new().route(
-            "/test/gate",
-            get(move || {
-                let (entered, release) = (entered.clone(), release.clone());
-                async move {
-                    entered.send(()).unwrap();
-                    release.acquire().await.unwrap().forget();
-                    "finished"
-                }
-            }),
-        ),
-        ..Default::default()
-    })
-}
-
 #[tokio::test]
 async fn in_flight_requests_finish_during_the_drain() {
     let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
     let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let daemon = InProcess::start(|_| {}, Some(gate_routes(entered_tx, release.clone())));
+    let daemon = InProcess::start(
+        |_| {},
+        Some(crate::harness::gate_routes(entered_tx, release.clone())),
+    );
     let http = client();
     let in_flight = tokio::spawn(http.get(daemon.url("/test/gate")).send());
     entered.recv().await.unwrap();
@@ -90,7 +68,7 @@ async fn in_flight_requests_finish_during_the_drain() {
 
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(response.text().await.unwrap(), "finished");
+    assert_eq!(response.text().await.unwrap(), "released");
     stopped.await.unwrap();
     // Once stopped, the listener is gone.
     assert!(std::net::TcpStream::connect(addr).is_err());
@@ -102,7 +80,7 @@ async fn the_drain_is_bounded() {
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let daemon = InProcess::start(
         |c| c.http.drain_timeout_ms = 200,
-        Some(gate_routes(entered_tx, release)),
+        Some(crate::harness::gate_routes(entered_tx, release)),
     );
     let http = client();
     let stuck = tokio::spawn(http.get(daemon.url("/test/gate")).send());
