@@ -221,7 +221,11 @@ fn fill(log: &EventLog, args: &Args) -> anyhow::Result<Fill> {
         let timestamp = start + chrono::Duration::milliseconds(n as i64 * step_ms);
         let (i, event_type, data) = if n < args.accounts {
             let owner = OWNERS[(n % OWNERS.len() as u64) as usize];
-            (n, "AccountOpened", json!({ "owner": format!("{owner} {n}") }))
+            (
+                n,
+                "AccountOpened",
+                json!({ "owner": format!("{owner} {n}") }),
+            )
         } else {
             let i = rng.below(args.accounts);
             let amount = 1 + rng.below(500) as i64;
@@ -267,7 +271,6 @@ fn fill(log: &EventLog, args: &Args) -> anyhow::Result<Fill> {
             flush(partition, records)?;
         }
     }
-    drop(flush);
     Ok(Fill {
         ends,
         payload_bytes,
