@@ -279,11 +279,14 @@ impl Runner {
                 self.finish_rebuild(rebuild)?;
             }
         }
-        if let Some(end) = &self.startup_end
-            && end
-                .iter()
-                .all(|(key, end)| self.positions.get(key).is_some_and(|p| p >= end))
-        {
+        // Caught up means visible to queries: a search index that has applied
+        // events but not yet committed them does not count.
+        let caught_up = self.startup_end.as_ref().is_some_and(|end| {
+            let published = self.handle.positions.borrow();
+            end.iter()
+                .all(|(key, end)| published.get(key).is_some_and(|p| p >= end))
+        });
+        if caught_up {
             self.startup_end = None;
             if self.handle.status().state == ProjectionState::Starting {
                 self.handle.set_state(ProjectionState::Running, None);

@@ -15,6 +15,7 @@ mod operations;
 mod projection_admin;
 mod projection_crash;
 mod protection;
+mod readiness;
 mod search;
 mod shutdown;
 mod stream;
