@@ -59,6 +59,29 @@ pub enum StoreError {
     Search(String),
 }
 
+/// How long opening a database waits for a lock that is being released.
+const LOCK_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens a sled database at `path`. sled releases its file lock from
+/// background threads after the previous handle is dropped, so a reopen in
+/// the same process (a restarted in-process daemon, a test) can find it still
+/// held for a moment: that is retried briefly. Another process holding the
+/// database still fails, with sled's message, once the wait is over.
+pub(crate) fn open_db(path: &std::path::Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_RELEASE_WAIT;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
 impl StoreError {
     pub(crate) fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> Self {
         StoreError::Corrupt {
