@@ -327,15 +327,7 @@ impl Aggregate {
             ..Vars::default()
         };
         let mut fields = fields.clone();
-        for (field, expression) in &handler.set {
-            let value = expression
-                .eval_json(&vars)
-                .map_err(|reason| ApplyError::Evaluation {
-                    place: format!("{place}.set.{field}"),
-                    reason,
-                })?;
-            fields.insert(field.clone(), value);
-        }
+        expr::apply_set(&handler.set, &vars, &place, &mut fields)?;
         Ok(Json::Object(fields))
     }
 }

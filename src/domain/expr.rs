@@ -561,6 +561,27 @@ fn as_float(v: &Value) -> f64 {
 
 /// JSON to CEL: integers that fit an i64 become ints, larger ones uints, all
 /// other numbers doubles.
+/// Runs a handler's `set` expressions over `vars` and writes each value into
+/// `fields`; an error names the field (`<place>.set.<field>`). Aggregate event
+/// handlers and view handlers share this, so both report alike.
+pub(crate) fn apply_set(
+    set: &[(String, Expression)],
+    vars: &Vars,
+    place: &str,
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<(), super::ApplyError> {
+    for (field, expression) in set {
+        let value = expression
+            .eval_json(vars)
+            .map_err(|reason| super::ApplyError::Evaluation {
+                place: format!("{place}.set.{field}"),
+                reason,
+            })?;
+        fields.insert(field.clone(), value);
+    }
+    Ok(())
+}
+
 pub(crate) fn from_json(value: &serde_json::Value) -> Value {
     match value {
         serde_json::Value::Null => Value::Null,

@@ -122,15 +122,7 @@ impl ViewDef {
             ))),
             ..Vars::default()
         };
-        for (field, expression) in set {
-            let value = expression
-                .eval_json(&vars)
-                .map_err(|reason| ApplyError::Evaluation {
-                    place: format!("{place}.set.{field}"),
-                    reason,
-                })?;
-            fields.insert(field.clone(), value);
-        }
+        expr::apply_set(set, &vars, &place, &mut fields)?;
         Ok(ViewChange::Put(Json::Object(fields)))
     }
 }
