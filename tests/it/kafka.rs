@@ -266,6 +266,21 @@ async fn deleting_the_data_directory_restores_states_versions_and_idempotent_ans
         );
     }
 
+    crate::readside::wait_caught_up(&http, &base).await;
+    let mut views = BTreeMap::new();
+    for id in states.keys() {
+        views.insert(
+            id.clone(),
+            get(&http, format!("{base}/views/accounts/{id}")).await,
+        );
+    }
+    assert_eq!(
+        views["r9"]["doc"]["balance"],
+        json!(55),
+        "{:?}",
+        views["r9"]
+    );
+
     let daemon = daemon.restart_after(|dir| {
         std::fs::remove_dir_all(dir.join("data")).unwrap();
     });
@@ -276,6 +291,14 @@ async fn deleting_the_data_directory_restores_states_versions_and_idempotent_ans
             &get(&http, format!("{base}/aggregates/account/{id}")).await,
             state,
             "{id} restored"
+        );
+    }
+    // The views are rebuilt from the topic: readiness waits for them.
+    for (id, view) in &views {
+        assert_eq!(
+            &get(&http, format!("{base}/views/accounts/{id}")).await,
+            view,
+            "view of {id} rebuilt"
         );
     }
     for ((id, key), first) in &answers {
@@ -310,6 +333,40 @@ async fn deleting_the_data_directory_restores_states_versions_and_idempotent_ans
     assert_eq!(
         reply["version"],
         states["r3"]["version"].as_u64().unwrap() + 1
+    );
+}
+
+#[test]
+fn a_topic_with_another_partition_count_is_a_startup_error() {
+    if skip_kafka() {
+        return;
+    }
+    // The first start creates the topics with 4 partitions; it is listening
+    // only after the topics exist.
+    let config = kafka_config(&kafka_brokers());
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Process::start(ProcessOptions {
+        config: config.clone(),
+        ..ProcessOptions::default()
+    });
+    drop(daemon);
+    // The same prefix with 8 partitions must not start: aggregates would
+    // move to other partitions and their histories would split.
+    let changed = config.replace("partitions = 4", "partitions = 8");
+    std::fs::write(dir.path().join("config.toml"), &changed).unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let output = std::process::Command::new(crate::harness::cqrsd_bin())
+        .args(["serve", "--config", "config.toml"])
+        .current_dir(dir.path())
+        .env("CQRSD__STORAGE__DATA_DIR", dir.path().join("data"))
+        .env("CQRSD__HTTP__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("has 4 partitions but [log.kafka] partitions = 8"),
+        "{stderr}"
     );
 }
 
