@@ -340,7 +340,6 @@ pub fn fill(config: &Config, events: u64, accounts: u64) -> anyhow::Result<Fill>
             append(partition, records)?;
         }
     }
-    drop(append);
     log.close()?;
     Ok(Fill {
         ends,
