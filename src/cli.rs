@@ -1,4 +1,4 @@
-//! The command line: `serve`, `check`, `init`, `completions`.
+//! The command line: `serve`, `check`, `init`, `projections`, `bench`, `completions`.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -44,11 +44,48 @@ pub enum Command {
         #[command(subcommand)]
         action: ProjectionsAction,
     },
+    /// Load generator: drive a daemon (--url) or one started here on a temporary
+    /// directory, and report throughput and latency percentiles next to their limit.
+    Bench(BenchArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// `cqrsd bench` arguments.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The scenario to run; `all` runs every one.
+    #[arg(value_enum)]
+    pub scenario: crate::bench::Scenario,
+    /// Seconds of each measured phase.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration: u64,
+    /// Print one JSON object per scenario instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// A running daemon (loopback only); without it one is started in this process.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Open loop: send at this many operations per second (latency counted from
+    /// the intended send time) instead of closed-loop clients.
+    #[arg(long, value_name = "PER_SEC")]
+    pub rate: Option<f64>,
+    /// Concurrent clients (closed loop), each with its keep-alive connection.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub clients: u64,
+    /// Events pre-filled for projection, restart and rebuild.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub events: u64,
+    /// Aggregates (accounts): opened first by the command scenarios (default
+    /// 10,000; 1,000 for kafka), or spread over the pre-filled events (default 10,000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub aggregates: Option<u64>,
+    /// Kafka bootstrap servers for `kafka`; else a Tansu broker is started if one is installed.
+    #[arg(long)]
+    pub brokers: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Projections {
             action: ProjectionsAction::Rebuild { name, config },
         } => rebuild(&name, config.as_deref()),
+        Command::Bench(args) => bench(args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cqrsd", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -248,6 +286,35 @@ fn rebuild(name: &str, config_path: Option<&Path>) -> ExitCode {
             println!("rebuilt projection {name}: {events} event(s) applied");
             ExitCode::SUCCESS
         }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cqrsd bench`: runs the scenario(s); exit 2 on bad arguments, 1 on failure.
+fn bench(args: BenchArgs) -> ExitCode {
+    if args
+        .rate
+        .is_some_and(|rate| !(rate.is_finite() && rate > 0.0))
+    {
+        eprintln!("--rate must be a positive number of operations per second");
+        return ExitCode::from(2);
+    }
+    let options = crate::bench::Options {
+        scenario: args.scenario,
+        duration: std::time::Duration::from_secs(args.duration),
+        json: args.json,
+        url: args.url,
+        rate: args.rate,
+        clients: usize::try_from(args.clients).unwrap_or(64),
+        events: args.events,
+        aggregates: args.aggregates,
+        brokers: args.brokers,
+    };
+    match crate::bench::run(&options) {
+        Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE

@@ -314,23 +314,10 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
             ),
             fsync: config.log.embedded.fsync,
         }),
-        LogBackend::Kafka => {
-            let kafka = &config.log.kafka;
-            EventLog::open_kafka(
-                KafkaSettings {
-                    brokers: kafka.brokers.clone(),
-                    partitions: kafka.partitions,
-                    replication_factor: kafka.replication_factor,
-                    linger_ms: kafka.linger_ms,
-                    batch_size: kafka.batch_size,
-                    produce_timeout: Duration::from_millis(kafka.produce_timeout_ms),
-                    request_timeout: Duration::from_millis(kafka.request_timeout_ms),
-                    producer: kafka.producer.clone(),
-                    consumer: kafka.consumer.clone(),
-                },
-                kafka.topic_prefix.clone(),
-            )
-        }
+        LogBackend::Kafka => EventLog::open_kafka(
+            kafka_settings(&config.log.kafka),
+            config.log.kafka.topic_prefix.clone(),
+        ),
     }
     .context("cannot open the event log")?;
     for aggregate in domain.aggregates() {
@@ -339,6 +326,22 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
             .with_context(|| format!("cannot create or check topic {topic}"))?;
     }
     Ok(log)
+}
+
+/// The Kafka backend's settings from `[log.kafka]` (also used by `cqrsd
+/// bench kafka` for its raw producer, so both produce alike).
+pub fn kafka_settings(kafka: &crate::config::KafkaConfig) -> KafkaSettings {
+    KafkaSettings {
+        brokers: kafka.brokers.clone(),
+        partitions: kafka.partitions,
+        replication_factor: kafka.replication_factor,
+        linger_ms: kafka.linger_ms,
+        batch_size: kafka.batch_size,
+        produce_timeout: Duration::from_millis(kafka.produce_timeout_ms),
+        request_timeout: Duration::from_millis(kafka.request_timeout_ms),
+        producer: kafka.producer.clone(),
+        consumer: kafka.consumer.clone(),
+    }
 }
 
 /// Rebuilds one projection offline, for `cqrsd projections rebuild`. Opening

@@ -4,10 +4,13 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
 use lru::LruCache;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -18,12 +21,32 @@ use super::{
     Job, WriterSettings,
 };
 use crate::domain::{CommandContext, Domain};
-use crate::log::{Event, EventLog, EventMetadata, Position, Record};
+use crate::log::{Event, EventLog, EventMetadata, LogError, Position, Record};
 use crate::store::{CommandStore, Snapshot, StoredReply};
 
 /// An idle partition with unsaved changes checkpoints after this long, so a
 /// restart replays little even when the partition sees few commands.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
+/// Most batches of one partition whose appends are in flight at once, when
+/// the log allows it (`EventLog::pipelines_appends`): the writer decides the
+/// next batch against the states of the batches still being made durable,
+/// so the group commit gathers more records per flush. Answers still go out
+/// in order, each only once its own record is durable.
+const MAX_IN_FLIGHT_BATCHES: usize = 4;
+
+type Answer = oneshot::Sender<Result<CommandReply, CommandFailure>>;
+
+/// A decided batch whose append is in flight.
+struct InFlight {
+    seq: u64,
+    now: DateTime<Utc>,
+    overlay: HashMap<String, AggregateState>,
+    pending_keys: HashMap<(String, String), (usize, String)>,
+    outcomes: Vec<(Answer, Outcome)>,
+}
+
+type Appending =
+    Pin<Box<dyn std::future::Future<Output = (InFlight, Result<Vec<u64>, LogError>)> + Send>>;
 
 /// What a job of a batch turns into once the batch's records are durable.
 enum Outcome {
@@ -58,6 +81,15 @@ pub(super) struct Writer {
     /// Set when an append failed: its records may still land in the log, so
     /// the partition is re-read to its end before the next command.
     needs_resync: bool,
+    /// Appends in flight, oldest first, with their batches.
+    appending: FuturesOrdered<Appending>,
+    /// How many batches may be in flight (1 when the log cannot pipeline).
+    depth: usize,
+    next_seq: u64,
+    /// Latest states decided by batches in flight, with the batch's number.
+    pending: HashMap<String, (u64, AggregateState)>,
+    /// Idempotency keys of commands in batches in flight.
+    pending_keys: HashMap<(String, String), u64>,
 }
 
 impl Writer {
@@ -71,6 +103,11 @@ impl Writer {
         settings: WriterSettings,
     ) -> Self {
         let capacity = NonZeroUsize::new(settings.cache_capacity).unwrap_or(NonZeroUsize::MIN);
+        let depth = if log.pipelines_appends() {
+            MAX_IN_FLIGHT_BATCHES
+        } else {
+            1
+        };
         Self {
             domain,
             aggregate,
@@ -85,6 +122,11 @@ impl Writer {
             next_offset: 0,
             records_since_checkpoint: 0,
             needs_resync: false,
+            appending: FuturesOrdered::new(),
+            depth,
+            next_seq: 0,
+            pending: HashMap::new(),
+            pending_keys: HashMap::new(),
         }
     }
 
@@ -111,21 +153,27 @@ impl Writer {
         let mut idle = tokio::time::interval(IDLE_CHECKPOINT);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let first = tokio::select! {
-                job = jobs.recv() => match job {
-                    Some(job) => job,
+            tokio::select! {
+                // Finishing appends first keeps answers flowing and frees room.
+                biased;
+                Some((batch, result)) = self.appending.next(), if !self.appending.is_empty() => {
+                    self.finish(batch, result);
+                    self.checkpoint_if_due().await;
+                }
+                job = jobs.recv(), if self.appending.len() < self.depth => match job {
+                    Some(first) => {
+                        let batch = take_batch(first, &mut jobs, self.settings.max_batch);
+                        self.process(batch).await;
+                    }
                     None => break,
                 },
                 _ = idle.tick() => {
-                    if self.records_since_checkpoint > 0 {
+                    if self.appending.is_empty() && self.records_since_checkpoint > 0 {
                         self.checkpoint().await;
                     }
-                    continue;
                 }
                 () = stop.cancelled() => break,
-            };
-            let batch = take_batch(first, &mut jobs, self.settings.max_batch);
-            self.process(batch).await;
+            }
         }
         // Finish what was queued before the stop, refuse anything later, and
         // leave a checkpoint so the next start replays nothing.
@@ -136,8 +184,24 @@ impl Writer {
             };
             let batch = take_batch(first, &mut jobs, self.settings.max_batch);
             self.process(batch).await;
+            self.drain().await;
         }
+        self.drain().await;
         if self.records_since_checkpoint > 0 || !self.replies.is_empty() {
+            self.checkpoint().await;
+        }
+    }
+
+    /// Waits for every append in flight and finishes its batch.
+    async fn drain(&mut self) {
+        while let Some((batch, result)) = self.appending.next().await {
+            self.finish(batch, result);
+        }
+        self.checkpoint_if_due().await;
+    }
+
+    async fn checkpoint_if_due(&mut self) {
+        if self.records_since_checkpoint >= self.settings.snapshot_every {
             self.checkpoint().await;
         }
     }
@@ -178,7 +242,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Decides a batch against the latest states (those of batches still in
+    /// flight included) and starts its append; `finish` answers it.
     async fn process(&mut self, jobs: Vec<Job>) {
+        if self.needs_resync {
+            // Every batch decided against the failed one's states must be
+            // finished (and refused) before the partition is re-read.
+            self.drain().await;
+        }
         if self.needs_resync
             && let Err(error) = self.resync().await
         {
@@ -195,17 +266,14 @@ impl Writer {
         let mut overlay: HashMap<String, AggregateState> = HashMap::new();
         let mut pending_keys: HashMap<(String, String), (usize, String)> = HashMap::new();
         let mut records: Vec<Record> = Vec::new();
-        let mut outcomes: Vec<(
-            oneshot::Sender<Result<CommandReply, CommandFailure>>,
-            Outcome,
-        )> = Vec::new();
+        let mut outcomes: Vec<(Answer, Outcome)> = Vec::new();
 
         for job in jobs {
             match job {
                 Job::Read { id, reply } => {
                     // Reads see committed state only: a command of this batch
-                    // is not acknowledged yet, so a concurrent read may
-                    // precede it.
+                    // (or of one in flight) is not acknowledged yet, so a
+                    // concurrent read may precede it.
                     let _ = reply.send(self.load(&id, None).await);
                 }
                 Job::Execute {
@@ -229,14 +297,55 @@ impl Writer {
             }
         }
 
-        let offsets = if records.is_empty() {
-            Ok(Vec::new())
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        for (id, state) in &overlay {
+            self.pending.insert(id.clone(), (seq, state.clone()));
+        }
+        for key in pending_keys.keys() {
+            self.pending_keys.insert(key.clone(), seq);
+        }
+        let batch = InFlight {
+            seq,
+            now,
+            overlay,
+            pending_keys,
+            outcomes,
+        };
+        if records.is_empty() {
+            // Nothing to append, but the answers still wait for the batches
+            // before this one: they were decided against those states.
+            self.appending
+                .push_back(Box::pin(std::future::ready((batch, Ok(Vec::new())))));
         } else {
             metrics::histogram!("cqrsd_command_batch_size").record(records.len() as f64);
-            self.log
-                .append(&self.topic, self.partition, records)
-                .await
-                .map_err(CommandFailure::from)
+            let append = self.log.start_append(&self.topic, self.partition, records);
+            self.appending
+                .push_back(Box::pin(async move { (batch, append.await) }));
+        }
+    }
+
+    /// Answers a batch once its append is done, and makes its states the
+    /// committed ones. After a failed append every later batch in flight is
+    /// refused too, whatever its own append did: it was decided against
+    /// states that never became durable.
+    fn finish(&mut self, batch: InFlight, result: Result<Vec<u64>, LogError>) {
+        let InFlight {
+            seq,
+            now,
+            overlay,
+            pending_keys,
+            outcomes,
+        } = batch;
+        self.pending.retain(|_, (owner, _)| *owner != seq);
+        self.pending_keys.retain(|_, owner| *owner != seq);
+        let refused = self.needs_resync;
+        let offsets = if refused {
+            Err(CommandFailure::Unavailable(
+                "an earlier append of this partition failed".to_owned(),
+            ))
+        } else {
+            result.map_err(CommandFailure::from)
         };
 
         let mut answers: Vec<Result<CommandReply, CommandFailure>> =
@@ -266,7 +375,10 @@ impl Writer {
         let expires_at_ms = (now + self.settings.idempotency_ttl).timestamp_millis();
         for (_, outcome) in &outcomes {
             let answer = match outcome {
-                Outcome::Ready(answer) => answer.clone(),
+                Outcome::Ready(answer) => match &offsets {
+                    Err(error) if refused => Err(error.clone()),
+                    _ => answer.clone(),
+                },
                 Outcome::SameAs(index) => answers[*index].clone(),
                 Outcome::Appended { record, reply, key } => match &offsets {
                     Ok(offsets) => {
@@ -289,9 +401,6 @@ impl Writer {
         }
         for ((reply, _), answer) in outcomes.into_iter().zip(answers) {
             let _ = reply.send(answer);
-        }
-        if self.records_since_checkpoint >= self.settings.snapshot_every {
-            self.checkpoint().await;
         }
     }
 
@@ -318,6 +427,11 @@ impl Writer {
                 } else {
                     Outcome::Ready(Err(CommandFailure::IdempotencyConflict))
                 };
+            }
+            if self.pending_keys.contains_key(key) {
+                // The same key is in a batch still in flight: its answer is
+                // known only once that batch is finished, so finish them all.
+                self.drain().await;
             }
             match self.stored_reply(key, now).await {
                 Ok(Some(stored)) => {
@@ -483,8 +597,11 @@ impl Writer {
         }
     }
 
+    /// Takes `&mut self` although it changes nothing: a `&self` held across
+    /// the await would require the writer to be `Sync`, which its in-flight
+    /// appends are not.
     async fn stored_reply(
-        &self,
+        &mut self,
         key: &(String, String),
         now: DateTime<Utc>,
     ) -> Result<Option<StoredReply>, CommandFailure> {
@@ -508,8 +625,14 @@ impl Writer {
         id: &str,
         overlay: Option<&HashMap<String, AggregateState>>,
     ) -> Result<AggregateState, CommandFailure> {
-        if let Some(state) = overlay.and_then(|o| o.get(id)) {
-            return Ok(state.clone());
+        if let Some(overlay) = overlay {
+            if let Some(state) = overlay.get(id) {
+                return Ok(state.clone());
+            }
+            // Deciding: the states of batches in flight count, as if durable.
+            if let Some((_, state)) = self.pending.get(id) {
+                return Ok(state.clone());
+            }
         }
         if let Some(state) = self.cache.get(id) {
             metrics::counter!("cqrsd_aggregate_cache_total", "result" => "hit").increment(1);

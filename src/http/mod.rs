@@ -8,6 +8,7 @@
 
 pub mod commands;
 mod middleware;
+pub mod noop;
 mod ops;
 pub mod problem;
 mod queries;

@@ -40,6 +40,9 @@ use tokio::sync::watch;
 
 use crate::log::{LogError, Record, partition_for};
 
+mod raw;
+pub use raw::RawProducer;
+
 /// Producer settings cqrsd sets itself; the pass-through map may not change them.
 pub const ENFORCED_PRODUCER_KEYS: &[&str] = &[
     "bootstrap.servers",

@@ -9,6 +9,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::Record;
+
+/// The future of an append started with [`EventLog::start_append`].
+pub type AppendFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u64>, LogError>> + Send>>;
 use crate::kafka::{KafkaLog, KafkaSettings};
 use crate::store::{EmbeddedLog, EmbeddedLogOptions, StoreError};
 
@@ -139,6 +143,33 @@ impl EventLog {
             Backend::Embedded(log) => Ok(log.append(topic, partition, records).await?),
             Backend::Kafka(log) => log.append(topic, partition, records).await,
         }
+    }
+
+    /// Starts an append and returns the future of its offsets. On the embedded
+    /// log the records are queued before this returns, so appends started one
+    /// after another land in that order; on Kafka the append starts when the
+    /// future is first polled.
+    pub fn start_append(&self, topic: &str, partition: u32, records: Vec<Record>) -> AppendFuture {
+        match &self.backend {
+            Backend::Embedded(log) => match log.submit(topic, partition, records) {
+                Ok(pending) => Box::pin(async move { Ok(pending.await?) }),
+                Err(error) => Box::pin(std::future::ready(Err(error.into()))),
+            },
+            Backend::Kafka(log) => {
+                let log = log.clone();
+                let topic = topic.to_owned();
+                Box::pin(async move { log.append(&topic, partition, records).await })
+            }
+        }
+    }
+
+    /// Whether a writer may start its next append before the previous one is
+    /// durable: true when appends land in the order they were started and a
+    /// failed append makes every later one fail (the embedded log poisons
+    /// itself on a failed group commit), so no record decided against a
+    /// failed batch's state can land. Kafka gives no such guarantee here.
+    pub fn pipelines_appends(&self) -> bool {
+        matches!(self.backend, Backend::Embedded(_))
     }
 
     /// Up to `max` records of a partition from offset `from`. Blocking.

@@ -265,6 +265,20 @@ impl EmbeddedLog {
         partition: u32,
         records: Vec<Record>,
     ) -> Result<Vec<u64>, StoreError> {
+        self.submit(topic, partition, records)?.await
+    }
+
+    /// Queues an append and returns the future of its answer: the records' place in the
+    /// partition is fixed when this returns (appends are committed in the order they are
+    /// queued), and a failed group commit poisons the log, so every append queued after a
+    /// failed one fails too. That is what lets a writer queue its next batch before the
+    /// previous one is durable.
+    pub fn submit(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<PendingAppend, StoreError> {
         let shared = &self.inner.shared;
         if let Some(reason) = shared.failure() {
             return Err(StoreError::Unavailable(reason));
@@ -272,7 +286,7 @@ impl EmbeddedLog {
         let topic = shared.existing_topic(topic)?;
         check_partition(&topic, partition)?;
         if records.is_empty() {
-            return Ok(Vec::new());
+            return Ok(PendingAppend::Done(Some(Ok(Vec::new()))));
         }
         let frames = records
             .iter()
@@ -301,8 +315,7 @@ impl EmbeddedLog {
             let tx = tx.as_ref().ok_or(StoreError::Closed)?;
             tx.send(request).map_err(|_| StoreError::Closed)?;
         }
-        // A dropped reply means the appender stopped without answering.
-        answer.await.map_err(|_| StoreError::Closed)?
+        Ok(PendingAppend::Queued(answer))
     }
 
     /// Up to `max` durable records of a partition from offset `from` (inclusive). Blocking.
@@ -518,6 +531,33 @@ impl Shared {
 }
 
 /// The appender: gathers queued requests into groups and commits each group at once.
+/// A queued append: resolves with the records' offsets once they are durable.
+#[derive(Debug)]
+pub enum PendingAppend {
+    /// Answered without queueing (nothing to append).
+    Done(Option<Result<Vec<u64>, StoreError>>),
+    Queued(oneshot::Receiver<Result<Vec<u64>, StoreError>>),
+}
+
+impl std::future::Future for PendingAppend {
+    type Output = Result<Vec<u64>, StoreError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            PendingAppend::Done(answer) => {
+                std::task::Poll::Ready(answer.take().unwrap_or(Err(StoreError::Closed)))
+            }
+            // A dropped reply means the appender stopped without answering.
+            PendingAppend::Queued(answer) => std::pin::Pin::new(answer)
+                .poll(cx)
+                .map(|answer| answer.map_err(|_| StoreError::Closed)?),
+        }
+    }
+}
+
 fn appender_loop(shared: &Shared, rx: &mpsc::Receiver<AppendRequest>) {
     let max_records = shared.opts.group_commit_max_records.max(1);
     // `recv` keeps returning queued requests after the senders are gone and fails only

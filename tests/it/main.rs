@@ -6,6 +6,7 @@ mod harness;
 mod readside;
 
 mod aggregations;
+mod bench;
 mod cli;
 mod commands;
 mod crash;

@@ -1,0 +1,140 @@
+//! Micro-benchmarks of the hot paths below the command decision (which
+//! `domain.rs` measures): event encode/decode in both encodings, projection
+//! apply (the pure view handler, and a whole batch into the sled view
+//! store), and the embedded log's batch append with flush + fdatasync, the
+//! storage limit of durable commands.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrsd::domain::{Domain, EXAMPLE_DOMAIN, ProjectionKind};
+use cqrsd::log::{
+    EmbeddedSettings, Encoding, Event, EventLog, EventMetadata, Record, decode, encode,
+};
+use cqrsd::projection::{SourceRecord, engine_for};
+use cqrsd::store::ViewStore;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::json;
+
+fn deposit(id: &str, version: u64) -> Event {
+    Event {
+        event_id: uuid::Uuid::now_v7(),
+        aggregate_type: "account".to_owned(),
+        aggregate_id: id.to_owned(),
+        version,
+        event_type: "MoneyDeposited".to_owned(),
+        timestamp: chrono::Utc::now(),
+        data: json!({ "amount": 25 }),
+        metadata: EventMetadata {
+            command: "deposit".to_owned(),
+            command_id: uuid::Uuid::now_v7(),
+            idempotency_key: None,
+            correlation_id: None,
+            request_hash: "0123456789abcdef0123456789abcdef".to_owned(),
+            principal: None,
+        },
+    }
+}
+
+fn codec(c: &mut Criterion) {
+    let events = [deposit("acc-0000001", 7)];
+    for (name, encoding) in [("msgpack", Encoding::MessagePack), ("json", Encoding::Json)] {
+        let record = encode(&events, encoding).unwrap();
+        c.bench_function(&format!("encode one deposit ({name})"), |b| {
+            b.iter(|| encode(&events, encoding).unwrap());
+        });
+        c.bench_function(&format!("decode one deposit ({name})"), |b| {
+            b.iter(|| decode(&record.headers, &record.value).unwrap());
+        });
+    }
+}
+
+fn projection_apply(c: &mut Criterion) {
+    let domain = Arc::new(Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap());
+    let ProjectionKind::View(view) = domain.projection("accounts").unwrap().kind() else {
+        panic!("accounts is a view");
+    };
+    let event = deposit("acc-0000001", 7);
+    let doc = json!({ "owner": "Ada", "status": "open", "balance": 100, "opened_at": "2026-01-01T00:00:00Z" });
+    c.bench_function("view handler: apply one deposit to a document", |b| {
+        b.iter(|| {
+            view.apply(Some(&doc), &event.as_input(), "account")
+                .unwrap()
+        });
+    });
+
+    // A whole batch into the sled view store: read the documents, apply,
+    // write documents, index entries and positions in one atomic batch.
+    let dir = tempfile::tempdir().unwrap();
+    let store = ViewStore::open(dir.path()).unwrap();
+    let engine = engine_for(&domain, &store, "accounts", Duration::from_secs(1)).unwrap();
+    let mut target = engine.open_live().unwrap();
+    const BATCH: u64 = 1000;
+    let mut offset = 0_u64;
+    let mut group = c.benchmark_group("view batch into sled");
+    group.throughput(Throughput::Elements(BATCH));
+    group.bench_function("1000 deposits over 100 accounts", |b| {
+        b.iter_batched(
+            || {
+                let records: Vec<SourceRecord> = (0..BATCH)
+                    .map(|i| {
+                        offset += 1;
+                        SourceRecord {
+                            topic: "cqrsd.account".to_owned(),
+                            partition: 0,
+                            offset,
+                            events: Ok(vec![deposit(&format!("acc-{:07}", i % 100), offset)]),
+                        }
+                    })
+                    .collect();
+                let positions: BTreeMap<(String, u32), u64> =
+                    [(("cqrsd.account".to_owned(), 0), offset + 1)].into();
+                (records, positions)
+            },
+            |(records, positions)| target.apply(&records, &positions).unwrap(),
+            BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+}
+
+fn log_append(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EventLog::open_embedded(EmbeddedSettings {
+        data_dir: dir.path().to_owned(),
+        topic_prefix: "cqrsd".to_owned(),
+        partitions: 1,
+        group_commit_max_records: 4096,
+        group_commit_max_delay: Duration::from_micros(0),
+        fsync: true,
+    })
+    .unwrap();
+    log.ensure_topic("cqrsd.account").unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let record: Record = encode(&[deposit("acc-0000001", 7)], Encoding::MessagePack).unwrap();
+    let mut group = c.benchmark_group("embedded log append + flush + fdatasync");
+    group.sample_size(30);
+    for batch in [1_usize, 64, 512] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(format!("{batch} records"), |b| {
+            b.iter_batched(
+                || vec![record.clone(); batch],
+                |records| {
+                    runtime
+                        .block_on(log.append("cqrsd.account", 0, records))
+                        .unwrap()
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+    log.close().unwrap();
+}
+
+criterion_group!(benches, codec, projection_apply, log_append);
+criterion_main!(benches);
