@@ -991,6 +991,46 @@ mod tests {
     }
 
     #[test]
+    fn security_sections_are_validated_by_key() {
+        let keys = |pairs: &[(&str, &str)]| -> Vec<String> {
+            Config::load_with_env(None, env(pairs))
+                .err()
+                .map(|e| e.problems.into_iter().map(|p| p.key).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            keys(&[("CQRSD__HTTP__LISTEN", "0.0.0.0:1")]),
+            vec!["auth.tokens"]
+        );
+        assert!(
+            keys(&[
+                ("CQRSD__HTTP__LISTEN", "0.0.0.0:1"),
+                ("CQRSD__AUTH__ALLOW_UNAUTHENTICATED", "true")
+            ])
+            .is_empty()
+        );
+        assert_eq!(
+            keys(&[("CQRSD__RATE_LIMIT__REQUESTS_PER_SECOND", "-1")]),
+            vec!["rate_limit.requests_per_second"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__RATE_LIMIT__BURST", "0")]),
+            vec!["rate_limit.burst"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__TLS__CERT_PATH", "/nonexistent/cert.pem")]),
+            vec!["tls.key_path"]
+        );
+        assert_eq!(
+            keys(&[
+                ("CQRSD__TLS__CERT_PATH", "/nonexistent/cert.pem"),
+                ("CQRSD__TLS__KEY_PATH", "/nonexistent/key.pem")
+            ]),
+            vec!["tls.cert_path"]
+        );
+    }
+
+    #[test]
     fn the_example_configuration_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml.example");
         let config = Config::load_with_env(Some(&path), env(&[])).unwrap();

@@ -39,7 +39,9 @@ fn policy(
     metrics_public: bool,
 ) -> Policy {
     let need = |role, target| Policy::Need(Requirement { role, target });
-    let named = |name: &str, make: fn(String) -> Target| param(name).map_or(Target::Any, make);
+    // A parameter that cannot be read (not UTF-8 once decoded) names no
+    // aggregate or projection a restricted token is allowed: it fails closed.
+    let named = |name: &str, make: fn(String) -> Target| make(param(name).unwrap_or_default());
     let Some(template) = template else {
         // No route matched: a 404 to a client with a token, a 401 to one
         // without (which learns nothing about the routes).
@@ -97,10 +99,9 @@ pub(crate) async fn guard(
         })
     };
     let query_param = |name: &str| {
-        let query = parts.uri.query()?;
         let axum::extract::Query(map) = axum::extract::Query::<
             std::collections::HashMap<String, String>,
-        >::try_from_uri(&format!("/?{query}").parse().ok()?)
+        >::try_from_uri(&parts.uri)
         .ok()?;
         map.get(name).cloned()
     };
@@ -228,6 +229,11 @@ mod tests {
             need(Role::Admin, Target::Any)
         );
         assert_eq!(policy(None, |_| None, |_| None, false), Policy::AnyToken);
+        // An unreadable parameter matches no restriction's allowed names.
+        assert_eq!(
+            policy(Some("/views/{view}"), |_| None, |_| None, false),
+            need(Role::Query, Target::Projection(String::new()))
+        );
         assert_eq!(
             policy(Some("/metrics"), |_| None, |_| None, true),
             Policy::Open
