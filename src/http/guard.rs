@@ -112,6 +112,7 @@ pub(crate) async fn guard(
         security.metrics_public,
     );
     if policy == Policy::Open {
+        drop(security);
         return next.run(Request::from_parts(parts, body)).await;
     }
 
@@ -156,6 +157,8 @@ pub(crate) async fn guard(
     if let Some(name) = caller {
         parts.extensions.insert(Caller(name));
     }
+    // A long request (an event stream) must not pin settings a reload replaced.
+    drop(security);
     next.run(Request::from_parts(parts, body)).await
 }
 
