@@ -1,4 +1,5 @@
-//! The command line: `serve`, `check`, `init`, `projections`, `bench`, `completions`.
+//! The command line: `serve`, `check`, `init`, `projections rebuild`,
+//! `bench`, `token hash`, `completions`.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,11 @@ pub enum Command {
     /// Load generator: drive a daemon (--url) or one started here on a temporary
     /// directory, and report throughput and latency percentiles next to their limit.
     Bench(BenchArgs),
+    /// Make bearer tokens for `[auth]`.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -100,6 +106,32 @@ pub enum ProjectionsAction {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Print a new random token and the `[[auth.tokens]]` entry holding its hash.
+    /// Only the hash goes into the configuration; hand the token to the client.
+    Hash {
+        /// The token's name: shown in logs and recorded as the principal of its commands.
+        #[arg(long, default_value = "client")]
+        name: String,
+        /// Its roles (repeat or comma-separate).
+        #[arg(long = "role", value_enum, value_delimiter = ',', default_values_t = [TokenRole::Command, TokenRole::Query])]
+        roles: Vec<TokenRole>,
+        /// Hash the token read from standard input instead of making one
+        /// (the token is not printed).
+        #[arg(long)]
+        stdin: bool,
+    },
+}
+
+/// The roles as the command line spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenRole {
+    Command,
+    Query,
+    Admin,
+}
+
 /// Runs the command line; the binary's `main` is only this.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -111,6 +143,9 @@ pub fn main() -> ExitCode {
             action: ProjectionsAction::Rebuild { name, config },
         } => rebuild(&name, config.as_deref()),
         Command::Bench(args) => bench(args),
+        Command::Token {
+            action: TokenAction::Hash { name, roles, stdin },
+        } => token_hash(&name, &roles, stdin),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "cqrsd", &mut std::io::stdout());
             ExitCode::SUCCESS
@@ -137,6 +172,7 @@ fn serve(config_path: Option<&Path>, log_format: Option<LogFormat>) -> ExitCode 
     }
     let options = StartOptions {
         handle_signals: true,
+        config_path: config_path.map(Path::to_path_buf),
         ..StartOptions::default()
     };
     let result = Daemon::start(config, options).and_then(Daemon::wait);
@@ -158,6 +194,9 @@ fn check(config_path: Option<&Path>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
     let domain_name = config.domain_path().map_or_else(
         || "built-in example".to_owned(),
         |p| p.display().to_string(),
@@ -320,4 +359,67 @@ fn bench(args: BenchArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `cqrsd token hash`: a new token (or one from stdin) and its config entry.
+fn token_hash(name: &str, roles: &[TokenRole], stdin: bool) -> ExitCode {
+    let token = if stdin {
+        let mut line = String::new();
+        if let Err(error) = std::io::stdin().read_line(&mut line) {
+            eprintln!("cannot read the token from standard input: {error}");
+            return ExitCode::FAILURE;
+        }
+        let token = line.trim().to_owned();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            eprintln!("standard input holds no token (one line, no spaces)");
+            return ExitCode::from(2);
+        }
+        // SHA-256 protects only high-entropy tokens (see `auth`); say so
+        // rather than refuse, as an operator may be migrating existing ones.
+        if token.len() < 32 {
+            eprintln!(
+                "warning: this token is short; tokens should carry at least 32 random bytes (`cqrsd token hash` makes such tokens)"
+            );
+        }
+        token
+    } else {
+        match crate::auth::generate_token() {
+            Ok(token) => token,
+            Err(error) => {
+                eprintln!("cannot read the system's random source: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let roles: Vec<String> = roles
+        .iter()
+        .map(|role| {
+            format!(
+                "\"{}\"",
+                match role {
+                    TokenRole::Command => "command",
+                    TokenRole::Query => "query",
+                    TokenRole::Admin => "admin",
+                }
+            )
+        })
+        .collect();
+    if !stdin {
+        println!(
+            "# The token; give it to the client (Authorization: Bearer <token>). It is not stored anywhere:"
+        );
+        println!("# {token}");
+        println!();
+    }
+    println!("# Add to the configuration file, then reload (SIGHUP) or restart:");
+    println!("[[auth.tokens]]");
+    println!("name = {}", toml_string(name));
+    println!("hash = \"{}\"", crate::auth::hash_token(&token));
+    println!("roles = [{}]", roles.join(", "));
+    ExitCode::SUCCESS
+}
+
+/// A TOML basic string (quoted and escaped).
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
 }

@@ -30,6 +30,9 @@ pub struct Config {
     pub query: QueryConfig,
     pub projections: ProjectionsConfig,
     pub logging: LoggingConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub rate_limit: RateLimitConfig,
     /// The directory the configuration file lives in; relative `[domain] path`
     /// values are resolved against it. Not a configuration key.
     #[serde(skip)]
@@ -290,6 +293,67 @@ impl Default for LoggingConfig {
         }
     }
 }
+
+/// `[auth]`: bearer tokens and what each may do. Reloaded on SIGHUP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// Serve a non-loopback listener without tokens (everyone may do
+    /// everything). Without it, such a configuration is refused.
+    pub allow_unauthenticated: bool,
+    /// Serve `/metrics` without a token; otherwise it needs the `admin` role.
+    pub metrics_public: bool,
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One `[[auth.tokens]]` entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TokenConfig {
+    /// Names the token in logs and in the `principal` of the events it causes.
+    pub name: String,
+    /// `sha256:<hex>`, as printed by `cqrsd token hash`.
+    pub hash: String,
+    pub roles: Vec<crate::auth::Role>,
+    /// The aggregate types it may touch; absent: all.
+    pub aggregates: Option<Vec<String>>,
+    /// The projections (views, aggregations, searches) it may touch; absent: all.
+    pub projections: Option<Vec<String>>,
+}
+
+/// `[tls]`: serve HTTPS. Both paths or neither; reloaded on SIGHUP.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first; relative to the configuration file.
+    pub cert_path: Option<PathBuf>,
+    /// PEM private key; relative to the configuration file.
+    pub key_path: Option<PathBuf>,
+}
+
+/// `[rate_limit]`: requests per token (per client address without auth).
+/// Reloaded on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RateLimitConfig {
+    /// Sustained rate; fractions allowed (0.5 = one request every 2 s). 0 turns limiting off.
+    pub requests_per_second: f64,
+    /// Requests allowed at once above the sustained rate.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 0.0,
+            burst: 100,
+        }
+    }
+}
+
+/// The highest sustained rate accepted: beyond it the refill period would
+/// be below governor's nanosecond resolution.
+const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
 
 /// One thing wrong with a configuration, named by its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -562,6 +626,35 @@ impl Config {
                 format!("`{}` is not a valid filter: {error}", self.logging.level),
             );
         }
+        self.validate_auth(&mut problem);
+        let rate = &self.rate_limit;
+        if !rate.requests_per_second.is_finite()
+            || !(0.0..=MAX_REQUESTS_PER_SECOND).contains(&rate.requests_per_second)
+        {
+            problem(
+                "rate_limit.requests_per_second",
+                format!(
+                    "{} must be between 0 (off) and {MAX_REQUESTS_PER_SECOND}",
+                    rate.requests_per_second
+                ),
+            );
+        }
+        if rate.burst == 0 {
+            problem("rate_limit.burst", "must be at least 1".to_owned());
+        }
+        match self.tls_paths() {
+            Ok(None) => {}
+            Ok(Some((cert, key))) => {
+                if let Err(error) = crate::tls::server_config(&cert, &key) {
+                    let key_name = match error {
+                        crate::tls::TlsError::Key { .. } => "tls.key_path",
+                        _ => "tls.cert_path",
+                    };
+                    problem(key_name, error.to_string());
+                }
+            }
+            Err((key, reason)) => problem(key, reason),
+        }
         if let Err(reason) = check_dir_creatable(&self.storage.data_dir) {
             problem("storage.data_dir", reason);
         }
@@ -574,6 +667,109 @@ impl Config {
             );
         }
         problems
+    }
+
+    /// Problems of `[auth]`: each token's fields, duplicates, and a
+    /// non-loopback listener left open without saying so.
+    fn validate_auth(&self, problem: &mut impl FnMut(&str, String)) {
+        let mut names = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (i, token) in self.auth.tokens.iter().enumerate() {
+            let key = |field: &str| format!("auth.tokens[{i}].{field}");
+            if token.name.is_empty()
+                || token.name.len() > 64
+                || !token
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+            {
+                problem(
+                    &key("name"),
+                    format!(
+                        "`{}` must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '-', '@'",
+                        token.name
+                    ),
+                );
+            } else if !names.insert(token.name.as_str()) {
+                problem(
+                    &key("name"),
+                    format!("`{}` names another token too", token.name),
+                );
+            }
+            match crate::auth::parse_hash(&token.hash) {
+                Err(reason) => problem(&key("hash"), reason),
+                Ok(digest) => {
+                    if !hashes.insert(digest) {
+                        problem(&key("hash"), "is the hash of another token too".to_owned());
+                    }
+                }
+            }
+            if token.roles.is_empty() {
+                problem(
+                    &key("roles"),
+                    "must name at least one of \"command\", \"query\", \"admin\"".to_owned(),
+                );
+            }
+            for (field, list) in [
+                ("aggregates", &token.aggregates),
+                ("projections", &token.projections),
+            ] {
+                if list.as_ref().is_some_and(Vec::is_empty) {
+                    problem(
+                        &key(field),
+                        "an empty list allows nothing; leave the key out to allow all".to_owned(),
+                    );
+                }
+            }
+        }
+        if let Ok(addr) = self.http.listen.parse::<SocketAddr>()
+            && !addr.ip().is_loopback()
+            && self.auth.tokens.is_empty()
+            && !self.auth.allow_unauthenticated
+        {
+            problem(
+                "auth.tokens",
+                format!(
+                    "the listener {addr} is not on loopback and no tokens are configured: \
+                     add [[auth.tokens]] (see `cqrsd token hash`), or set \
+                     auth.allow_unauthenticated = true to serve everyone"
+                ),
+            );
+        }
+    }
+
+    /// Whether requests need a token: with any configured, always; without,
+    /// the API is open (only on loopback, or when explicitly allowed).
+    pub fn auth_enabled(&self) -> bool {
+        !self.auth.tokens.is_empty()
+    }
+
+    /// Things that are allowed but worth an operator's attention.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.auth.tokens.is_empty() && !self.listen_addr().ip().is_loopback() {
+            warnings.push(format!(
+                "auth.allow_unauthenticated = true: the API on {} is open to everyone who can reach it",
+                self.http.listen
+            ));
+        }
+        warnings
+    }
+
+    /// The certificate and key files, resolved against the configuration
+    /// file's directory; `None` without TLS, `Err((key, reason))` when only
+    /// one of them is set.
+    pub fn tls_paths(&self) -> Result<Option<(PathBuf, PathBuf)>, (&'static str, String)> {
+        let resolve = |path: &PathBuf| match &self.base_dir {
+            Some(base) if path.is_relative() => base.join(path),
+            _ => path.clone(),
+        };
+        match (&self.tls.cert_path, &self.tls.key_path) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some((resolve(cert), resolve(key)))),
+            (Some(_), None) => Err(("tls.key_path", "must be set with tls.cert_path".to_owned())),
+            (None, Some(_)) => Err(("tls.cert_path", "must be set with tls.key_path".to_owned())),
+        }
     }
 
     /// The listen address; valid after `load` succeeded.
@@ -792,6 +988,46 @@ mod tests {
             Config::load_with_env(None, env(&[("CQRSD__DOMAIN__PATH", "/nonexistent/d.toml")]))
                 .unwrap_err();
         assert_eq!(error.problems[0].key, "domain.path", "{error}");
+    }
+
+    #[test]
+    fn security_sections_are_validated_by_key() {
+        let keys = |pairs: &[(&str, &str)]| -> Vec<String> {
+            Config::load_with_env(None, env(pairs))
+                .err()
+                .map(|e| e.problems.into_iter().map(|p| p.key).collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            keys(&[("CQRSD__HTTP__LISTEN", "0.0.0.0:1")]),
+            vec!["auth.tokens"]
+        );
+        assert!(
+            keys(&[
+                ("CQRSD__HTTP__LISTEN", "0.0.0.0:1"),
+                ("CQRSD__AUTH__ALLOW_UNAUTHENTICATED", "true")
+            ])
+            .is_empty()
+        );
+        assert_eq!(
+            keys(&[("CQRSD__RATE_LIMIT__REQUESTS_PER_SECOND", "-1")]),
+            vec!["rate_limit.requests_per_second"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__RATE_LIMIT__BURST", "0")]),
+            vec!["rate_limit.burst"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__TLS__CERT_PATH", "/nonexistent/cert.pem")]),
+            vec!["tls.key_path"]
+        );
+        assert_eq!(
+            keys(&[
+                ("CQRSD__TLS__CERT_PATH", "/nonexistent/cert.pem"),
+                ("CQRSD__TLS__KEY_PATH", "/nonexistent/key.pem")
+            ]),
+            vec!["tls.cert_path"]
+        );
     }
 
     #[test]

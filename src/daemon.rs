@@ -22,9 +22,13 @@ use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOp
 use crate::kafka::KafkaSettings;
 use crate::log::{EmbeddedSettings, EventLog};
 use crate::projection::{PoolOptions, ProjectionPool};
+use crate::security::LiveSettings;
 use crate::store::CommandStore;
 use crate::store::ViewStore;
 use axum::Router;
+
+/// How often idle rate-limit buckets (full again) are forgotten.
+const RATE_LIMIT_HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 /// How long runtimes get to finish their tasks once everything else stopped.
 const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -36,8 +40,12 @@ pub type RoutesHook = Box<dyn FnOnce(&Runtimes) -> ApiRoutes + Send>;
 /// Options of [`Daemon::start`] that are not configuration.
 #[derive(Default)]
 pub struct StartOptions {
-    /// Install SIGTERM/SIGINT handlers (the binary does; in-process tests don't).
+    /// Install SIGTERM/SIGINT handlers, and SIGHUP to reload (the binary
+    /// does; in-process tests don't).
     pub handle_signals: bool,
+    /// The configuration file, re-read on SIGHUP for `[auth]`, `[tls]` and
+    /// `[rate_limit]`.
+    pub config_path: Option<std::path::PathBuf>,
     pub extra_routes: Option<RoutesHook>,
 }
 
@@ -88,13 +96,27 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let health = Health::new();
+        let settings = LiveSettings::new(&config, options.config_path.clone())
+            .context("cannot apply the [auth], [tls] or [rate_limit] settings")?;
         if options.handle_signals {
             // Installed before anything else, so a signal that arrives during
             // startup is a clean shutdown rather than the default termination.
             let _entered = io.enter();
             let signals = Signals::install().context("cannot install signal handlers")?;
-            tracker.spawn_on(wait_for_signal(signals, shutdown.clone()), io.handle());
+            tracker.spawn_on(
+                wait_for_signal(signals, settings.clone(), shutdown.clone()),
+                io.handle(),
+            );
         }
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
+        tracker.spawn_on(
+            settings
+                .clone()
+                .forget_idle_keys(RATE_LIMIT_HOUSEKEEPING, shutdown.clone()),
+            io.handle(),
+        );
 
         let data_dir = &config.storage.data_dir;
         std::fs::create_dir_all(data_dir)
@@ -184,6 +206,7 @@ impl Daemon {
                 request_timeout: config.request_timeout(),
                 max_concurrent_requests: config.http.max_concurrent_requests,
             },
+            settings.clone(),
         );
         let server_options = ServerOptions {
             header_read_timeout: config.header_read_timeout(),
@@ -195,8 +218,14 @@ impl Daemon {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            let server = HttpServer::start(listener, router, server_options, shutdown.clone())
-                .context("cannot start the HTTP server")?;
+            let server = HttpServer::start(
+                listener,
+                router,
+                server_options,
+                settings.clone(),
+                shutdown.clone(),
+            )
+            .context("cannot start the HTTP server")?;
             anyhow::Ok(server)
         });
         let server = match server {
@@ -209,7 +238,14 @@ impl Daemon {
         };
         let local_addr = server.local_addr();
         http_ready.ready();
-        tracing::info!(%local_addr, version = env!("CARGO_PKG_VERSION"), "listening");
+        let security = settings.current();
+        tracing::info!(
+            %local_addr,
+            version = env!("CARGO_PKG_VERSION"),
+            tls = security.tls.is_some(),
+            auth = security.tokens.is_some(),
+            "listening"
+        );
 
         tracker.spawn_on(
             crate::systemd::notify_when_ready(health.clone(), shutdown.clone()),
@@ -396,10 +432,11 @@ pub fn load_domain(config: &Config) -> anyhow::Result<Domain> {
         .map_err(|errors| anyhow::anyhow!("invalid domain file:\n{errors}"))
 }
 
-/// SIGTERM and SIGINT handlers, installed at startup.
+/// SIGTERM, SIGINT and SIGHUP handlers, installed at startup.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -408,16 +445,57 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 }
 
-/// Turns SIGTERM or SIGINT into a cancellation of the daemon's root token.
-async fn wait_for_signal(mut signals: Signals, shutdown: CancellationToken) {
-    tokio::select! {
-        _ = signals.term.recv() => tracing::info!("SIGTERM received"),
-        _ = signals.int.recv() => tracing::info!("SIGINT received"),
-        () = shutdown.cancelled() => return,
+/// Turns SIGTERM or SIGINT into a cancellation of the daemon's root token,
+/// and SIGHUP into a reload of the live settings.
+async fn wait_for_signal(
+    mut signals: Signals,
+    settings: LiveSettings,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = signals.term.recv() => tracing::info!("SIGTERM received"),
+            _ = signals.int.recv() => tracing::info!("SIGINT received"),
+            _ = signals.hup.recv() => {
+                reload(&settings).await;
+                continue;
+            }
+            () = shutdown.cancelled() => return,
+        }
+        shutdown.cancel();
+        return;
     }
-    shutdown.cancel();
+}
+
+/// Applies a SIGHUP: reads the files off the async workers, and logs what
+/// happened, including a rejected reload (the old settings stay).
+async fn reload(settings: &LiveSettings) {
+    tracing::info!("SIGHUP received: reloading [auth], [tls] and [rate_limit]");
+    let handle = settings.clone();
+    match tokio::task::spawn_blocking(move || handle.reload()).await {
+        Ok(Ok(ignored)) => {
+            if !ignored.is_empty() {
+                tracing::warn!(
+                    sections = ?ignored,
+                    "these sections changed but only take effect after a restart"
+                );
+            }
+            let security = settings.current();
+            tracing::info!(
+                tokens = security.tokens.as_ref().map_or(0, crate::auth::Tokens::len),
+                tls = security.tls.is_some(),
+                rate_limit = security.rate_limit.is_some(),
+                "configuration reloaded"
+            );
+        }
+        Ok(Err(error)) => {
+            tracing::error!("configuration not reloaded, the previous settings stay: {error}");
+        }
+        Err(error) => tracing::error!(%error, "the reload task failed"),
+    }
 }

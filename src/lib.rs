@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the map of the modules and their invariants.
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod command;
@@ -13,6 +14,8 @@ pub mod http;
 pub mod kafka;
 pub mod log;
 pub mod projection;
+pub mod security;
 pub mod store;
 mod systemd;
 pub mod telemetry;
+pub mod tls;

@@ -142,6 +142,7 @@ impl Local {
             .spawn(move || {
                 let options = StartOptions {
                     handle_signals: false,
+                    config_path: None,
                     extra_routes: Some(Box::new(|_| crate::http::noop::routes())),
                 };
                 match Daemon::start(config, options) {

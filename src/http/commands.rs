@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -141,6 +141,7 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>, ApiErr
 async fn post_command(
     State(commands): State<CommandSide>,
     Path((aggregate, id, command)): Path<(String, String, String)>,
+    caller: Option<Extension<super::Caller>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -173,7 +174,9 @@ async fn post_command(
         correlation_id: header_text(&headers, "x-correlation-id")?
             .or(header_text(&headers, "x-request-id")?)
             .map(str::to_owned),
-        principal: None,
+        // The audit trail: the name of the token that sent the command
+        // (never its secret); none when authentication is off.
+        principal: caller.map(|Extension(super::Caller(name))| name),
     };
     let reply = commands.execute(request).await?;
     let version = reply.version;
@@ -246,6 +249,8 @@ struct HistoryEvent {
     command_id: String,
     idempotency_key: Option<String>,
     correlation_id: Option<String>,
+    /// The name of the token that sent the command; null without authentication.
+    principal: Option<String>,
     position: String,
 }
 
@@ -285,6 +290,7 @@ async fn get_events(
             command_id: e.metadata.command_id.to_string(),
             idempotency_key: e.metadata.idempotency_key,
             correlation_id: e.metadata.correlation_id,
+            principal: e.metadata.principal,
             position,
         })
         .collect();

@@ -7,6 +7,7 @@
 //! on one side cannot starve the other even though one address serves both.
 
 pub mod commands;
+mod guard;
 mod middleware;
 pub mod noop;
 mod ops;
@@ -27,11 +28,13 @@ use tower_http::compression::CompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+pub use guard::Caller;
 pub use problem::{ApiError, FieldError, Problem};
 pub use queries::query_routes;
 pub use server::{HttpServer, ServerOptions};
 
 use crate::health::Health;
+use crate::security::LiveSettings;
 
 /// Handles of the runtimes that handlers are dispatched to.
 #[derive(Debug, Clone)]
@@ -91,11 +94,13 @@ pub struct RequestLimits {
 
 /// Builds the whole API: operations endpoints, the given command and query
 /// routes (each dispatched onto its runtime), and the middleware stack.
+/// `settings` decides, per request, who may do what and how often.
 pub fn router(
     routes: ApiRoutes,
     runtimes: Runtimes,
     health: Health,
     limits: RequestLimits,
+    settings: LiveSettings,
 ) -> Router {
     let openapi = ops::openapi_document(routes.openapi);
     let ops_state = OpsState {
@@ -126,6 +131,11 @@ pub fn router(
         .merge(ops::routes(ops_state))
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such resource".to_owned()) })
+        // Innermost of the common layers: it runs after routing (it needs the
+        // matched route) and before load shedding and dispatch, so a refused
+        // request costs neither a permit nor a hop to another runtime; its
+        // 401/403/429 still pass through metrics and the request timeout.
+        .layer(axum::middleware::from_fn_with_state(settings, guard::guard))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

@@ -33,7 +33,72 @@ pub(crate) fn openapi_document(extra: Option<utoipa::openapi::OpenApi>) -> Strin
     if let Some(extra) = extra {
         document.merge(extra);
     }
+    describe_security(&mut document);
     document.to_json().unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Declares the bearer scheme for every operation but the probes, and the
+/// 401, 403 and 429 problems every guarded operation can answer (see
+/// `guard::policy`). Added here, over the whole document, so no operation
+/// can miss them. Without configured tokens the server asks for none; the
+/// document describes the API with authentication on.
+fn describe_security(document: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    document
+        .components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    document.security = Some(vec![SecurityRequirement::new(
+        "bearer",
+        Vec::<String>::new(),
+    )]);
+    let problem = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                super::problem::PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in document.paths.paths.iter_mut() {
+        let open = matches!(path.as_str(), "/livez" | "/readyz");
+        for operation in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if open {
+                // An empty requirement: these answer without a token.
+                operation.security = Some(vec![SecurityRequirement::default()]);
+                continue;
+            }
+            let responses = &mut operation.responses.responses;
+            for (status, description) in [
+                ("401", "No valid bearer token"),
+                (
+                    "403",
+                    "The token lacks the role, or may not touch this aggregate or projection",
+                ),
+                ("429", "Rate limit exceeded; see Retry-After"),
+            ] {
+                responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| problem(description).into());
+            }
+        }
+    }
 }
 
 pub(crate) fn routes(state: OpsState) -> Router {

@@ -110,6 +110,20 @@ pub enum ApiError {
     /// The query side: views, aggregations and projection administration.
     #[error(transparent)]
     Query(#[from] crate::projection::QueryError),
+    /// No valid token (401), or a token that may not do this (403).
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// The token (or client address) has used up its requests; the wait
+    /// until the next one is allowed.
+    #[error("too many requests; retry in {} s", retry_after_secs(*.0))]
+    RateLimited(std::time::Duration),
+}
+
+/// `Retry-After` is in whole seconds; rounding up keeps a client that obeys
+/// it from arriving before its next request is allowed.
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
 }
 
 impl ApiError {
@@ -156,6 +170,22 @@ impl ApiError {
                 "an internal error occurred; it has been logged",
             ),
             ApiError::Query(error) => query_problem(error, detail),
+            ApiError::Auth(error) if error.is_unauthenticated() => Problem::typed(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                detail,
+            ),
+            ApiError::Auth(_) => {
+                Problem::typed(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+            }
+            ApiError::RateLimited(wait) => Problem::typed(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                detail,
+            )
+            .with_extension("retry_after", serde_json::json!(retry_after_secs(*wait))),
         }
     }
 }
@@ -287,7 +317,29 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        self.to_problem().into_response()
+        let mut response = self.to_problem().into_response();
+        match &self {
+            // RFC 6750: a 401 names the scheme, and `invalid_token` when a
+            // token was sent but is not (or no longer) valid.
+            ApiError::Auth(error) if error.is_unauthenticated() => {
+                let challenge = match error {
+                    crate::auth::AuthError::Missing => "Bearer realm=\"cqrsd\"",
+                    _ => "Bearer realm=\"cqrsd\", error=\"invalid_token\"",
+                };
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+            ApiError::RateLimited(wait) => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*wait)),
+                );
+            }
+            _ => {}
+        }
+        response
     }
 }
 
@@ -306,6 +358,28 @@ mod tests {
         assert_eq!(json["status"], 503);
         assert_eq!(json["components"]["http"], "starting");
         assert!(json.get("errors").is_none());
+    }
+
+    #[test]
+    fn auth_failures_are_401_or_403_and_rate_limits_429_with_retry_after() {
+        use crate::auth::{AuthError, Role};
+        let response = ApiError::Auth(AuthError::InvalidToken).into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(
+            response.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer")
+        );
+        let forbidden = ApiError::Auth(AuthError::MissingRole {
+            token: "ci".to_owned(),
+            role: Role::Admin,
+        });
+        assert_eq!(forbidden.to_problem().status, 403);
+        let response =
+            ApiError::RateLimited(std::time::Duration::from_millis(1500)).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
     }
 
     #[test]

@@ -1,24 +1,32 @@
-//! The HTTP/1.1 listener: accepts connections, bounds them, and drains them
-//! on shutdown.
+//! The HTTP/1.1 listener: accepts connections, bounds them, terminates TLS
+//! when configured, and drains them on shutdown.
 //!
 //! hyper is used directly rather than `axum::serve` because the latter
 //! installs no timer, so it cannot enforce a header-read timeout and an idle
 //! or slowloris client would hold a connection forever. HTTP/1.1 only: the
 //! automatic HTTP/2 detection reads a preface with no timeout of its own.
+//!
+//! With TLS, each new connection takes the certificate in force when it is
+//! accepted, from the reloadable settings: a SIGHUP reload changes the
+//! certificate of later handshakes while open connections keep theirs.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::security::LiveSettings;
 
 /// Connection-level limits.
 #[derive(Debug, Clone, Copy)]
@@ -49,10 +57,11 @@ impl HttpServer {
         listener: TcpListener,
         router: Router,
         options: ServerOptions,
+        settings: LiveSettings,
         shutdown: CancellationToken,
     ) -> std::io::Result<Self> {
         let local_addr = listener.local_addr()?;
-        let task = tokio::spawn(accept_loop(listener, router, options, shutdown));
+        let task = tokio::spawn(accept_loop(listener, router, options, settings, shutdown));
         Ok(Self { local_addr, task })
     }
 
@@ -73,6 +82,7 @@ async fn accept_loop(
     listener: TcpListener,
     router: Router,
     options: ServerOptions,
+    settings: LiveSettings,
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
@@ -107,12 +117,33 @@ async fn accept_loop(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        // Handlers see the client's address (rate limiting without tokens
+        // keys on it) as axum's `ConnectInfo`.
+        let router = router.clone();
+        let service = tower::service_fn(move |mut request: axum::extract::Request<_>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            tower::ServiceExt::oneshot(router.clone(), request)
+        });
+        let service = TowerToHyperService::new(service);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = settings.current().tls.clone();
+        let handshake_timeout = options.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
+            match tls {
+                None => serve(&builder, stream, service, watcher, peer).await,
+                Some(config) => {
+                    // The handshake is bounded like a request head, so a
+                    // client that stalls it cannot hold a connection slot.
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => serve(&builder, stream, service, watcher, peer).await,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, %peer, "TLS handshake failed");
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
@@ -125,5 +156,29 @@ async fn accept_loop(
         () = tokio::time::sleep(options.drain_timeout) => {
             tracing::warn!(timeout_ms = options.drain_timeout.as_millis(), "drain bound reached; closing the remaining connections");
         }
+    }
+}
+
+/// Serves HTTP/1.1 on one connection, plain or TLS, until it closes or the
+/// graceful shutdown ends it.
+async fn serve<I, S>(
+    builder: &http1::Builder,
+    io: I,
+    service: S,
+    watcher: Watcher,
+    peer: SocketAddr,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<axum::body::Body>,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%error, %peer, "connection ended with an error");
     }
 }

@@ -449,6 +449,7 @@ impl InProcess {
             let options = StartOptions {
                 handle_signals: false,
                 extra_routes: routes,
+                config_path: None,
             };
             let daemon = Daemon::start(config, options).unwrap();
             started_tx

@@ -6,6 +6,7 @@ mod harness;
 mod readside;
 
 mod aggregations;
+mod auth;
 mod bench;
 mod cli;
 mod commands;
@@ -16,8 +17,10 @@ mod operations;
 mod projection_admin;
 mod projection_crash;
 mod protection;
+mod rate_limit;
 mod readiness;
 mod search;
 mod shutdown;
 mod stream;
+mod tls;
 mod views;

@@ -102,6 +102,19 @@ async fn requests_beyond_the_concurrency_limit_are_shed() {
         Some(crate::harness::gate_routes(entered_tx, release.clone())),
     );
     let http = client();
+    // Ready first, so the /readyz check below tells shedding from startup.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http
+        .get(daemon.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let first = tokio::spawn(http.get(daemon.url("/test/gate")).send());
     entered.recv().await.unwrap();
 
