@@ -5,6 +5,7 @@
 mod harness;
 mod readside;
 
+mod adversarial;
 mod aggregations;
 mod cli;
 mod commands;
@@ -20,3 +21,4 @@ mod search;
 mod shutdown;
 mod stream;
 mod views;
+mod write_model;
