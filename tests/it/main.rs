@@ -12,6 +12,7 @@ mod commands;
 mod crash;
 mod dispatch;
 mod kafka;
+mod openapi_contract;
 mod operations;
 mod projection_admin;
 mod projection_crash;
