@@ -9,6 +9,7 @@ pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod domain;
+pub mod fuzzing;
 pub mod health;
 pub mod http;
 pub mod kafka;

@@ -123,10 +123,10 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>, ApiErr
 #[utoipa::path(post, path = "/commands/{aggregate}/{id}/{command}", tag = "commands",
     params(
         ("aggregate" = String, Path, description = "Aggregate type"),
-        ("id" = String, Path, description = "Aggregate id: 1-128 of A-Z a-z 0-9 _ - . : @"),
+        ("id" = String, Path, description = "Aggregate id: 1-128 of A-Z a-z 0-9 _ - . : @", pattern = r"^[A-Za-z0-9_.:@-]{1,128}$"),
         ("command" = String, Path, description = "Command name"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key are applied once and get the first answer"),
-        ("If-Match" = Option<String>, Header, description = "Expected version, as in ETag (\"3\"), or * for any existing aggregate"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, description = "Retries with the same key are applied once and get the first answer: 1-255 visible ASCII characters", pattern = r"^[!-~]{1,255}$"),
+        ("If-Match" = Option<String>, Header, nullable = false, description = "Expected version, as in ETag (\"3\"), or * for any existing aggregate", pattern = r#"^(\*|"[0-9]{1,19}"|[0-9]{1,19})$"#),
     ),
     request_body(content = Object, content_type = "application/json"),
     responses(
@@ -135,6 +135,7 @@ fn parse_if_match(headers: &HeaderMap) -> Result<Option<ExpectedVersion>, ApiErr
         (status = 404, description = "Unknown aggregate type or command", body = super::Problem, content_type = "application/problem+json"),
         (status = 412, description = "If-Match does not match the version", body = super::Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = super::Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A Content-Type other than JSON", body = super::Problem, content_type = "application/problem+json"),
         (status = 422, description = "Rejected by a rule, or Idempotency-Key reused with another body", body = super::Problem, content_type = "application/problem+json"),
         (status = 503, description = "Event log unavailable or overloaded", body = super::Problem, content_type = "application/problem+json"),
     ))]
@@ -197,9 +198,10 @@ struct AggregateResponse {
 /// An aggregate's current state and version, strongly consistent: it
 /// includes every command acknowledged before the request.
 #[utoipa::path(get, path = "/aggregates/{aggregate}/{id}", tag = "commands",
-    params(("aggregate" = String, Path), ("id" = String, Path)),
+    params(("aggregate" = String, Path), ("id" = String, Path, pattern = r"^[A-Za-z0-9_.:@-]{1,128}$")),
     responses(
         (status = 200, description = "Current state", body = AggregateResponse),
+        (status = 400, description = "Malformed aggregate id", body = super::Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown aggregate type, or no such aggregate", body = super::Problem, content_type = "application/problem+json"),
     ))]
 async fn get_aggregate(
@@ -224,6 +226,7 @@ struct HistoryParams {
     /// First version to return (default 1).
     from_version: Option<u64>,
     /// Most events to return (default 1000, at most 10000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<usize>,
 }
 
@@ -256,9 +259,10 @@ struct HistoryEvent {
 
 /// An aggregate's events, oldest first.
 #[utoipa::path(get, path = "/aggregates/{aggregate}/{id}/events", tag = "commands",
-    params(("aggregate" = String, Path), ("id" = String, Path), HistoryParams),
+    params(("aggregate" = String, Path), ("id" = String, Path, pattern = r"^[A-Za-z0-9_.:@-]{1,128}$"), HistoryParams),
     responses(
         (status = 200, description = "The events", body = HistoryResponse),
+        (status = 400, description = "Malformed aggregate id or limit", body = super::Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown aggregate type, or no such aggregate", body = super::Problem, content_type = "application/problem+json"),
     ))]
 async fn get_events(

@@ -206,7 +206,7 @@ async fn blocking<T: Send + 'static>(
     params(
         ("view" = String, Path, description = "The view"),
         ("key" = String, Path, description = "The document key (aggregate id)"),
-        ("consistent_with" = Option<String>, Query, description = "Wait until the view has passed this position")
+        ("consistent_with" = Option<String>, Query, description = "Wait until the view has passed this position (a command reply's `position`)", pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}:[0-9]{1,9}:[0-9]{1,19}$")
     ),
     responses(
         (status = 200, description = "The document", body = ViewDocument),
@@ -237,14 +237,18 @@ async fn get_document(
 }
 
 /// Lists a view, filtered and ordered by indexed fields, a page at a time.
+///
+/// Filters are query parameters named `where.<field>`, an equality filter on
+/// an indexed field; the value is read as JSON when it parses, else as a
+/// string. (Their names depend on the domain, so they are not listed as
+/// parameters.)
 #[utoipa::path(get, path = "/views/{view}", tag = "queries",
     params(
         ("view" = String, Path, description = "The view"),
-        ("where.<field>" = Option<String>, Query, description = "Equality filter on an indexed field; the value is read as JSON when it parses, else as a string"),
         ("order" = Option<String>, Query, description = "`field` or `-field` (descending); an indexed field. Default: by key"),
-        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000, default 50"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000, default 50", minimum = 1, maximum = 1000),
         ("cursor" = Option<String>, Query, description = "The next_cursor of the previous page"),
-        ("consistent_with" = Option<String>, Query, description = "Wait until the view has passed this position")
+        ("consistent_with" = Option<String>, Query, description = "Wait until the view has passed this position (a command reply's `position`)", pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}:[0-9]{1,9}:[0-9]{1,19}$")
     ),
     responses(
         (status = 200, description = "A page", body = ViewPage),
@@ -299,11 +303,14 @@ async fn list_view(
 }
 
 /// The rows of an aggregation, optionally restricted to group field values.
+///
+/// A query parameter named after a group field keeps only the groups with
+/// that value. (Their names depend on the domain, so they are not listed as
+/// parameters.)
 #[utoipa::path(get, path = "/aggregations/{name}", tag = "queries",
     params(
         ("name" = String, Path, description = "The aggregation"),
-        ("<group field>" = Option<String>, Query, description = "Keep only groups with this value"),
-        ("consistent_with" = Option<String>, Query, description = "Wait until the aggregation has passed this position")
+        ("consistent_with" = Option<String>, Query, description = "Wait until the aggregation has passed this position (a command reply's `position`)", pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}:[0-9]{1,9}:[0-9]{1,19}$")
     ),
     responses(
         (status = 200, description = "The rows", body = AggregationRows),

@@ -121,9 +121,9 @@ impl From<SearchError> for ApiError {
     params(
         ("name" = String, Path, description = "The search projection"),
         ("q" = Option<String>, Query, description = "Query over the text fields; empty matches everything"),
-        ("limit" = Option<usize>, Query, description = "Hits per page, 1 to 1000 (default 20)"),
+        ("limit" = Option<usize>, Query, description = "Hits per page, 1 to 1000 (default 20)", minimum = 1, maximum = 1000),
         ("cursor" = Option<String>, Query, description = "The previous page's next_cursor"),
-        ("consistent_with" = Option<String>, Query, description = "Wait until the index has committed this position"),
+        ("consistent_with" = Option<String>, Query, description = "Wait until the index has committed this position (a command reply's `position`)", pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}:[0-9]{1,9}:[0-9]{1,19}$"),
     ),
     responses(
         (status = 200, description = "A page of hits", body = SearchResponse),

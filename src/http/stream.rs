@@ -104,7 +104,7 @@ struct StreamedEvent<'a> {
     params(
         ("from" = Option<String>, Query, description = "now | start | a cursor | topic:partition:offset"),
         ("aggregate" = Option<String>, Query, description = "Only events of this aggregate type"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this message (a cursor)"),
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "Resume after this message (a cursor)"),
     ),
     responses(
         (status = 200, description = "An endless stream of events; each message's `event` is the event type, `data` the event as JSON and `id` a resumable cursor", content_type = "text/event-stream"),
@@ -194,6 +194,24 @@ fn parse_from(value: &str) -> Result<StartAt, FromError> {
         _ if value.contains(':') => Ok(StartAt::Position(value.parse()?)),
         _ => Ok(StartAt::Cursor(Cursor::decode(value)?)),
     }
+}
+
+/// Parses a stream start (`from` or `Last-Event-ID`) as the route does and
+/// spells it back in its one canonical form. Parsing the canonical form must
+/// give it again; the fuzz target in `fuzz/` checks that through
+/// [`crate::fuzzing`].
+pub(crate) fn canonical_start(value: &str) -> Result<String, String> {
+    Ok(match parse_from(value).map_err(|e| e.to_string())? {
+        StartAt::Now => "now".to_owned(),
+        StartAt::Start => "start".to_owned(),
+        StartAt::Position(position) => position.to_string(),
+        StartAt::Cursor(cursor) => Cursor::encode(
+            cursor
+                .topics
+                .iter()
+                .map(|(name, partitions)| (name.as_str(), partitions.as_slice())),
+        ),
+    })
 }
 
 /// The next event of each partition: the offset of the next record and how many

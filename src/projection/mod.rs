@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use engine::{BatchStats, Engine, SourceRecord, Target, engine_for};
 pub use query::{ListRequest, Page, QueryError, SortOrder, parse_value};
+pub(crate) use query::{hex, unhex};
 pub use worker::rebuild_offline;
 
 use crate::domain::{Domain, ProjectionKind};

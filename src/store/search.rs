@@ -368,6 +368,12 @@ impl PageCursor {
     }
 }
 
+/// Decodes a search cursor as a query does and encodes it again, for the
+/// fuzz target in `fuzz/` (through [`crate::fuzzing`]).
+pub(crate) fn canonical_cursor(text: &str) -> Result<String, SearchError> {
+    PageCursor::decode(text).map(|cursor| cursor.encode())
+}
+
 /// FNV-1a of the query and filters: stable across processes and builds, so a
 /// cursor keeps working after a restart, and a cursor used with another query
 /// is caught instead of silently paging the wrong results.

@@ -5,6 +5,7 @@
 mod harness;
 mod readside;
 
+mod adversarial;
 mod aggregations;
 mod auth;
 mod bench;
@@ -13,6 +14,7 @@ mod commands;
 mod crash;
 mod dispatch;
 mod kafka;
+mod openapi_contract;
 mod operations;
 mod projection_admin;
 mod projection_crash;
@@ -24,3 +26,4 @@ mod shutdown;
 mod stream;
 mod tls;
 mod views;
+mod write_model;
