@@ -165,6 +165,30 @@ fn unavailable(what: &str, error: impl std::fmt::Display) -> LogError {
     LogError::Unavailable(format!("kafka: {what}: {error}"))
 }
 
+/// The producer's settings: the operator's pass-through map, then the ones
+/// cqrsd enforces (idempotent, `acks=all`, the configured bounds). Shared by
+/// the log and `RawProducer`, so the benchmark's bare producer is the same.
+fn producer_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in &settings.producer {
+        config.set(key, value);
+    }
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", settings.linger_ms.to_string())
+        .set("batch.size", settings.batch_size.to_string())
+        .set("message.timeout.ms", ms(settings.produce_timeout));
+    if !settings.producer.contains_key("request.timeout.ms") {
+        config.set(
+            "request.timeout.ms",
+            ms(settings.produce_timeout.min(Duration::from_secs(30))),
+        );
+    }
+    config
+}
+
 fn ms(duration: Duration) -> String {
     duration.as_millis().max(1).to_string()
 }
@@ -173,23 +197,7 @@ impl KafkaLog {
     /// Connects the producer and the metadata client, and starts the
     /// end-offset refresher. Blocking.
     pub fn open(settings: KafkaSettings) -> Result<Self, LogError> {
-        let mut producer_config = ClientConfig::new();
-        for (key, value) in &settings.producer {
-            producer_config.set(key, value);
-        }
-        producer_config
-            .set("bootstrap.servers", &settings.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", settings.linger_ms.to_string())
-            .set("batch.size", settings.batch_size.to_string())
-            .set("message.timeout.ms", ms(settings.produce_timeout));
-        if !settings.producer.contains_key("request.timeout.ms") {
-            producer_config.set(
-                "request.timeout.ms",
-                ms(settings.produce_timeout.min(Duration::from_secs(30))),
-            );
-        }
+        let producer_config = producer_config(&settings);
         let producer: FutureProducer<Context> = producer_config
             .create_with_context(Context)
             .map_err(|e| unavailable("cannot create the producer", e))?;

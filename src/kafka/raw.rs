@@ -4,11 +4,10 @@
 //! awaited send at a time per caller, so its rate is the limit the write
 //! side on Kafka is compared with.
 
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::{Context, KafkaSettings, ms, unavailable};
+use super::{Context, KafkaSettings, unavailable};
 use crate::log::{LogError, Record};
 
 /// A producer with the log's settings and nothing around it.
@@ -23,19 +22,9 @@ impl std::fmt::Debug for RawProducer {
 }
 
 impl RawProducer {
-    /// Creates the producer. The settings mirror `KafkaLog::open`.
+    /// Creates the producer, with the same settings as `KafkaLog::open`'s.
     pub fn new(settings: &KafkaSettings) -> Result<Self, LogError> {
-        let mut config = ClientConfig::new();
-        for (key, value) in &settings.producer {
-            config.set(key, value);
-        }
-        config
-            .set("bootstrap.servers", &settings.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", settings.linger_ms.to_string())
-            .set("batch.size", settings.batch_size.to_string())
-            .set("message.timeout.ms", ms(settings.produce_timeout));
+        let config = super::producer_config(settings);
         let producer = config
             .create_with_context(Context)
             .map_err(|e| unavailable("cannot create the producer", e))?;
