@@ -340,16 +340,7 @@ impl Daemon {
 /// aggregate type.
 fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
     let log = match config.log.backend {
-        LogBackend::Embedded => EventLog::open_embedded(EmbeddedSettings {
-            data_dir: config.storage.data_dir.clone(),
-            topic_prefix: config.log.kafka.topic_prefix.clone(),
-            partitions: config.log.embedded.partitions,
-            group_commit_max_records: config.log.embedded.group_commit_max_records,
-            group_commit_max_delay: Duration::from_micros(
-                config.log.embedded.group_commit_max_delay_us,
-            ),
-            fsync: config.log.embedded.fsync,
-        }),
+        LogBackend::Embedded => EventLog::open_embedded(embedded_settings(config)),
         LogBackend::Kafka => EventLog::open_kafka(
             kafka_settings(&config.log.kafka),
             config.log.kafka.topic_prefix.clone(),
@@ -362,6 +353,21 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
             .with_context(|| format!("cannot create or check topic {topic}"))?;
     }
     Ok(log)
+}
+
+/// The embedded log's settings from `[storage]` and `[log.embedded]` (also
+/// used by `cqrsd bench` to pre-fill and scan the log it then serves).
+pub fn embedded_settings(config: &Config) -> EmbeddedSettings {
+    EmbeddedSettings {
+        data_dir: config.storage.data_dir.clone(),
+        topic_prefix: config.log.kafka.topic_prefix.clone(),
+        partitions: config.log.embedded.partitions,
+        group_commit_max_records: config.log.embedded.group_commit_max_records,
+        group_commit_max_delay: Duration::from_micros(
+            config.log.embedded.group_commit_max_delay_us,
+        ),
+        fsync: config.log.embedded.fsync,
+    }
 }
 
 /// The Kafka backend's settings from `[log.kafka]` (also used by `cqrsd

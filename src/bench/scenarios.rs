@@ -571,14 +571,8 @@ async fn wait_ready(http: &Http, started: Instant) -> anyhow::Result<f64> {
 /// any projection could at best consume it on this machine.
 fn scan_log(config: &Config) -> anyhow::Result<(u64, f64)> {
     let log = crate::log::EventLog::open_embedded(crate::log::EmbeddedSettings {
-        data_dir: config.storage.data_dir.clone(),
-        topic_prefix: config.log.kafka.topic_prefix.clone(),
-        partitions: config.log.embedded.partitions,
-        group_commit_max_records: config.log.embedded.group_commit_max_records,
-        group_commit_max_delay: Duration::from_micros(
-            config.log.embedded.group_commit_max_delay_us,
-        ),
         fsync: false,
+        ..crate::daemon::embedded_settings(config)
     })?;
     let topic = log.topic("account");
     let started = Instant::now();

@@ -278,14 +278,8 @@ pub fn fill(config: &Config, events: u64, accounts: u64) -> anyhow::Result<Fill>
     );
     std::fs::create_dir_all(&config.storage.data_dir)?;
     let log = EventLog::open_embedded(EmbeddedSettings {
-        data_dir: config.storage.data_dir.clone(),
-        topic_prefix: config.log.kafka.topic_prefix.clone(),
-        partitions: config.log.embedded.partitions,
-        group_commit_max_records: config.log.embedded.group_commit_max_records,
-        group_commit_max_delay: Duration::from_micros(
-            config.log.embedded.group_commit_max_delay_us,
-        ),
         fsync: false,
+        ..crate::daemon::embedded_settings(config)
     })?;
     let topic = log.topic("account");
     log.ensure_topic(&topic)?;

@@ -390,13 +390,7 @@ impl KafkaLog {
         partition: u32,
         from: u64,
     ) -> Result<u64, LogError> {
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
-            .map_err(|e| LogError::Invalid(e.to_string()))?;
-        consumer
-            .assign(&assignment)
-            .map_err(|e| unavailable("assign", e))?;
+        assign_at(consumer, topic, partition, from)?;
         let deadline = Instant::now() + self.inner.settings.request_timeout;
         let mut quiet_until = Instant::now() + PROBE_QUIET;
         let mut next = from;
@@ -721,13 +715,7 @@ impl KafkaLog {
         end: u64,
         want: usize,
     ) -> Result<Vec<(u64, Record)>, LogError> {
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
-            .map_err(|e| LogError::Invalid(e.to_string()))?;
-        consumer
-            .assign(&assignment)
-            .map_err(|e| unavailable("assign", e))?;
+        assign_at(consumer, topic, partition, from)?;
         let deadline = Instant::now() + self.inner.settings.request_timeout;
         let mut records = Vec::with_capacity(want.min(4096));
         let mut next = from;
@@ -863,6 +851,23 @@ impl Drop for InFlight<'_> {
         let now = self.counter.fetch_sub(self.count, Ordering::Relaxed) - self.count;
         metrics::gauge!("cqrsd_kafka_in_flight_records").set(now as f64);
     }
+}
+
+/// Points a pooled consumer at one partition from `from` (manual assignment,
+/// no group join).
+fn assign_at(
+    consumer: &BaseConsumer<Context>,
+    topic: &str,
+    partition: u32,
+    from: u64,
+) -> Result<(), LogError> {
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition as i32, Offset::Offset(from as i64))
+        .map_err(|e| LogError::Invalid(e.to_string()))?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| unavailable("assign", e))
 }
 
 fn to_record(message: &impl Message, topic: &str, partition: u32) -> Result<Record, LogError> {

