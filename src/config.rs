@@ -255,6 +255,9 @@ pub struct ProjectionsConfig {
     /// they fsync and start new segments); changes become visible to searches
     /// at the next commit. 0 commits after every batch.
     pub search_commit_interval_ms: u64,
+    /// The nice value of the projection threads (0 to 19): higher runs them
+    /// after the command and query threads when the cores are busy.
+    pub nice: i32,
 }
 
 impl Default for ProjectionsConfig {
@@ -263,6 +266,7 @@ impl Default for ProjectionsConfig {
             workers: 1,
             batch_size: 1000,
             search_commit_interval_ms: 500,
+            nice: 10,
         }
     }
 }
@@ -491,6 +495,17 @@ impl Config {
                 format!(
                     "{} ms is more than the limit of 3600000 (one hour)",
                     self.projections.search_commit_interval_ms
+                ),
+            );
+        }
+        // Negative values would need CAP_SYS_NICE and would put projections
+        // ahead of commands, the opposite of what the setting is for.
+        if !(0..=19).contains(&self.projections.nice) {
+            problem(
+                "projections.nice",
+                format!(
+                    "{} is not a nice value from 0 (normal priority) to 19 (lowest)",
+                    self.projections.nice
                 ),
             );
         }
@@ -948,6 +963,25 @@ mod tests {
         assert!(keys.contains(&"http.listen"), "{error}");
         assert!(keys.contains(&"query.threads"), "{error}");
         assert_eq!(error.problems.len(), 4, "{error}");
+    }
+
+    #[test]
+    fn projection_nice_values_outside_0_to_19_are_refused() {
+        for bad in ["-5", "20"] {
+            let error =
+                Config::load_with_env(None, env(&[("CQRSD__PROJECTIONS__NICE", bad)])).unwrap_err();
+            assert_eq!(error.problems[0].key, "projections.nice", "{error}");
+        }
+        let config =
+            Config::load_with_env(None, env(&[("CQRSD__PROJECTIONS__NICE", "19")])).unwrap();
+        assert_eq!(config.projections.nice, 19);
+        assert_eq!(
+            Config::load_with_env(None, env(&[]))
+                .unwrap()
+                .projections
+                .nice,
+            10
+        );
     }
 
     #[test]

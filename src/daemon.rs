@@ -145,6 +145,7 @@ impl Daemon {
                 search_commit_interval: Duration::from_millis(
                     config.projections.search_commit_interval_ms,
                 ),
+                nice: config.projections.nice,
             },
             domain.clone(),
             log.clone(),

@@ -14,7 +14,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, operators};
@@ -192,29 +191,34 @@ impl Expression {
 
     /// Evaluates the expression. Errors are messages for the caller to place.
     pub(crate) fn eval(&self, vars: &Vars) -> Result<Value, String> {
-        let budget = Arc::new(AtomicU64::new(0));
-        let mut ctx = Context::with_env(env());
-        register_functions(&mut ctx, budget)?;
-        let bindings = [
-            (Var::State, &vars.state),
-            (Var::Command, &vars.command),
-            (Var::Event, &vars.event),
-            (Var::Doc, &vars.doc),
-            (Var::Id, &vars.id),
-            (Var::Meta, &vars.meta),
-            (Var::Now, &vars.now),
-        ];
-        for (var, value) in bindings {
-            if let Some(value) = value {
-                ctx.add_variable_from_value(var.name(), value.clone());
+        ROOT.with(|root| {
+            let root = root.as_ref().map_err(Clone::clone)?;
+            // Variables live in a child scope, so the root's functions are
+            // registered once per thread rather than once per evaluation
+            // (that registration was the costliest step of a projected event).
+            let mut ctx = root.new_inner_scope();
+            let bindings = [
+                (Var::State, &vars.state),
+                (Var::Command, &vars.command),
+                (Var::Event, &vars.event),
+                (Var::Doc, &vars.doc),
+                (Var::Id, &vars.id),
+                (Var::Meta, &vars.meta),
+                (Var::Now, &vars.now),
+            ];
+            for (var, value) in bindings {
+                if let Some(value) = value {
+                    ctx.add_variable_from_value(var.name(), value.clone());
+                }
             }
-        }
-        // cel is not known to panic on a checked AST, but a panic here would
-        // take a request (or a projection worker) down with it: a panic is
-        // turned into an evaluation error as a last line of defence.
-        let result = catch_unwind(AssertUnwindSafe(|| Value::resolve(&self.ast, &ctx)))
-            .map_err(|_| "the expression evaluator failed on this input".to_owned())?;
-        result.map_err(|error| error.to_string())
+            BUDGET.with(|budget| budget.set(0));
+            // cel is not known to panic on a checked AST, but a panic here would
+            // take a request (or a projection worker) down with it: a panic is
+            // turned into an evaluation error as a last line of defence.
+            let result = catch_unwind(AssertUnwindSafe(|| Value::resolve(&self.ast, &ctx)))
+                .map_err(|_| "the expression evaluator failed on this input".to_owned())?;
+            result.map_err(|error| error.to_string())
+        })
     }
 
     /// Evaluates the expression and requires a boolean.
@@ -372,7 +376,20 @@ impl Walk {
     }
 }
 
-fn register_functions(ctx: &mut Context<'_, '_>, budget: Arc<AtomicU64>) -> Result<(), String> {
+thread_local! {
+    /// The root context of every evaluation on this thread: the environment
+    /// and cqrsd's functions. Contexts hold boxed closures that are not
+    /// `Sync`, hence one per thread rather than one per process.
+    static ROOT: Result<Context<'static, 'static>, String> = root_context();
+    /// Comprehension iterations charged so far by the evaluation running on
+    /// this thread; `eval` resets it. Evaluations never nest (no function
+    /// evaluates an expression), so one counter per thread is one per
+    /// evaluation.
+    static BUDGET: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn root_context() -> Result<Context<'static, 'static>, String> {
+    let mut ctx = Context::with_env(env());
     let declare = |e: cel::DeclarationError| format!("internal error declaring a function: {e}");
     ctx.add_function("@add", |a: Value, b: Value| arithmetic(Op::Add, a, b))
         .map_err(declare)?;
@@ -384,8 +401,8 @@ fn register_functions(ctx: &mut Context<'_, '_>, budget: Arc<AtomicU64>) -> Resu
         .map_err(declare)?;
     ctx.add_function("@rem", |a: Value, b: Value| arithmetic(Op::Rem, a, b))
         .map_err(declare)?;
-    ctx.add_function(RANGE_GUARD, move |range: Value| {
-        charge(&budget, &range)?;
+    ctx.add_function(RANGE_GUARD, |range: Value| {
+        charge(&range)?;
         Ok::<Value, ExecutionError>(range)
     })
     .map_err(declare)?;
@@ -395,19 +412,23 @@ fn register_functions(ctx: &mut Context<'_, '_>, budget: Arc<AtomicU64>) -> Resu
         .map_err(declare)?;
     ctx.add_function("month", |ts: Value| bucket(&ts, "month", "%Y-%m"))
         .map_err(declare)?;
-    Ok(())
+    Ok(ctx)
 }
 
-/// Charges the size of a comprehension range to the evaluation's budget.
-fn charge(budget: &AtomicU64, range: &Value) -> Result<(), ExecutionError> {
+/// Charges the size of a comprehension range to the running evaluation's budget.
+fn charge(range: &Value) -> Result<(), ExecutionError> {
     let size = match range {
         Value::List(list) => list.len(),
         Value::Map(map) => map.map.len(),
         _ => 0,
     };
     let size = u64::try_from(size).unwrap_or(u64::MAX);
-    let before = budget.fetch_add(size, Ordering::Relaxed);
-    if before.saturating_add(size) > MAX_ITERATIONS {
+    let total = BUDGET.with(|budget| {
+        let total = budget.get().saturating_add(size);
+        budget.set(total);
+        total
+    });
+    if total > MAX_ITERATIONS {
         return Err(ExecutionError::function_error(
             "comprehension",
             format!("too costly: more than {MAX_ITERATIONS} iterations in one expression"),

@@ -11,6 +11,7 @@
 
 mod engine;
 mod measures;
+mod priority;
 mod query;
 mod search;
 mod worker;
@@ -41,6 +42,8 @@ pub struct PoolOptions {
     pub batch_size: usize,
     /// How often, at most, a search index commits.
     pub search_commit_interval: std::time::Duration,
+    /// The nice value of the workers and of the threads their targets start.
+    pub nice: i32,
 }
 
 /// The life cycle of a projection, as shown by the admin API.
@@ -197,7 +200,14 @@ impl ProjectionPool {
                 ProjectionKind::Aggregation(_) => "aggregation",
                 ProjectionKind::Search(_) => "search",
             };
-            let live = engine.open_live()?;
+            // Opened at the projections' priority: a search index starts its
+            // tantivy threads here, and they inherit it.
+            let (engine, live) = priority::at_projection_priority(options.nice, move || {
+                let live = engine.open_live();
+                (engine, live)
+            })
+            .map_err(ProjectionError::Thread)?;
+            let live = live?;
             let topics = topics_of(&domain, &log, name);
             let positions = worker::full_positions(&live.positions()?, &topics, log.partitions());
             let handle = Arc::new(ProjectionHandle {
@@ -267,6 +277,7 @@ impl ProjectionPool {
                 wake,
                 readiness: readiness.clone(),
                 pending: pending.clone(),
+                nice: options.nice,
             };
             let thread = std::thread::Builder::new()
                 .name(format!("cqrsd-projection-{index}"))

@@ -32,6 +32,8 @@ pub(super) struct WorkerContext {
     pub readiness: Readiness,
     /// Projections that have not reached the end offsets seen at startup.
     pub pending: Arc<AtomicUsize>,
+    /// The worker's nice value (see `priority`).
+    pub nice: i32,
 }
 
 /// A rebuild in progress: a new generation filled from offset 0.
@@ -349,6 +351,8 @@ impl Runner {
 /// The worker thread's loop: work while there is something to read, then
 /// sleep until an append, a wake-up (rebuild request) or shutdown.
 pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
+    // Rebuild targets opened later on this thread inherit the priority too.
+    super::priority::lower_current_thread(context.nice);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()

@@ -16,6 +16,7 @@ mod dispatch;
 mod kafka;
 mod openapi_contract;
 mod operations;
+mod priority;
 mod projection_admin;
 mod projection_crash;
 mod protection;
