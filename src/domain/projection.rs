@@ -115,7 +115,12 @@ impl ViewDef {
             None => serde_json::Map::new(),
         };
         let vars = Vars {
-            doc: Some(expr::from_json(&Json::Object(fields.clone()))),
+            // The current document as it is (an empty one when there is none),
+            // converted without another copy of its fields.
+            doc: Some(match doc {
+                Some(doc) => expr::from_json(doc),
+                None => expr::from_json(&Json::Object(serde_json::Map::new())),
+            }),
             event: Some(event.cel_variable(aggregate_type)),
             id: Some(cel::Value::String(std::sync::Arc::new(
                 event.aggregate_id.to_owned(),

@@ -187,38 +187,44 @@ impl Target for SledTarget {
                             continue;
                         }
                         stats.events += 1;
-                        changes.indexes = def.indexes().to_vec();
-                        let current = match changes.docs.get(&event.aggregate_id) {
-                            Some((_, after)) => after.clone(),
-                            None => self.generation.doc(&event.aggregate_id)?,
-                        };
-                        let change = match def.apply(
-                            current.as_ref(),
-                            &event.as_input(),
-                            &event.aggregate_type,
-                        ) {
-                            Ok(change) => change,
-                            Err(error) => {
-                                quarantine(
-                                    &mut changes,
-                                    record,
-                                    index,
-                                    Some(event),
-                                    error.to_string(),
-                                );
-                                continue;
-                            }
-                        };
+                        if changes.indexes.is_empty() {
+                            changes.indexes = def.indexes().to_vec();
+                        }
+                        // A document seen earlier in the batch is read where it
+                        // is; one seen first is loaded once and recorded as it
+                        // was (the "before" that its old index entries follow).
+                        if !changes.docs.contains_key(&event.aggregate_id) {
+                            let stored = self.generation.doc(&event.aggregate_id)?;
+                            changes
+                                .docs
+                                .insert(event.aggregate_id.clone(), (stored.clone(), stored));
+                        }
+                        let current = changes
+                            .docs
+                            .get(&event.aggregate_id)
+                            .and_then(|(_, after)| after.as_ref());
+                        let change =
+                            match def.apply(current, &event.as_input(), &event.aggregate_type) {
+                                Ok(change) => change,
+                                Err(error) => {
+                                    quarantine(
+                                        &mut changes,
+                                        record,
+                                        index,
+                                        Some(event),
+                                        error.to_string(),
+                                    );
+                                    continue;
+                                }
+                            };
                         let after = match change {
                             ViewChange::Put(doc) => Some(doc),
                             ViewChange::Delete => None,
                             ViewChange::Unchanged => continue,
                         };
-                        changes
-                            .docs
-                            .entry(event.aggregate_id.clone())
-                            .or_insert_with(|| (current, None))
-                            .1 = after;
+                        if let Some(entry) = changes.docs.get_mut(&event.aggregate_id) {
+                            entry.1 = after;
+                        }
                     }
                     ProjectionKind::Aggregation(def) => {
                         if !def.handles(&event.event_type) {

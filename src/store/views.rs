@@ -350,18 +350,31 @@ impl Generation {
             if before == after {
                 continue;
             }
-            if let Some(before) = before {
-                for key in index_keys(&changes.indexes, before, id) {
-                    batch.remove(key);
+            // Only the index entries whose indexed value changed are written:
+            // most events change a field that is not indexed (a balance),
+            // and rewriting every entry tripled the writes of such a batch.
+            let old_keys: Vec<Vec<u8>> = before
+                .iter()
+                .flat_map(|doc| index_keys(&changes.indexes, doc, id))
+                .collect();
+            let new_keys: Vec<Vec<u8>> = after
+                .iter()
+                .flat_map(|doc| index_keys(&changes.indexes, doc, id))
+                .collect();
+            for key in &old_keys {
+                if !new_keys.contains(key) {
+                    batch.remove(key.as_slice());
+                }
+            }
+            for key in &new_keys {
+                if !old_keys.contains(key) {
+                    batch.insert(key.as_slice(), &[]);
                 }
             }
             let mut doc_key = vec![DOC];
             doc_key.extend_from_slice(id.as_bytes());
             match after {
                 Some(after) => {
-                    for key in index_keys(&changes.indexes, after, id) {
-                        batch.insert(key, &[]);
-                    }
                     let bytes = serde_json::to_vec(after)
                         .map_err(|e| corrupt(&format!("document {id}"), e.to_string()))?;
                     batch.insert(doc_key, bytes);
@@ -606,5 +619,49 @@ mod tests {
         store.swap("accounts", &next).unwrap();
         assert_eq!(store.live("accounts").unwrap().number, 1);
         assert_eq!(store.live("accounts").unwrap().doc("a1").unwrap(), None);
+    }
+
+    #[test]
+    fn index_entries_follow_only_the_indexed_values_that_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ViewStore::open(dir.path()).unwrap();
+        let live = store.live("accounts").unwrap();
+        let indexes = vec!["owner".to_owned(), "status".to_owned()];
+        let commit = |before: Option<Json>, after: Option<Json>| {
+            let mut changes = ChangeSet {
+                indexes: indexes.clone(),
+                ..ChangeSet::default()
+            };
+            changes.docs.insert("a1".to_owned(), (before, after));
+            live.commit(&changes).unwrap();
+        };
+        let index = |field: &str| -> Vec<Vec<u8>> {
+            live.scan(&index_prefix(field), None, false)
+                .map(|entry| entry.unwrap().0.to_vec())
+                .collect()
+        };
+        let entry = |field: &str, value: Json| {
+            let mut key = index_prefix(field);
+            encode_value(Some(&value), &mut key);
+            key.extend_from_slice(b"a1");
+            key
+        };
+        let open = json!({"owner": "ada", "status": "open", "balance": 0});
+        commit(None, Some(open.clone()));
+        // A change of an unindexed field keeps both entries.
+        let richer = json!({"owner": "ada", "status": "open", "balance": 5});
+        commit(Some(open), Some(richer.clone()));
+        assert_eq!(index("owner"), vec![entry("owner", json!("ada"))]);
+        assert_eq!(index("status"), vec![entry("status", json!("open"))]);
+        // A change of one indexed field moves that entry only.
+        let closed = json!({"owner": "ada", "status": "closed", "balance": 5});
+        commit(Some(richer), Some(closed.clone()));
+        assert_eq!(index("owner"), vec![entry("owner", json!("ada"))]);
+        assert_eq!(index("status"), vec![entry("status", json!("closed"))]);
+        // A deletion removes every entry.
+        commit(Some(closed), None);
+        assert!(index("owner").is_empty());
+        assert!(index("status").is_empty());
+        assert_eq!(live.doc("a1").unwrap(), None);
     }
 }
