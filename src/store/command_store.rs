@@ -54,7 +54,7 @@ impl std::fmt::Debug for CommandStore {
 impl CommandStore {
     /// Opens (or creates) the store at `<data_dir>/command`. Blocking.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = super::open_db(&data_dir.join("command"))?;
+        let db = super::open_db(&data_dir.join("command"), super::COMMAND_STORE_CACHE_BYTES)?;
         Ok(Self {
             snapshots: db.open_tree("snapshots")?,
             replies: db.open_tree("replies")?,

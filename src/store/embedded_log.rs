@@ -151,7 +151,7 @@ impl EmbeddedLog {
         let dir = data_dir.join("log");
         let created = !dir.exists();
         std::fs::create_dir_all(&dir)?;
-        let db = super::open_db(&dir)?;
+        let db = super::open_db(&dir, super::LOG_CACHE_BYTES)?;
         let meta = db.open_tree("meta")?;
         match meta.get(META_FORMAT_KEY)? {
             None => {

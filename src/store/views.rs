@@ -121,7 +121,7 @@ impl ViewStore {
     /// Opens (or creates) the store at `<data_dir>/views`. Blocking. Fails with
     /// sled's lock error when another process (a running daemon) holds it.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = super::open_db(&data_dir.join("views"))?;
+        let db = super::open_db(&data_dir.join("views"), super::VIEW_STORE_CACHE_BYTES)?;
         let meta = db.open_tree("meta")?;
         Ok(Self {
             db,
