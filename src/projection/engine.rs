@@ -153,7 +153,15 @@ impl Target for SledTarget {
             .domain
             .projection(&self.name)
             .ok_or_else(|| StoreError::InvalidRequest(format!("no projection {}", self.name)))?;
-        let mut changes = ChangeSet::default();
+        // A view's documents carry index entries; the indexed fields are the
+        // same for every document of the batch.
+        let mut changes = ChangeSet {
+            indexes: match projection.kind() {
+                ProjectionKind::View(def) => def.indexes().to_vec(),
+                _ => Vec::new(),
+            },
+            ..ChangeSet::default()
+        };
         let mut stats = BatchStats::default();
         let quarantine = |changes: &mut ChangeSet,
                           record: &SourceRecord,
@@ -187,9 +195,6 @@ impl Target for SledTarget {
                             continue;
                         }
                         stats.events += 1;
-                        if changes.indexes.is_empty() {
-                            changes.indexes = def.indexes().to_vec();
-                        }
                         // A document seen earlier in the batch is read where it
                         // is; one seen first is loaded once and recorded as it
                         // was (the "before" that its old index entries follow).
