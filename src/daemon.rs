@@ -177,6 +177,7 @@ impl Daemon {
             command: command_routes,
             query: Router::new(),
             openapi: Some(command_api),
+            domain: Some(domain.clone()),
         };
         let consistency_timeout = Duration::from_millis(config.query.consistency_timeout_ms);
         let query_side = http::query_routes(projections.read_models(), consistency_timeout);

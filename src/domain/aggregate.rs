@@ -39,7 +39,22 @@ pub(crate) struct Rule {
 pub(crate) struct Emit {
     pub(crate) event: String,
     pub(crate) data: Vec<(String, Expression)>,
+    /// The data fields whose expression is only `command.<field>`: they carry
+    /// that field of the (validated) command body unchanged, so the
+    /// command's schema describes them too. Field → command field.
+    pub(crate) copied: BTreeMap<String, String>,
     pub(crate) when: Option<Expression>,
+}
+
+/// One `emit` entry of a command, as the API documentation sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmitShape<'a> {
+    pub event: &'a str,
+    /// The event's data fields in order, each with the command body field it
+    /// copies unchanged, if its expression is only `command.<field>`.
+    pub fields: Vec<(&'a str, Option<&'a str>)>,
+    /// Whether the entry has a `when` condition, so a command may not emit it.
+    pub conditional: bool,
 }
 
 /// How one event type changes the state: each `set` field is replaced by its
@@ -132,6 +147,19 @@ impl Command {
     /// The event types this command may emit, in order, possibly repeated.
     pub fn emitted_events(&self) -> impl Iterator<Item = &str> {
         self.emit.iter().map(|e| e.event.as_str())
+    }
+
+    /// The command's `emit` entries: each event type with its data fields.
+    pub fn emits(&self) -> impl Iterator<Item = EmitShape<'_>> {
+        self.emit.iter().map(|e| EmitShape {
+            event: &e.event,
+            fields: e
+                .data
+                .iter()
+                .map(|(field, _)| (field.as_str(), e.copied.get(field).map(String::as_str)))
+                .collect(),
+            conditional: e.when.is_some(),
+        })
     }
 
     fn validate(&self, body: &Json) -> Result<(), CommandError> {

@@ -395,7 +395,15 @@ fn load_aggregate(
                 );
             }
             let mut data = Vec::new();
+            let mut copied = BTreeMap::new();
             for (field, source) in raw_emit.data {
+                if let Some(copy) = source
+                    .trim()
+                    .strip_prefix("command.")
+                    .filter(|rest| is_name(rest))
+                {
+                    copied.insert(field.clone(), copy.to_owned());
+                }
                 let field_at = format!("{at}.data.{field}");
                 p.name(&field_at, &field);
                 if EVENT_META_FIELDS.contains(&field.as_str()) {
@@ -415,6 +423,7 @@ fn load_aggregate(
             emit.push(Emit {
                 event: raw_emit.event,
                 data,
+                copied,
                 when,
             });
         }

@@ -13,7 +13,9 @@ mod tests;
 
 use std::collections::BTreeMap;
 
-pub use aggregate::{Aggregate, Command, CommandContext, Decision, EventInput, NewEvent};
+pub use aggregate::{
+    Aggregate, Command, CommandContext, Decision, EmitShape, EventInput, NewEvent,
+};
 pub use error::{ApplyError, CommandError, DomainError, DomainErrors, Violation};
 pub use expr::{
     MAX_AST_DEPTH, MAX_BRACKET_DEPTH, MAX_CONCAT_LEN, MAX_EXPRESSION_LEN, MAX_ITERATIONS,

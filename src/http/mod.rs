@@ -10,6 +10,7 @@ pub mod commands;
 mod guard;
 mod middleware;
 pub mod noop;
+mod openapi;
 mod ops;
 pub mod problem;
 mod queries;
@@ -33,6 +34,7 @@ pub use problem::{ApiError, FieldError, Problem};
 pub use queries::query_routes;
 pub use server::{HttpServer, ServerOptions};
 
+use crate::domain::Domain;
 use crate::health::Health;
 use crate::security::LiveSettings;
 
@@ -52,6 +54,9 @@ pub struct ApiRoutes {
     pub query: Router,
     /// OpenAPI paths and schemas of these routes, merged into `/openapi.json`.
     pub openapi: Option<utoipa::openapi::OpenApi>,
+    /// The domain the routes serve: `/openapi.json` describes one operation
+    /// per name it declares instead of the generic routes.
+    pub domain: Option<Arc<Domain>>,
 }
 
 impl ApiRoutes {
@@ -66,6 +71,9 @@ impl ApiRoutes {
             }
             (mine, theirs) => mine.or(theirs),
         };
+        if self.domain.is_none() {
+            self.domain = other.domain;
+        }
     }
 }
 
@@ -81,7 +89,8 @@ pub(crate) struct OpsState {
     health: Health,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     runtimes: Runtimes,
-    openapi: Arc<String>,
+    openapi: Arc<ops::Documents>,
+    settings: LiveSettings,
 }
 
 /// Limits applied to every request.
@@ -102,12 +111,13 @@ pub fn router(
     limits: RequestLimits,
     settings: LiveSettings,
 ) -> Router {
-    let openapi = ops::openapi_document(routes.openapi);
+    let openapi = ops::openapi_documents(routes.openapi, routes.domain.as_deref());
     let ops_state = OpsState {
         health,
         metrics: crate::telemetry::metrics_handle(),
         runtimes: runtimes.clone(),
         openapi: Arc::new(openapi),
+        settings: settings.clone(),
     };
     let command = routes.command.layer(axum::middleware::from_fn_with_state(
         runtimes.command,

@@ -24,6 +24,7 @@ pub fn routes() -> ApiRoutes {
         command: Router::new().route(POST_PATH, post(|_body: Bytes| async { reply() })),
         query: Router::new().route(GET_PATH, get(|| async { reply() })),
         openapi: None,
+        domain: None,
     }
 }
 

@@ -26,78 +26,47 @@ use super::problem::{ApiError, FieldError, Problem};
 )]
 struct OpsApi;
 
-/// Renders the full OpenAPI document once, at startup.
-pub(crate) fn openapi_document(extra: Option<utoipa::openapi::OpenApi>) -> String {
+/// The OpenAPI document in each of the forms the security settings call
+/// for, rendered once at startup; `/openapi.json` serves the one that
+/// matches the settings in force (a SIGHUP may add or remove every token).
+#[derive(Debug)]
+pub(crate) struct Documents {
+    /// Indexed by [tokens configured][metrics public].
+    rendered: [[String; 2]; 2],
+}
+
+impl Documents {
+    fn get(&self, tokens: bool, metrics_public: bool) -> &str {
+        &self.rendered[usize::from(tokens)][usize::from(metrics_public)]
+    }
+}
+
+/// Builds the document: the operations endpoints, the given routes' generic
+/// operations, and, with a domain, those made one operation per name the
+/// domain declares (see `openapi`).
+pub(crate) fn openapi_documents(
+    extra: Option<utoipa::openapi::OpenApi>,
+    domain: Option<&crate::domain::Domain>,
+) -> Documents {
     let mut document = OpsApi::openapi();
     document.info.version = env!("CARGO_PKG_VERSION").to_owned();
     if let Some(extra) = extra {
         document.merge(extra);
     }
-    describe_security(&mut document);
-    document.to_json().unwrap_or_else(|_| "{}".to_owned())
-}
-
-/// Declares the bearer scheme for every operation but the probes, and the
-/// 401, 403 and 429 problems every guarded operation can answer (see
-/// `guard::policy`). Added here, over the whole document, so no operation
-/// can miss them. Without configured tokens the server asks for none; the
-/// document describes the API with authentication on.
-fn describe_security(document: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
-    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
-    document
-        .components
-        .get_or_insert_with(Default::default)
-        .add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
-        );
-    document.security = Some(vec![SecurityRequirement::new(
-        "bearer",
-        Vec::<String>::new(),
-    )]);
-    let problem = |description: &str| {
-        ResponseBuilder::new()
-            .description(description)
-            .content(
-                super::problem::PROBLEM_JSON,
-                ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("Problem")))
-                    .build(),
-            )
-            .build()
+    let mut document = serde_json::to_value(&document).unwrap_or_else(|_| serde_json::json!({}));
+    if let Some(domain) = domain {
+        super::openapi::describe_domain(&mut document, domain);
+    }
+    let render = |tokens: bool, metrics_public: bool| {
+        let mut document = document.clone();
+        super::openapi::secure(&mut document, tokens, metrics_public);
+        serde_json::to_string(&document).unwrap_or_else(|_| "{}".to_owned())
     };
-    for (path, item) in document.paths.paths.iter_mut() {
-        let open = matches!(path.as_str(), "/livez" | "/readyz");
-        for operation in [
-            &mut item.get,
-            &mut item.put,
-            &mut item.post,
-            &mut item.delete,
-            &mut item.patch,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if open {
-                // An empty requirement: these answer without a token.
-                operation.security = Some(vec![SecurityRequirement::default()]);
-                continue;
-            }
-            let responses = &mut operation.responses.responses;
-            for (status, description) in [
-                ("401", "No valid bearer token"),
-                (
-                    "403",
-                    "The token lacks the role, or may not touch this aggregate or projection",
-                ),
-                ("429", "Rate limit exceeded; see Retry-After"),
-            ] {
-                responses
-                    .entry(status.to_owned())
-                    .or_insert_with(|| problem(description).into());
-            }
-        }
+    Documents {
+        rendered: [
+            [render(false, false), render(false, true)],
+            [render(true, false), render(true, true)],
+        ],
     }
 }
 
@@ -124,7 +93,7 @@ struct Readiness {
 }
 
 /// Liveness: answers as long as the process serves HTTP at all.
-#[utoipa::path(get, path = "/livez", tag = "operations",
+#[utoipa::path(get, path = "/livez", tag = "operations", operation_id = "getLiveness",
     responses((status = 200, description = "The process is alive", body = Liveness)))]
 async fn livez() -> Json<Liveness> {
     Json(Liveness { status: "ok" })
@@ -132,7 +101,7 @@ async fn livez() -> Json<Liveness> {
 
 /// Readiness: 200 once every component (event log, command side, projections)
 /// reports ready; 503 with each component's state before that.
-#[utoipa::path(get, path = "/readyz", tag = "operations",
+#[utoipa::path(get, path = "/readyz", tag = "operations", operation_id = "getReadiness",
     responses(
         (status = 200, description = "Every component is ready", body = Readiness),
         (status = 503, description = "Some component is not ready", body = Problem, content_type = "application/problem+json")
@@ -151,7 +120,7 @@ async fn readyz(State(state): State<OpsState>) -> Response {
 }
 
 /// Metrics in the Prometheus text exposition format.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "getMetrics",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<OpsState>) -> Response {
     for (name, handle) in [
@@ -175,10 +144,14 @@ async fn metrics(State(state): State<OpsState>) -> Response {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", operation_id = "getOpenApi",
     responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
 async fn openapi_json(State(state): State<OpsState>) -> Response {
-    let mut response = state.openapi.as_str().to_owned().into_response();
+    let security = state.settings.current();
+    let document = state
+        .openapi
+        .get(security.tokens.is_some(), security.metrics_public);
+    let mut response = document.to_owned().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

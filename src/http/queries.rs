@@ -72,6 +72,7 @@ pub fn query_routes(models: ReadModels, consistency_timeout: Duration) -> ApiRou
         command: Router::new(),
         query,
         openapi: Some(QueryApi::openapi()),
+        domain: None,
     }
 }
 
@@ -240,8 +241,8 @@ async fn get_document(
 ///
 /// Filters are query parameters named `where.<field>`, an equality filter on
 /// an indexed field; the value is read as JSON when it parses, else as a
-/// string. (Their names depend on the domain, so they are not listed as
-/// parameters.)
+/// string. (Their names depend on the domain: `/openapi.json` lists them per
+/// view, see `http::openapi`.)
 #[utoipa::path(get, path = "/views/{view}", tag = "queries",
     params(
         ("view" = String, Path, description = "The view"),
@@ -305,8 +306,8 @@ async fn list_view(
 /// The rows of an aggregation, optionally restricted to group field values.
 ///
 /// A query parameter named after a group field keeps only the groups with
-/// that value. (Their names depend on the domain, so they are not listed as
-/// parameters.)
+/// that value. (Their names depend on the domain: `/openapi.json` lists them
+/// per aggregation, see `http::openapi`.)
 #[utoipa::path(get, path = "/aggregations/{name}", tag = "queries",
     params(
         ("name" = String, Path, description = "The aggregation"),
@@ -333,7 +334,7 @@ async fn get_aggregation(
 
 /// Every projection: state, positions and lag per partition, events/s and
 /// quarantined events.
-#[utoipa::path(get, path = "/admin/projections", tag = "admin",
+#[utoipa::path(get, path = "/admin/projections", tag = "admin", operation_id = "listProjections",
     responses((status = 200, description = "The projections", body = ProjectionsReport)))]
 async fn admin_projections(
     State(state): State<QueryState>,
@@ -386,7 +387,7 @@ async fn admin_projections(
 
 /// Rebuilds a projection from offset 0 beside the live one, then swaps it in
 /// atomically; queries keep reading the live data meanwhile.
-#[utoipa::path(post, path = "/admin/projections/{name}/rebuild", tag = "admin",
+#[utoipa::path(post, path = "/admin/projections/{name}/rebuild", tag = "admin", operation_id = "rebuildProjection",
     params(("name" = String, Path, description = "The projection")),
     responses(
         (status = 202, description = "The rebuild started", body = RebuildAccepted),

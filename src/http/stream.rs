@@ -100,7 +100,7 @@ struct StreamedEvent<'a> {
 /// (an earlier message's `id`) or a position `topic:partition:offset` (that
 /// partition after that record, the others from now). A `Last-Event-ID` header
 /// wins over `from`. `aggregate` limits the stream to one aggregate type.
-#[utoipa::path(get, path = "/events/stream", tag = "queries",
+#[utoipa::path(get, path = "/events/stream", tag = "events", operation_id = "streamEvents",
     params(
         ("from" = Option<String>, Query, description = "now | start | a cursor | topic:partition:offset"),
         ("aggregate" = Option<String>, Query, description = "Only events of this aggregate type"),

@@ -220,7 +220,7 @@ async fn every_authentication_and_authorization_outcome() {
         document["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
     );
-    let post_command = &document["paths"]["/commands/{aggregate}/{id}/{command}"]["post"];
+    let post_command = &document["paths"]["/commands/account/{id}/open"]["post"];
     for status in ["401", "403", "429"] {
         assert!(
             post_command["responses"][status].is_object(),

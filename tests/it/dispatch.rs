@@ -38,6 +38,7 @@ fn blocking_routes(
             command,
             query,
             openapi: None,
+            domain: None,
         }
     })
 }

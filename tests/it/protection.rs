@@ -80,6 +80,7 @@ fn slow_routes() -> cqrsd::daemon::RoutesHook {
             command,
             query,
             openapi: None,
+            domain: None,
         }
     })
 }
