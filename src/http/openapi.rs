@@ -204,9 +204,10 @@ impl Described {
             for (command, operation_id) in &command_ids {
                 let command_name = command.name();
                 let command_type = pascal(command_name);
-                let body = self.add_schema(&[format!("{type_name}{command_type}Command")], |at| {
-                    rebase(command.schema().unwrap_or(&json!({})), at)
-                });
+                let body = self.command_schema(
+                    &format!("{type_name}{command_type}Command"),
+                    command.schema().unwrap_or(&json!({})),
+                );
                 let reply = self.reply_schema(aggregate, command, &events);
                 let reply =
                     self.add_schema(&[format!("{type_name}{command_type}Reply")], |_| reply);
@@ -294,6 +295,48 @@ impl Described {
                 json!({"get": operation}),
             );
         }
+    }
+
+    /// A command's JSON Schema as a component; the `$ref` to it. Its
+    /// definitions (`$defs`, or draft 7's `definitions`) become components
+    /// of their own, as generators expect, and its local references
+    /// (`#/...`) are pointed at the same places in the document. A schema
+    /// with an `$id` of its own resolves its references itself and is kept
+    /// as written.
+    fn command_schema(&mut self, name: &str, schema: &Value) -> Value {
+        let name = self.schema_names.claim(&[name.to_owned()]);
+        let base = format!("#/components/schemas/{name}");
+        let mut schema = schema.clone();
+        if mentions_key(&schema, &["$id"]) {
+            self.schemas.insert(name.clone(), schema);
+            return schema_ref(&name);
+        }
+        let mut moved = Vec::new();
+        let mut targets = Vec::new();
+        for keyword in ["$defs", "definitions"] {
+            let Some(Value::Object(definitions)) =
+                schema.as_object_mut().and_then(|map| map.remove(keyword))
+            else {
+                continue;
+            };
+            for (definition, value) in definitions {
+                let component = self
+                    .schema_names
+                    .claim(&[format!("{name}{}", pascal(&definition))]);
+                targets.push((
+                    format!("#/{keyword}/{definition}"),
+                    format!("#/components/schemas/{component}"),
+                ));
+                moved.push((component, value));
+            }
+        }
+        rebase_refs(&mut schema, &base, &targets);
+        self.schemas.insert(name.clone(), schema);
+        for (component, mut value) in moved {
+            rebase_refs(&mut value, &base, &targets);
+            self.schemas.insert(component, value);
+        }
+        schema_ref(&name)
     }
 
     /// The schema of each event type the aggregate's commands emit, as a
@@ -841,19 +884,11 @@ fn state_schema(initial: &Value) -> Value {
     })
 }
 
-/// A command's JSON Schema as a component at `#/components/schemas/<at>`:
-/// its local references (`#/...`) pointed at the same place there. A schema
-/// with an `$id` of its own resolves its references itself and is kept as
-/// written.
-fn rebase(schema: &Value, at: &str) -> Value {
-    let mut schema = schema.clone();
-    if !mentions_key(&schema, &["$id"]) {
-        rebase_refs(&mut schema, &format!("#/components/schemas/{at}"));
-    }
-    schema
-}
-
-fn rebase_refs(value: &mut Value, base: &str) {
+/// Points the local references (`#` and `#/...`) of a schema written to
+/// stand alone at their places in the document: a reference to one of
+/// `moved` (a definition and its component) at that component, any other at
+/// the same place under `base`, where the schema now is.
+fn rebase_refs(value: &mut Value, base: &str, moved: &[(String, String)]) {
     match value {
         Value::Object(map) => {
             for (key, value) in map.iter_mut() {
@@ -862,13 +897,20 @@ fn rebase_refs(value: &mut Value, base: &str) {
                         if (key == "$ref" || key == "$dynamicRef")
                             && (target == "#" || target.starts_with("#/")) =>
                     {
-                        *target = format!("{base}{}", &target[1..]);
+                        let definition = moved.iter().find_map(|(from, to)| {
+                            let rest = target.strip_prefix(from.as_str())?;
+                            (rest.is_empty() || rest.starts_with('/'))
+                                .then(|| format!("{to}{rest}"))
+                        });
+                        *target = definition.unwrap_or_else(|| format!("{base}{}", &target[1..]));
                     }
-                    _ => rebase_refs(value, base),
+                    _ => rebase_refs(value, base, moved),
                 }
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|item| rebase_refs(item, base)),
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|item| rebase_refs(item, base, moved)),
         _ => {}
     }
 }
@@ -1053,31 +1095,59 @@ mod tests {
 
     #[test]
     fn local_references_follow_the_schema_into_the_components() {
+        let mut described = Described {
+            generic: Map::new(),
+            schema_names: Names::new(["Problem".to_owned()]),
+            operation_ids: Names::new([]),
+            paths: Map::new(),
+            schemas: Map::new(),
+            tags: BTreeMap::new(),
+        };
         let schema = json!({
-            "$defs": {"amount": {"type": "number"}},
+            "$defs": {"amount": {"type": "number"}, "pair": {"items": {"$ref": "#/$defs/amount"}}},
             "properties": {
                 "a": {"$ref": "#/$defs/amount"},
+                "p": {"$ref": "#/$defs/pair"},
                 "b": {"$ref": "#"},
                 "c": {"$ref": "https://example.org/other.json"},
+                "d": {"$ref": "#/properties/a"},
                 "$ref": {"type": "string"},
             },
         });
-        let rebased = rebase(&schema, "AccountPayCommand");
+        let reference = described.command_schema("PayCommand", &schema);
         assert_eq!(
-            rebased["properties"]["a"]["$ref"],
-            "#/components/schemas/AccountPayCommand/$defs/amount"
+            reference,
+            json!({"$ref": "#/components/schemas/PayCommand"})
+        );
+        let schemas = &described.schemas;
+        let rebased = &schemas["PayCommand"];
+        assert!(rebased.get("$defs").is_none());
+        let properties = &rebased["properties"];
+        assert_eq!(
+            properties["a"]["$ref"],
+            "#/components/schemas/PayCommandAmount"
         );
         assert_eq!(
-            rebased["properties"]["b"]["$ref"],
-            "#/components/schemas/AccountPayCommand"
+            properties["p"]["$ref"],
+            "#/components/schemas/PayCommandPair"
         );
+        assert_eq!(properties["b"]["$ref"], "#/components/schemas/PayCommand");
+        assert_eq!(properties["c"]["$ref"], "https://example.org/other.json");
         assert_eq!(
-            rebased["properties"]["c"]["$ref"],
-            "https://example.org/other.json"
+            properties["d"]["$ref"],
+            "#/components/schemas/PayCommand/properties/a"
         );
-        assert_eq!(rebased["properties"]["$ref"], json!({"type": "string"}));
-        let with_id = json!({"$id": "urn:x", "properties": {"a": {"$ref": "#/$defs/a"}}});
-        assert_eq!(rebase(&with_id, "X"), with_id);
+        assert_eq!(properties["$ref"], json!({"type": "string"}));
+        assert_eq!(schemas["PayCommandAmount"], json!({"type": "number"}));
+        assert_eq!(
+            schemas["PayCommandPair"]["items"]["$ref"],
+            "#/components/schemas/PayCommandAmount"
+        );
+
+        let with_id =
+            json!({"$id": "urn:x", "$defs": {"a": {}}, "properties": {"a": {"$ref": "#/$defs/a"}}});
+        described.command_schema("Other", &with_id);
+        assert_eq!(described.schemas["Other"], with_id);
     }
 
     #[test]

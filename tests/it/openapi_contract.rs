@@ -567,9 +567,15 @@ async fn the_shop_document_is_typed_for_the_domain_and_declares_bearer_tokens() 
     // at the schema's own `$defs`.
     let place = request_schema(&doc, "/commands/order/{id}/place");
     let mut declared = declared_schema(SHOP_DOMAIN, "order", "place");
+    // Its definitions are components of their own, as generators expect.
+    let definitions = declared.as_object_mut().unwrap().remove("$defs").unwrap();
     declared["properties"]["lines"]["items"]["$ref"] =
-        json!("#/components/schemas/OrderPlaceCommand/$defs/line");
+        json!("#/components/schemas/OrderPlaceCommandLine");
     assert_eq!(*place, declared);
+    assert_eq!(
+        doc["components"]["schemas"]["OrderPlaceCommandLine"],
+        definitions["line"]
+    );
     let line = resolve(&doc, &place["properties"]["lines"]["items"]);
     assert_eq!(
         line["properties"]["qty"],
