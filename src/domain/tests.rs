@@ -832,3 +832,45 @@ set = { opens = "state.opens + 1", last = "event.by + '@' + string(event.version
         "{err:?}"
     );
 }
+
+#[test]
+fn emits_name_each_event_its_fields_and_the_command_fields_they_copy() {
+    let domain = Domain::from_toml_str(
+        r#"
+[aggregates.a]
+state = { n = 0 }
+[aggregates.a.commands.go]
+emit = [
+  { event = "Went", data = { who = "command.who", twice = " command.n ", sum = "command.n + 1", deep = "command.x.y" } },
+  { event = "Noted", data = {}, when = "has(command.note)" },
+]
+[aggregates.a.events.Went]
+set = { n = "state.n + 1" }
+[aggregates.a.events.Noted]
+set = {}
+"#,
+    )
+    .unwrap();
+    let command = domain.aggregate("a").unwrap().command("go").unwrap();
+    let emits: Vec<EmitShape<'_>> = command.emits().collect();
+    assert_eq!(
+        emits,
+        [
+            EmitShape {
+                event: "Went",
+                fields: vec![
+                    ("deep", None),
+                    ("sum", None),
+                    ("twice", Some("n")),
+                    ("who", Some("who")),
+                ],
+                conditional: false,
+            },
+            EmitShape {
+                event: "Noted",
+                fields: vec![],
+                conditional: true,
+            },
+        ]
+    );
+}

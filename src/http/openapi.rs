@@ -245,7 +245,7 @@ impl Described {
                 "AggregateResponse",
                 json!({"aggregate": constant(name), "state": state}),
             );
-            let response = self.add_schema(&[type_name.clone()], |_| response);
+            let response = self.add_schema(std::slice::from_ref(&type_name), |_| response);
             let mut operation = specialise(
                 template,
                 &["aggregate"],
@@ -537,13 +537,11 @@ impl Described {
                         for field in indexes {
                             add_parameter(
                                 &mut operation,
-                                json!({
-                                    "name": format!("where.{field}"),
-                                    "in": "query",
-                                    "required": false,
-                                    "description": format!("Only documents whose `{field}` equals this value"),
-                                    "schema": {"type": "string"},
-                                }),
+                                filter_parameter(
+                                    &format!("where.{field}"),
+                                    &format!("Only documents whose `{field}` equals this value"),
+                                    json!({"type": "string"}),
+                                ),
                             );
                         }
                         set_ok_schema(&mut operation, page);
@@ -603,13 +601,11 @@ impl Described {
                         }
                         add_parameter(
                             &mut operation,
-                            json!({
-                                "name": field,
-                                "in": "query",
-                                "required": false,
-                                "description": format!("Only the groups whose `{field}` equals this value"),
-                                "schema": {"type": "string"},
-                            }),
+                            filter_parameter(
+                                field,
+                                &format!("Only the groups whose `{field}` equals this value"),
+                                json!({"type": "string"}),
+                            ),
                         );
                     }
                     set_ok_schema(&mut operation, rows);
@@ -678,13 +674,11 @@ impl Described {
                         }
                         add_parameter(
                             &mut operation,
-                            json!({
-                                "name": field,
-                                "in": "query",
-                                "required": false,
-                                "description": format!("Only hits whose `{field}` equals this value"),
-                                "schema": schema,
-                            }),
+                            filter_parameter(
+                                field,
+                                &format!("Only hits whose `{field}` equals this value"),
+                                schema,
+                            ),
                         );
                     }
                     set_ok_schema(&mut operation, hits);
@@ -972,6 +966,17 @@ fn remove_parameter(operation: &mut Value, name: &str) {
     {
         parameters.retain(|p| p["name"] != name);
     }
+}
+
+/// An optional query parameter that filters on a field of the domain.
+fn filter_parameter(name: &str, description: &str, schema: Value) -> Value {
+    json!({
+        "name": name,
+        "in": "query",
+        "required": false,
+        "description": description,
+        "schema": schema,
+    })
 }
 
 fn add_parameter(operation: &mut Value, parameter: Value) {
