@@ -223,7 +223,8 @@ async fn get_aggregate(
 
 #[derive(Debug, Deserialize, IntoParams)]
 struct HistoryParams {
-    /// First version to return (default 1).
+    /// First version to return (default 1); a signed 64-bit integer, as
+    /// its `int64` format says, so at most 9223372036854775807.
     from_version: Option<u64>,
     /// Most events to return (default 1000, at most 10000).
     #[param(minimum = 1, maximum = 10000)]
@@ -262,7 +263,7 @@ struct HistoryEvent {
     params(("aggregate" = String, Path), ("id" = String, Path, pattern = r"^[A-Za-z0-9_.:@-]{1,128}$"), HistoryParams),
     responses(
         (status = 200, description = "The events", body = HistoryResponse),
-        (status = 400, description = "Malformed aggregate id or limit", body = super::Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed aggregate id, from_version or limit", body = super::Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown aggregate type, or no such aggregate", body = super::Problem, content_type = "application/problem+json"),
     ))]
 async fn get_events(
@@ -270,6 +271,13 @@ async fn get_events(
     Path((aggregate, id)): Path<(String, String)>,
     Query(params): Query<HistoryParams>,
 ) -> Result<Json<HistoryResponse>, ApiError> {
+    let from_version = params.from_version.unwrap_or(1);
+    if i64::try_from(from_version).is_err() {
+        return Err(ApiError::BadRequest(format!(
+            "from_version must be at most {}",
+            i64::MAX
+        )));
+    }
     let limit = params.limit.unwrap_or(DEFAULT_HISTORY_PAGE);
     if limit == 0 || limit > MAX_HISTORY_PAGE {
         return Err(ApiError::BadRequest(format!(
@@ -277,7 +285,7 @@ async fn get_events(
         )));
     }
     let history = commands
-        .history(&aggregate, &id, params.from_version.unwrap_or(1), limit)
+        .history(&aggregate, &id, from_version, limit)
         .await?;
     let events = history
         .events

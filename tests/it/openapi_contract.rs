@@ -71,6 +71,19 @@ async fn the_document_describes_what_the_server_answers() {
         assert!(schema["pattern"].is_string(), "{path}: {schema}");
     }
 
+    // from_version is documented as int64: a larger version is refused, not
+    // read as an unsigned one (issue 16: schemathesis reached the history of
+    // a real aggregate type once the document named it).
+    let history = parameter(
+        &doc,
+        "/aggregates/account/{id}/events",
+        "get",
+        "from_version",
+    );
+    assert_eq!(history["schema"]["format"], "int64");
+    let beyond = daemon.url("/aggregates/account/a/events?from_version=9223372036854775808");
+    crate::harness::expect_problem(client().get(beyond).send().await.unwrap(), 400).await;
+
     // No parameter literally named after a placeholder: the server would
     // refuse `where.<field>` or `<group field>` as sent.
     for path in ["/views/accounts", "/aggregations/daily_flows"] {
