@@ -7,10 +7,12 @@
 //! on one side cannot starve the other even though one address serves both.
 
 pub mod commands;
+pub mod edge;
 mod guard;
 mod middleware;
 pub mod noop;
 mod ops;
+mod peers;
 pub mod problem;
 mod queries;
 pub mod search;
@@ -82,6 +84,8 @@ pub(crate) struct OpsState {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     runtimes: Runtimes,
     openapi: Arc<String>,
+    /// This node's role, named by `/readyz` so peers learn what it runs.
+    role: crate::node::Role,
 }
 
 /// Limits applied to every request.
@@ -94,13 +98,15 @@ pub struct RequestLimits {
 
 /// Builds the whole API: operations endpoints, the given command and query
 /// routes (each dispatched onto its runtime), and the middleware stack.
-/// `settings` decides, per request, who may do what and how often.
+/// `settings` decides, per request, who may do what and how often; `role`
+/// is this node's, as `/readyz` reports it.
 pub fn router(
     routes: ApiRoutes,
     runtimes: Runtimes,
     health: Health,
     limits: RequestLimits,
     settings: LiveSettings,
+    role: crate::node::Role,
 ) -> Router {
     let openapi = ops::openapi_document(routes.openapi);
     let ops_state = OpsState {
@@ -108,6 +114,7 @@ pub fn router(
         metrics: crate::telemetry::metrics_handle(),
         runtimes: runtimes.clone(),
         openapi: Arc::new(openapi),
+        role,
     };
     let command = routes.command.layer(axum::middleware::from_fn_with_state(
         runtimes.command,

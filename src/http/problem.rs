@@ -117,6 +117,9 @@ pub enum ApiError {
     /// until the next one is allowed.
     #[error("too many requests; retry in {} s", retry_after_secs(*.0))]
     RateLimited(std::time::Duration),
+    /// A request this node forwards to a peer (DESIGN.md §7).
+    #[error(transparent)]
+    Edge(#[from] super::edge::EdgeError),
 }
 
 /// `Retry-After` is in whole seconds; rounding up keeps a client that obeys
@@ -186,7 +189,45 @@ impl ApiError {
                 detail,
             )
             .with_extension("retry_after", serde_json::json!(retry_after_secs(*wait))),
+            ApiError::Edge(error) => edge_problem(error, detail),
         }
+    }
+}
+
+/// The statuses of forwarding failures: no peer to send to (or a forwarded
+/// request for a side this node does not run) is 503 with Retry-After; a
+/// peer that was sent the request but timed out is 504, one that broke off
+/// is 502; an unreadable request body is the client's 400.
+fn edge_problem(error: &super::edge::EdgeError, detail: String) -> Problem {
+    use super::edge::EdgeError as E;
+    match error {
+        E::NoPeer { side, .. } => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-peer",
+            "No peer available",
+            detail,
+        )
+        .with_extension("side", serde_json::json!(side.as_str())),
+        E::NotServedHere { side, .. } => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-served-here",
+            "Side not run by this node",
+            detail,
+        )
+        .with_extension("side", serde_json::json!(side.as_str())),
+        E::PeerTimeout { .. } => Problem::typed(
+            StatusCode::GATEWAY_TIMEOUT,
+            "peer-timeout",
+            "Peer timed out",
+            detail,
+        ),
+        E::PeerFailed { .. } => Problem::typed(
+            StatusCode::BAD_GATEWAY,
+            "peer-failed",
+            "Peer failed",
+            detail,
+        ),
+        E::Body(_) => Problem::from_status(StatusCode::BAD_REQUEST, detail),
     }
 }
 
@@ -336,6 +377,13 @@ impl IntoResponse for ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(*wait)),
                 );
+            }
+            ApiError::Edge(error) => {
+                if let Some(secs) = error.retry_after_secs() {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
             }
             _ => {}
         }

@@ -22,6 +22,7 @@ mod projection_crash;
 mod protection;
 mod rate_limit;
 mod readiness;
+mod roles;
 mod search;
 mod shutdown;
 mod stream;
