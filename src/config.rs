@@ -894,6 +894,14 @@ impl Config {
                 self.node.role
             ));
         }
+        if self.node.role != crate::node::Role::All
+            && self.node.response_timeout_ms <= self.query.consistency_timeout_ms
+        {
+            warnings.push(format!(
+                "node.response_timeout_ms ({}) is not above query.consistency_timeout_ms ({}): a forwarded consistent_with wait is cut off as a 504 before its own 504 with the lag",
+                self.node.response_timeout_ms, self.query.consistency_timeout_ms
+            ));
+        }
         warnings
     }
 

@@ -431,6 +431,39 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_failures_are_503_with_retry_after_or_gateway_errors() {
+        use crate::http::edge::EdgeError;
+        use crate::node::Side;
+        for error in [
+            EdgeError::NoPeer {
+                side: Side::Query,
+                retry_after_secs: 2,
+            },
+            EdgeError::NotServedHere {
+                side: Side::Command,
+                retry_after_secs: 2,
+            },
+        ] {
+            let response = ApiError::Edge(error).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        }
+        let timeout = ApiError::Edge(EdgeError::PeerTimeout {
+            peer: "http://a:1".to_owned(),
+            timeout_ms: 10,
+        });
+        assert_eq!(timeout.to_problem().status, 504);
+        let failed = ApiError::Edge(EdgeError::PeerFailed {
+            peer: "http://a:1".to_owned(),
+            reason: "reset".to_owned(),
+        })
+        .into_response();
+        assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+        assert!(!failed.headers().contains_key(header::RETRY_AFTER));
+    }
+
+    #[test]
     fn internal_errors_do_not_leak_their_reason() {
         let problem = ApiError::Internal("secret path /etc/x".to_owned()).to_problem();
         assert_eq!(problem.status, 500);

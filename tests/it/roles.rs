@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use crate::auth::{TestToken, token};
 use crate::harness::{
-    Process, ProcessOptions, client, expect_problem, kafka_brokers, kafka_config, skip_kafka,
+    Process, ProcessOptions, client, expect_problem, kafka_brokers, kafka_config, path_str,
+    run_cli, skip_kafka,
 };
 
 /// A free loopback port for a node whose URL its peers must know before it
@@ -527,4 +528,32 @@ async fn tokens_are_checked_where_a_request_arrives_and_where_it_is_handled() {
         .await
         .unwrap();
     expect_problem(refused, 403).await;
+}
+
+#[test]
+fn check_refuses_roles_without_kafka_and_bad_node_urls_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "[node]\nrole = \"query\"\nadvertise_url = \"http://10.0.0.5:8080\"\n\
+         peers = [\"http://10.0.0.5:8080/\", \"10.0.0.6:8080\"]\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_cli(&["check", "--config", path_str(&config)], dir.path());
+    assert_eq!(code, 2, "{stderr}");
+    for key in ["node.role:", "node.peers[0]:", "node.peers[1]:"] {
+        assert!(stderr.contains(key), "{key} missing from: {stderr}");
+    }
+    assert!(stderr.contains("kafka"), "{stderr}");
+
+    std::fs::write(
+        &config,
+        "[log]\nbackend = \"kafka\"\n[node]\nrole = \"command\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_cli(&["check", "--config", path_str(&config)], dir.path());
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    assert!(stderr.contains("with no node.peers"), "{stderr}");
 }
