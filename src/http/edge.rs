@@ -479,7 +479,7 @@ struct NodeView {
 /// This node's role, its peers and their health, and its forwards.
 #[utoipa::path(get, path = "/admin/node", tag = "operations",
     responses((status = 200, description = "The role, the peers with their health, and forwarded-request counts and latency", content_type = "application/json")))]
-async fn admin_node(State(edge): State<Arc<Inner>>) -> Json<serde_json::Value> {
+async fn admin_node(State(edge): State<Arc<Inner>>) -> Json<NodeView> {
     let forwards = Side::BOTH
         .into_iter()
         .filter(|side| !edge.role.runs(*side))
@@ -513,7 +513,7 @@ async fn admin_node(State(edge): State<Arc<Inner>>) -> Json<serde_json::Value> {
         peers: edge.peers.views(),
         forwards,
     };
-    Json(serde_json::to_value(view).unwrap_or_default())
+    Json(view)
 }
 
 #[cfg(test)]
