@@ -174,12 +174,44 @@ struct Inner {
     query: SideStats,
 }
 
+/// Why a request for a side this node does not run was answered here.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// Another node forwarded it: it is never forwarded again.
+    ForwardedHere,
+    /// No healthy peer runs the side.
+    NoPeer,
+}
+
 impl Inner {
     fn stats(&self, side: Side) -> &SideStats {
         match side {
             Side::Command => &self.command,
             Side::Query => &self.query,
         }
+    }
+
+    /// Counts a refusal and gives its error (503 with Retry-After).
+    fn refuse(&self, side: Side, refusal: Refusal) -> ApiError {
+        let stats = self.stats(side);
+        let (counter, reason) = match refusal {
+            Refusal::ForwardedHere => (&stats.refused_forwarded, "forwarded_here"),
+            Refusal::NoPeer => (&stats.no_peer, "no_peer"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("cqrsd_edge_refused_total", "side" => side.as_str(), "reason" => reason)
+            .increment(1);
+        let retry_after_secs = self.retry_after_secs;
+        ApiError::Edge(match refusal {
+            Refusal::ForwardedHere => EdgeError::NotServedHere {
+                side,
+                retry_after_secs,
+            },
+            Refusal::NoPeer => EdgeError::NoPeer {
+                side,
+                retry_after_secs,
+            },
+        })
     }
 }
 
@@ -294,14 +326,7 @@ async fn forward(State((edge, side)): State<(Arc<Inner>, Side)>, request: Reques
 async fn forward_to_peer(edge: &Inner, side: Side, request: Request) -> Result<Response, ApiError> {
     let stats = edge.stats(side);
     if request.headers().contains_key(&FORWARDED) {
-        stats.refused_forwarded.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("cqrsd_edge_refused_total", "side" => side.as_str(), "reason" => "forwarded_here")
-            .increment(1);
-        return Err(EdgeError::NotServedHere {
-            side,
-            retry_after_secs: edge.retry_after_secs,
-        }
-        .into());
+        return Err(edge.refuse(side, Refusal::ForwardedHere));
     }
     let (parts, body) = request.into_parts();
     // The body is read whole (it is bounded by the body limit) so that a
@@ -317,14 +342,7 @@ async fn forward_to_peer(edge: &Inner, side: Side, request: Request) -> Result<R
     let mut tried = Vec::new();
     loop {
         let Some((index, peer)) = edge.peers.pick(side, &tried) else {
-            stats.no_peer.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("cqrsd_edge_refused_total", "side" => side.as_str(), "reason" => "no_peer")
-                .increment(1);
-            return Err(EdgeError::NoPeer {
-                side,
-                retry_after_secs: edge.retry_after_secs,
-            }
-            .into());
+            return Err(edge.refuse(side, Refusal::NoPeer));
         };
         tried.push(index);
         let outgoing = outgoing_request(&parts.method, &peer.url, path, &parts.headers, &body)?;

@@ -46,14 +46,25 @@ fn node(log: &str, role: &str, port: u16, peers: &[u16], extra: &str) -> Process
     })
 }
 
+/// GETs `path` on `node`, with a bearer token when given.
+async fn send_get(
+    http: &reqwest::Client,
+    node: &Process,
+    path: &str,
+    token: Option<&str>,
+) -> reqwest::Response {
+    let mut request = http.get(node.url(path));
+    if let Some(secret) = token {
+        request = request.bearer_auth(secret);
+    }
+    request.send().await.unwrap()
+}
+
 /// Waits until `/admin/node` shows every peer of `node` healthy.
 async fn peers_healthy(http: &reqwest::Client, node: &Process, admin: Option<&str>) {
     for _ in 0..600 {
-        let mut request = http.get(node.url("/admin/node"));
-        if let Some(secret) = admin {
-            request = request.bearer_auth(secret);
-        }
-        let body: Value = request.send().await.unwrap().json().await.unwrap();
+        let response = send_get(http, node, "/admin/node", admin).await;
+        let body: Value = response.json().await.unwrap();
         let peers = body["peers"].as_array().unwrap();
         if peers.iter().all(|peer| peer["healthy"] == true) {
             return;
@@ -85,7 +96,7 @@ async fn accepted(http: &reqwest::Client, node: &Process, path: &str, body: Valu
 }
 
 async fn get(http: &reqwest::Client, node: &Process, path: &str) -> (u16, Value) {
-    let response = http.get(node.url(path)).send().await.unwrap();
+    let response = send_get(http, node, path, None).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -266,11 +277,8 @@ async fn one_command_node_and_two_query_nodes_serve_clients_on_any_node() {
         .map(|p| p["role"].as_str().unwrap())
         .collect();
     assert_eq!(roles, ["command", "query"]);
-    let metrics = http
-        .get(command.url("/metrics"))
-        .send()
+    let metrics = send_get(&http, &command, "/metrics", None)
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -380,7 +388,7 @@ async fn a_killed_query_node_catches_up_and_its_command_node_refuses_queries_mea
         "/search/account_search?q=ada",
         "/events/stream",
     ] {
-        let response = http.get(command.url(path)).send().await.unwrap();
+        let response = send_get(&http, &command, path, None).await;
         assert_eq!(
             response.headers()["retry-after"].to_str().unwrap(),
             "1",
@@ -466,25 +474,17 @@ async fn tokens_are_checked_where_a_request_arrives_and_where_it_is_handled() {
     expect_problem(open(&query, "t-1", bearer(&reader)).await, 403).await;
     // And never forwarded: the query node forwarded nothing, the command
     // node saw no command, and the aggregate does not exist.
-    let node_view = http
-        .get(query.url("/admin/node"))
-        .bearer_auth(&admin.secret)
-        .send()
+    let node_view: Value = send_get(&http, &query, "/admin/node", Some(&admin.secret))
         .await
-        .unwrap()
-        .json::<Value>()
+        .json()
         .await
         .unwrap();
     assert_eq!(
         node_view["forwards"]["command"]["forwarded"], 0,
         "{node_view}"
     );
-    let metrics = http
-        .get(command.url("/metrics"))
-        .bearer_auth(&admin.secret)
-        .send()
+    let metrics = send_get(&http, &command, "/metrics", Some(&admin.secret))
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();
@@ -492,12 +492,13 @@ async fn tokens_are_checked_where_a_request_arrives_and_where_it_is_handled() {
         !metrics.contains("route=\"/commands/{aggregate}/{id}/{command}\""),
         "{metrics}"
     );
-    let missing = http
-        .get(query.url("/aggregates/account/t-1"))
-        .bearer_auth(&reader.secret)
-        .send()
-        .await
-        .unwrap();
+    let missing = send_get(
+        &http,
+        &query,
+        "/aggregates/account/t-1",
+        Some(&reader.secret),
+    )
+    .await;
     expect_problem(missing, 404).await;
 
     // A command token through the query node is forwarded and accepted.
@@ -506,27 +507,13 @@ async fn tokens_are_checked_where_a_request_arrives_and_where_it_is_handled() {
     // refused where the command is handled.
     expect_problem(open(&query, "t-3", bearer(&edge_only)).await, 401).await;
     // No token at all is refused on arrival, on either node.
-    let anonymous = http
-        .get(command.url("/views/accounts"))
-        .send()
-        .await
-        .unwrap();
+    let anonymous = send_get(&http, &command, "/views/accounts", None).await;
     expect_problem(anonymous, 401).await;
     // A query token asks the command node for a view: forwarded, answered.
-    let view = http
-        .get(command.url("/views/accounts"))
-        .bearer_auth(&reader.secret)
-        .send()
-        .await
-        .unwrap();
+    let view = send_get(&http, &command, "/views/accounts", Some(&reader.secret)).await;
     assert_eq!(view.status(), 200);
     // GET /admin/node needs the admin role, like every operations route.
-    let refused = http
-        .get(query.url("/admin/node"))
-        .bearer_auth(&writer.secret)
-        .send()
-        .await
-        .unwrap();
+    let refused = send_get(&http, &query, "/admin/node", Some(&writer.secret)).await;
     expect_problem(refused, 403).await;
 }
 
