@@ -33,6 +33,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub tls: TlsConfig,
     pub rate_limit: RateLimitConfig,
+    pub node: NodeConfig,
     /// The directory the configuration file lives in; relative `[domain] path`
     /// values are resolved against it. Not a configuration key.
     #[serde(skip)]
@@ -355,6 +356,45 @@ impl Default for RateLimitConfig {
     }
 }
 
+/// `[node]`: this process's role among several nodes on one Kafka cluster
+/// (DESIGN.md §7), and the peers it forwards what it does not run to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NodeConfig {
+    /// `all` (the single process), `command` (write side only) or `query`
+    /// (read side only).
+    pub role: crate::node::Role,
+    /// How other nodes reach this one (`http://host:port`); shown by
+    /// `GET /admin/node`, and no peer may name it.
+    pub advertise_url: Option<String>,
+    /// The other nodes (`http://host:port`) requests for a side this node
+    /// does not run are forwarded to.
+    pub peers: Vec<String>,
+    /// Bound on opening a connection to a peer.
+    pub connect_timeout_ms: u64,
+    /// Bound on a peer's answer to a forwarded request (its status and
+    /// headers; a streamed body then flows for as long as it lasts).
+    pub response_timeout_ms: u64,
+    /// How often each peer's `/readyz` is asked for its health and role.
+    pub health_interval_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            role: crate::node::Role::All,
+            advertise_url: None,
+            peers: Vec::new(),
+            connect_timeout_ms: 1_000,
+            response_timeout_ms: 10_000,
+            health_interval_ms: 1_000,
+        }
+    }
+}
+
+/// The longest `[node]` timeout or interval accepted (ten minutes).
+const MAX_NODE_MILLIS: u64 = 600_000;
+
 /// The highest sustained rate accepted: beyond it the refill period would
 /// be below governor's nanosecond resolution.
 const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
@@ -642,6 +682,7 @@ impl Config {
             );
         }
         self.validate_auth(&mut problem);
+        self.validate_node(&mut problem);
         let rate = &self.rate_limit;
         if !rate.requests_per_second.is_finite()
             || !(0.0..=MAX_REQUESTS_PER_SECOND).contains(&rate.requests_per_second)
@@ -753,6 +794,81 @@ impl Config {
         }
     }
 
+    /// Problems of `[node]`: roles other than `all` need the shared Kafka
+    /// log and plain HTTP between nodes; every URL must parse, and no peer
+    /// may be this node or be listed twice.
+    fn validate_node(&self, problem: &mut impl FnMut(&str, String)) {
+        let node = &self.node;
+        if node.role != crate::node::Role::All {
+            if self.log.backend != LogBackend::Kafka {
+                problem(
+                    "node.role",
+                    format!(
+                        "role `{}` needs log.backend = \"kafka\": nodes share the event log through Kafka",
+                        node.role
+                    ),
+                );
+            }
+            if self.tls.cert_path.is_some() || self.tls.key_path.is_some() {
+                problem(
+                    "node.role",
+                    format!(
+                        "role `{}` with [tls]: nodes forward to each other over plain http, which a TLS listener does not accept",
+                        node.role
+                    ),
+                );
+            }
+        }
+        let own = match &node.advertise_url {
+            Some(url) => match crate::node::canonical_url(url) {
+                Ok(own) => Some(own),
+                Err(reason) => {
+                    problem("node.advertise_url", reason);
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for (i, peer) in node.peers.iter().enumerate() {
+            let key = format!("node.peers[{i}]");
+            match crate::node::canonical_url(peer) {
+                Ok(canonical) if own.as_ref() == Some(&canonical) => problem(
+                    &key,
+                    format!(
+                        "`{peer}` is this node's own node.advertise_url; a node is not its own peer"
+                    ),
+                ),
+                Ok(canonical) => {
+                    if !seen.insert(canonical) {
+                        problem(&key, format!("`{peer}` is listed twice"));
+                    }
+                }
+                Err(reason) => problem(&key, reason),
+            }
+        }
+        if node.peers.len() > 64 {
+            problem(
+                "node.peers",
+                format!("{} peers is more than the limit of 64", node.peers.len()),
+            );
+        }
+        for (key, value) in [
+            ("node.connect_timeout_ms", node.connect_timeout_ms),
+            ("node.response_timeout_ms", node.response_timeout_ms),
+            ("node.health_interval_ms", node.health_interval_ms),
+        ] {
+            if value == 0 {
+                problem(key, "must be greater than 0".to_owned());
+            } else if value > MAX_NODE_MILLIS {
+                problem(
+                    key,
+                    format!("{value} ms is more than the limit of {MAX_NODE_MILLIS} (ten minutes)"),
+                );
+            }
+        }
+    }
+
     /// Whether requests need a token: with any configured, always; without,
     /// the API is open (only on loopback, or when explicitly allowed).
     pub fn auth_enabled(&self) -> bool {
@@ -766,6 +882,24 @@ impl Config {
             warnings.push(format!(
                 "auth.allow_unauthenticated = true: the API on {} is open to everyone who can reach it",
                 self.http.listen
+            ));
+        }
+        if self.node.role != crate::node::Role::All && self.node.peers.is_empty() {
+            let other = match self.node.role {
+                crate::node::Role::Query => "commands",
+                _ => "queries",
+            };
+            warnings.push(format!(
+                "node.role = \"{}\" with no node.peers: {other} sent to this node are answered 503",
+                self.node.role
+            ));
+        }
+        if self.node.role != crate::node::Role::All
+            && self.node.response_timeout_ms <= self.query.consistency_timeout_ms
+        {
+            warnings.push(format!(
+                "node.response_timeout_ms ({}) is not above query.consistency_timeout_ms ({}): a forwarded consistent_with wait is cut off as a 504 before its own 504 with the lag",
+                self.node.response_timeout_ms, self.query.consistency_timeout_ms
             ));
         }
         warnings
@@ -1062,6 +1196,49 @@ mod tests {
             ]),
             vec!["tls.cert_path"]
         );
+    }
+
+    #[test]
+    fn node_roles_are_validated_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let problems = |text: &str| -> Vec<String> {
+            let path = write(dir.path(), "node.toml", text);
+            Config::load_with_env(Some(&path), env(&[]))
+                .err()
+                .map(|e| e.problems.into_iter().map(|p| p.to_string()).collect())
+                .unwrap_or_default()
+        };
+        // The default is today's single process, with nothing to check.
+        assert!(problems("").is_empty());
+        assert_eq!(Config::default().node.role, crate::node::Role::All);
+        let embedded = problems("[node]\nrole = \"query\"\n");
+        assert_eq!(embedded.len(), 1, "{embedded:?}");
+        assert!(embedded[0].starts_with("node.role: ") && embedded[0].contains("kafka"));
+        let kafka = "[log]\nbackend = \"kafka\"\n";
+        assert!(problems(&format!("{kafka}[node]\nrole = \"command\"\n")).is_empty());
+        let bad = problems(&format!(
+            "{kafka}[node]\nrole = \"query\"\nadvertise_url = \"http://Node-A:8080/\"\n\
+             peers = [\"http://node-a:8080\", \"node-b:8080\", \"http://c:1\", \"http://C:1\", \"https://d:1\"]\n\
+             health_interval_ms = 0\n"
+        ));
+        let keys: Vec<&str> = bad.iter().map(|p| p.split(':').next().unwrap()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "node.peers[0]",
+                "node.peers[1]",
+                "node.peers[3]",
+                "node.peers[4]",
+                "node.health_interval_ms"
+            ],
+            "{bad:?}"
+        );
+        assert!(bad[0].contains("own node.advertise_url"), "{bad:?}");
+        assert!(bad[2].contains("listed twice"), "{bad:?}");
+        let url = problems(&format!("{kafka}[node]\nadvertise_url = \"ftp://x\"\n"));
+        assert_eq!(url.len(), 1);
+        assert!(url[0].starts_with("node.advertise_url: "), "{url:?}");
+        assert!(problems("[node]\nrole = \"edge\"\n")[0].contains("node.role"));
     }
 
     #[test]

@@ -18,9 +18,11 @@ use crate::command::{CommandSide, CommandSideParts};
 use crate::config::{Config, LogBackend};
 use crate::domain::Domain;
 use crate::health::Health;
+use crate::http::edge::{Edge, EdgeOptions};
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
 use crate::kafka::KafkaSettings;
 use crate::log::{EmbeddedSettings, EventLog};
+use crate::node::Side;
 use crate::projection::{PoolOptions, ProjectionPool};
 use crate::security::LiveSettings;
 use crate::store::CommandStore;
@@ -132,70 +134,95 @@ impl Daemon {
         let log = open_log(&config, &domain)?;
         let domain = Arc::new(domain);
 
-        let views = ViewStore::open(data_dir).with_context(|| {
-            format!(
-                "cannot open the view store in {} (is another cqrsd using it?)",
-                data_dir.display()
+        let role = config.node.role;
+        tracing::info!(%role, peers = config.node.peers.len(), "node role");
+        // A command node opens no view store and no search index: its read
+        // side is its peers' (DESIGN.md §7).
+        let projections = if role.runs(Side::Query) {
+            let views = ViewStore::open(data_dir).with_context(|| {
+                format!(
+                    "cannot open the view store in {} (is another cqrsd using it?)",
+                    data_dir.display()
+                )
+            })?;
+            let projections = ProjectionPool::start(
+                PoolOptions {
+                    workers: config.projections.workers,
+                    batch_size: config.projections.batch_size,
+                    search_commit_interval: Duration::from_millis(
+                        config.projections.search_commit_interval_ms,
+                    ),
+                    nice: config.projections.nice,
+                },
+                domain.clone(),
+                log.clone(),
+                views,
+                &health,
+                &shutdown,
             )
-        })?;
-        let projections = ProjectionPool::start(
-            PoolOptions {
-                workers: config.projections.workers,
-                batch_size: config.projections.batch_size,
-                search_commit_interval: Duration::from_millis(
-                    config.projections.search_commit_interval_ms,
-                ),
-                nice: config.projections.nice,
-            },
-            domain.clone(),
-            log.clone(),
-            views,
-            &health,
-            &shutdown,
-        )
-        .context("cannot start the projections")?;
+            .context("cannot start the projections")?;
+            Some(projections)
+        } else {
+            None
+        };
 
         let http_ready = health.register("http", "binding the listener");
         // Components stop after the HTTP drain, so in-flight requests can
         // still reach them while it runs.
         let components_stop = CancellationToken::new();
-        let command_store = CommandStore::open(&config.storage.data_dir)
-            .context("cannot open the command store")?;
-        let commands = CommandSide::start(CommandSideParts {
-            domain: domain.clone(),
-            log: log.clone(),
-            store: command_store,
-            config: &config.command,
-            encoding: config.log.encoding,
-            runtime: command.handle(),
-            stop: components_stop.clone(),
-            tracker: &tracker,
-            health: &health,
-        });
-        let (command_routes, command_api) = http::commands::routes(commands);
         let mut routes = ApiRoutes {
-            command: command_routes,
-            query: Router::new(),
-            openapi: Some(command_api),
             domain: Some(domain.clone()),
+            ..ApiRoutes::default()
         };
-        let consistency_timeout = Duration::from_millis(config.query.consistency_timeout_ms);
-        let query_side = http::query_routes(projections.read_models(), consistency_timeout);
-        routes.merge(query_side);
-        routes.merge(ApiRoutes {
-            query: http::search::routes(projections.read_models(), consistency_timeout),
-            openapi: Some(http::search::openapi()),
-            ..ApiRoutes::default()
-        });
-        let topics = domain
-            .aggregates()
-            .map(|aggregate| log.topic(aggregate.name()))
-            .collect();
-        routes.merge(ApiRoutes {
-            query: http::stream::routes(log.clone(), topics, shutdown.clone()),
-            openapi: Some(http::stream::openapi()),
-            ..ApiRoutes::default()
-        });
+        // A query node has no write side: no command store, no writers, no
+        // restore; its commands are forwarded.
+        if role.runs(Side::Command) {
+            let command_store = match CommandStore::open(&config.storage.data_dir) {
+                Ok(store) => store,
+                Err(error) => {
+                    stop_projections(projections);
+                    return Err(error).context("cannot open the command store");
+                }
+            };
+            let commands = CommandSide::start(CommandSideParts {
+                domain: domain.clone(),
+                log: log.clone(),
+                store: command_store,
+                config: &config.command,
+                encoding: config.log.encoding,
+                runtime: command.handle(),
+                stop: components_stop.clone(),
+                tracker: &tracker,
+                health: &health,
+            });
+            let (command_routes, command_api) = http::commands::routes(commands);
+            routes.merge(ApiRoutes {
+                command: command_routes,
+                query: Router::new(),
+                openapi: Some(command_api),
+                domain: None,
+            });
+        }
+        if let Some(projections) = &projections {
+            let consistency_timeout = Duration::from_millis(config.query.consistency_timeout_ms);
+            let query_side = http::query_routes(projections.read_models(), consistency_timeout);
+            routes.merge(query_side);
+            routes.merge(ApiRoutes {
+                query: http::search::routes(projections.read_models(), consistency_timeout),
+                openapi: Some(http::search::openapi()),
+                ..ApiRoutes::default()
+            });
+            let topics = domain
+                .aggregates()
+                .map(|aggregate| log.topic(aggregate.name()))
+                .collect();
+            routes.merge(ApiRoutes {
+                query: http::stream::routes(log.clone(), topics, shutdown.clone()),
+                openapi: Some(http::stream::openapi()),
+                ..ApiRoutes::default()
+            });
+        }
+        routes.merge(start_edge(&config, io.handle(), &tracker, &shutdown).routes());
         if let Some(hook) = options.extra_routes {
             routes.merge(hook(&runtimes));
         }
@@ -209,6 +236,7 @@ impl Daemon {
                 max_concurrent_requests: config.http.max_concurrent_requests,
             },
             settings.clone(),
+            role,
         );
         let server_options = ServerOptions {
             header_read_timeout: config.header_read_timeout(),
@@ -234,7 +262,7 @@ impl Daemon {
             Ok(server) => server,
             Err(error) => {
                 // The projection workers are already running; stop them before failing.
-                projections.stop();
+                stop_projections(projections);
                 return Err(error);
             }
         };
@@ -267,7 +295,7 @@ impl Daemon {
             log,
             domain,
             components_stop,
-            projections: Some(projections),
+            projections,
         })
     }
 
@@ -336,6 +364,40 @@ impl Daemon {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Stops the projection workers of a daemon whose startup failed after they started.
+fn stop_projections(projections: Option<ProjectionPool>) {
+    if let Some(projections) = projections {
+        projections.stop();
+    }
+}
+
+/// Starts the edge of this node (DESIGN.md §7): the peers' health checks on
+/// the HTTP runtime, and the forwarding of the sides the role does not run.
+fn start_edge(
+    config: &Config,
+    io: &tokio::runtime::Handle,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Edge {
+    let node = &config.node;
+    // Validation accepted every URL, so none is dropped here.
+    let peers = node
+        .peers
+        .iter()
+        .filter_map(|peer| crate::node::canonical_url(peer).ok())
+        .collect();
+    let options = EdgeOptions {
+        role: node.role,
+        advertise_url: node.advertise_url.clone(),
+        peers,
+        connect_timeout: Duration::from_millis(node.connect_timeout_ms),
+        response_timeout: Duration::from_millis(node.response_timeout_ms),
+        health_interval: Duration::from_millis(node.health_interval_ms),
+        body_limit_bytes: config.http.body_limit_bytes,
+    };
+    Edge::start(options, io, tracker, shutdown.clone())
 }
 
 /// Opens the configured event log and creates (or checks) one topic per

@@ -14,6 +14,7 @@ pub mod health;
 pub mod http;
 pub mod kafka;
 pub mod log;
+pub mod node;
 pub mod projection;
 pub mod security;
 pub mod store;

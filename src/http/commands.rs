@@ -39,7 +39,13 @@ pub fn routes(commands: CommandSide) -> (Router, utoipa::openapi::OpenApi) {
         .route("/aggregates/{aggregate}/{id}", get(get_aggregate))
         .route("/aggregates/{aggregate}/{id}/events", get(get_events))
         .with_state(commands);
-    (router, CommandApi::openapi())
+    (router, openapi())
+}
+
+/// The OpenAPI description of the command routes (also served by nodes that
+/// forward them).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    CommandApi::openapi()
 }
 
 /// The reply to an accepted command.

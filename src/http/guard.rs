@@ -70,6 +70,8 @@ fn policy(
             query_param("aggregate").map_or(Target::EveryAggregate, Target::Aggregate),
         ),
         "/admin/projections/{name}/rebuild" => need(Role::Admin, named("name", Target::Projection)),
+        // The node's role, peers and forwards: operators only.
+        "/admin/node" => need(Role::Admin, Target::Any),
         _ => need(Role::Admin, Target::Any),
     }
 }
@@ -225,6 +227,10 @@ mod tests {
         );
         assert_eq!(
             policy_of("/admin/projections", &[], &[]),
+            need(Role::Admin, Target::Any)
+        );
+        assert_eq!(
+            policy_of("/admin/node", &[], &[]),
             need(Role::Admin, Target::Any)
         );
         assert_eq!(

@@ -7,11 +7,13 @@
 //! on one side cannot starve the other even though one address serves both.
 
 pub mod commands;
+pub mod edge;
 mod guard;
 mod middleware;
 pub mod noop;
 mod openapi;
 mod ops;
+mod peers;
 pub mod problem;
 mod queries;
 pub mod search;
@@ -91,6 +93,8 @@ pub(crate) struct OpsState {
     runtimes: Runtimes,
     openapi: Arc<ops::Documents>,
     settings: LiveSettings,
+    /// This node's role, named by `/readyz` so peers learn what it runs.
+    role: crate::node::Role,
 }
 
 /// Limits applied to every request.
@@ -103,13 +107,15 @@ pub struct RequestLimits {
 
 /// Builds the whole API: operations endpoints, the given command and query
 /// routes (each dispatched onto its runtime), and the middleware stack.
-/// `settings` decides, per request, who may do what and how often.
+/// `settings` decides, per request, who may do what and how often; `role`
+/// is this node's, as `/readyz` reports it.
 pub fn router(
     routes: ApiRoutes,
     runtimes: Runtimes,
     health: Health,
     limits: RequestLimits,
     settings: LiveSettings,
+    role: crate::node::Role,
 ) -> Router {
     let openapi = ops::openapi_documents(routes.openapi, routes.domain.as_deref());
     let ops_state = OpsState {
@@ -118,6 +124,7 @@ pub fn router(
         runtimes: runtimes.clone(),
         openapi: Arc::new(openapi),
         settings: settings.clone(),
+        role,
     };
     let command = routes.command.layer(axum::middleware::from_fn_with_state(
         runtimes.command,

@@ -87,6 +87,9 @@ struct Liveness {
 #[derive(Debug, Serialize, ToSchema)]
 struct Readiness {
     status: &'static str,
+    /// This node's role (`all`, `command` or `query`, DESIGN.md §7): other
+    /// nodes learn from it which requests they may forward here.
+    role: &'static str,
     /// Each component's readiness and a short explanation.
     #[schema(value_type = Object)]
     components: serde_json::Value,
@@ -111,6 +114,7 @@ async fn readyz(State(state): State<OpsState>) -> Response {
     if state.health.is_ready() {
         Json(Readiness {
             status: "ready",
+            role: state.role.as_str(),
             components,
         })
         .into_response()

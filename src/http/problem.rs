@@ -117,6 +117,9 @@ pub enum ApiError {
     /// until the next one is allowed.
     #[error("too many requests; retry in {} s", retry_after_secs(*.0))]
     RateLimited(std::time::Duration),
+    /// A request this node forwards to a peer (DESIGN.md §7).
+    #[error(transparent)]
+    Edge(#[from] super::edge::EdgeError),
 }
 
 /// `Retry-After` is in whole seconds; rounding up keeps a client that obeys
@@ -186,7 +189,45 @@ impl ApiError {
                 detail,
             )
             .with_extension("retry_after", serde_json::json!(retry_after_secs(*wait))),
+            ApiError::Edge(error) => edge_problem(error, detail),
         }
+    }
+}
+
+/// The statuses of forwarding failures: no peer to send to (or a forwarded
+/// request for a side this node does not run) is 503 with Retry-After; a
+/// peer that was sent the request but timed out is 504, one that broke off
+/// is 502; an unreadable request body is the client's 400.
+fn edge_problem(error: &super::edge::EdgeError, detail: String) -> Problem {
+    use super::edge::EdgeError as E;
+    match error {
+        E::NoPeer { side, .. } => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-peer",
+            "No peer available",
+            detail,
+        )
+        .with_extension("side", serde_json::json!(side.as_str())),
+        E::NotServedHere { side, .. } => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-served-here",
+            "Side not run by this node",
+            detail,
+        )
+        .with_extension("side", serde_json::json!(side.as_str())),
+        E::PeerTimeout { .. } => Problem::typed(
+            StatusCode::GATEWAY_TIMEOUT,
+            "peer-timeout",
+            "Peer timed out",
+            detail,
+        ),
+        E::PeerFailed { .. } => Problem::typed(
+            StatusCode::BAD_GATEWAY,
+            "peer-failed",
+            "Peer failed",
+            detail,
+        ),
+        E::Body(_) => Problem::from_status(StatusCode::BAD_REQUEST, detail),
     }
 }
 
@@ -337,6 +378,13 @@ impl IntoResponse for ApiError {
                     HeaderValue::from(retry_after_secs(*wait)),
                 );
             }
+            ApiError::Edge(error) => {
+                if let Some(secs) = error.retry_after_secs() {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
+            }
             _ => {}
         }
         response
@@ -380,6 +428,39 @@ mod tests {
             ApiError::RateLimited(std::time::Duration::from_millis(1500)).into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn forwarding_failures_are_503_with_retry_after_or_gateway_errors() {
+        use crate::http::edge::EdgeError;
+        use crate::node::Side;
+        for error in [
+            EdgeError::NoPeer {
+                side: Side::Query,
+                retry_after_secs: 2,
+            },
+            EdgeError::NotServedHere {
+                side: Side::Command,
+                retry_after_secs: 2,
+            },
+        ] {
+            let response = ApiError::Edge(error).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        }
+        let timeout = ApiError::Edge(EdgeError::PeerTimeout {
+            peer: "http://a:1".to_owned(),
+            timeout_ms: 10,
+        });
+        assert_eq!(timeout.to_problem().status, 504);
+        let failed = ApiError::Edge(EdgeError::PeerFailed {
+            peer: "http://a:1".to_owned(),
+            reason: "reset".to_owned(),
+        })
+        .into_response();
+        assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+        assert!(!failed.headers().contains_key(header::RETRY_AFTER));
     }
 
     #[test]

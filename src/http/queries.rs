@@ -71,9 +71,15 @@ pub fn query_routes(models: ReadModels, consistency_timeout: Duration) -> ApiRou
     ApiRoutes {
         command: Router::new(),
         query,
-        openapi: Some(QueryApi::openapi()),
+        openapi: Some(openapi()),
         domain: None,
     }
+}
+
+/// The OpenAPI description of these routes (also served by nodes that
+/// forward them).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    QueryApi::openapi()
 }
 
 /// A view document.

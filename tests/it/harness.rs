@@ -470,6 +470,16 @@ impl Process {
         Process::spawn(dir, env)
     }
 
+    /// Starts again, on the same configuration and data, a daemon that has
+    /// already exited (a test killed it and did its work while it was down).
+    pub fn respawn(mut self, bound: Duration) -> Process {
+        self.wait_exit(bound);
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let env = std::mem::take(&mut self.env);
+        drop(self);
+        Process::spawn(dir, env)
+    }
+
     /// Stops the daemon with SIGTERM, runs `between` on its directory (the
     /// data directory is `<dir>/data`), and starts it again.
     pub fn restart_after(mut self, between: impl FnOnce(&Path)) -> Process {

@@ -23,6 +23,7 @@ mod protection;
 mod provision;
 mod rate_limit;
 mod readiness;
+mod roles;
 mod search;
 mod shutdown;
 mod stream;

@@ -237,6 +237,7 @@ async fn the_bank_document_is_typed_for_the_domain_and_true_to_its_answers() {
     assert_well_formed(
         &doc,
         &[
+            "/admin/node",
             "/admin/projections",
             "/admin/projections/{name}/rebuild",
             "/aggregates/account/{id}",
@@ -517,6 +518,7 @@ async fn the_shop_document_is_typed_for_the_domain_and_declares_bearer_tokens() 
     assert_well_formed(
         &doc,
         &[
+            "/admin/node",
             "/admin/projections",
             "/admin/projections/{name}/rebuild",
             "/aggregates/customer/{id}",
