@@ -133,6 +133,7 @@ fn log_append(c: &mut Criterion) {
         group_commit_max_records: 4096,
         group_commit_max_delay: Duration::from_micros(0),
         fsync: true,
+        segment_bytes: 64 << 20,
     })
     .unwrap();
     log.ensure_topic("cqrsd.account").unwrap();
@@ -141,7 +142,7 @@ fn log_append(c: &mut Criterion) {
         .build()
         .unwrap();
     let record: Record = encode(&[deposit("acc-0000001", 7)], Encoding::MessagePack).unwrap();
-    let mut group = c.benchmark_group("embedded log append + flush + fdatasync");
+    let mut group = c.benchmark_group("embedded log append + fdatasync");
     group.sample_size(30);
     for batch in [1_usize, 64, 512] {
         group.throughput(Throughput::Elements(batch as u64));

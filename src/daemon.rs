@@ -368,6 +368,7 @@ pub fn embedded_settings(config: &Config) -> EmbeddedSettings {
             config.log.embedded.group_commit_max_delay_us,
         ),
         fsync: config.log.embedded.fsync,
+        segment_bytes: config.log.embedded.segment_bytes,
     }
 }
 

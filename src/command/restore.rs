@@ -1,6 +1,6 @@
-//! Rebuilding the write side's state from the log: a partition at startup,
-//! and one aggregate on a cache miss. Blocking: callers run these on
-//! blocking threads.
+//! Rebuilding the write side's state from the log: a partition at startup;
+//! and one aggregate on a cache miss, from its snapshot. Blocking: callers
+//! run these on blocking threads.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -55,13 +55,13 @@ fn fold(
 }
 
 /// The latest state of one aggregate: the newest snapshot (the writer's
-/// unsaved one, else the store's), with every later event folded over it.
+/// unsaved one, else the store's). After the startup restore, the store's
+/// snapshots plus the writer's unsaved ones hold every aggregate's latest
+/// state on either backend, so no history is folded on a cache miss.
 pub(super) fn load_aggregate(
     domain: &Domain,
-    log: &EventLog,
     store: &CommandStore,
     aggregate_name: &str,
-    topic: &str,
     id: &str,
     unsaved: Option<Snapshot>,
 ) -> Result<AggregateState, CommandFailure> {
@@ -70,25 +70,13 @@ pub(super) fn load_aggregate(
         Some(snapshot) => Some(snapshot),
         None => store.snapshot(aggregate_name, id)?,
     };
-    let mut state = match snapshot {
+    Ok(match snapshot {
         Some(Snapshot { version, state }) => AggregateState { version, state },
         None => AggregateState {
             version: 0,
             state: aggregate.initial_state().clone(),
         },
-    };
-    if !log.indexes_aggregates() {
-        // Kafka: the snapshot is already the latest state (see
-        // `EventLog::indexes_aggregates`); scanning the log would find nothing newer.
-        return Ok(state);
-    }
-    for (partition, offset, record) in log.aggregate_records(topic, id, state.version + 1)? {
-        let at = || format!("{topic}:{partition}:{offset}");
-        let events = crate::log::decode(&record.headers, &record.value)
-            .map_err(|e| CommandFailure::Internal(format!("{}: {e}", at())))?;
-        state = fold(aggregate, state, &events, &at)?;
-    }
-    Ok(state)
+    })
 }
 
 /// Brings a partition's snapshots and idempotency answers up to the end of

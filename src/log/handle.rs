@@ -14,7 +14,7 @@ use super::Record;
 pub type AppendFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u64>, LogError>> + Send>>;
 use crate::kafka::{KafkaLog, KafkaSettings};
-use crate::store::{EmbeddedLog, EmbeddedLogOptions, StoreError};
+use crate::store::{SegmentLog, SegmentLogOptions, StoreError};
 
 /// Why a log operation failed, grouped by what a caller does about it.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,9 @@ impl From<StoreError> for LogError {
             StoreError::Closed => LogError::Closed,
             StoreError::Corrupt { .. } => LogError::Corrupt(error.to_string()),
             StoreError::InvalidRequest(reason) => LogError::Invalid(reason),
-            StoreError::TopicMismatch { .. } => LogError::Invalid(error.to_string()),
+            StoreError::TopicMismatch { .. } | StoreError::LegacyLog { .. } => {
+                LogError::Invalid(error.to_string())
+            }
             StoreError::Unavailable(_)
             | StoreError::Io(_)
             | StoreError::Sled(_)
@@ -50,7 +52,7 @@ impl From<StoreError> for LogError {
 
 #[derive(Debug, Clone)]
 enum Backend {
-    Embedded(EmbeddedLog),
+    Embedded(SegmentLog),
     Kafka(KafkaLog),
 }
 
@@ -71,18 +73,20 @@ pub struct EmbeddedSettings {
     pub group_commit_max_records: usize,
     pub group_commit_max_delay: Duration,
     pub fsync: bool,
+    pub segment_bytes: u64,
 }
 
 impl EventLog {
     /// Opens the embedded log. Blocking.
     pub fn open_embedded(settings: EmbeddedSettings) -> Result<Self, LogError> {
-        let log = EmbeddedLog::open(
+        let log = SegmentLog::open(
             &settings.data_dir,
-            EmbeddedLogOptions {
+            SegmentLogOptions {
                 partitions: settings.partitions,
                 group_commit_max_records: settings.group_commit_max_records,
                 group_commit_max_delay: settings.group_commit_max_delay,
                 fsync: settings.fsync,
+                segment_bytes: settings.segment_bytes,
             },
         )?;
         Ok(Self {
@@ -100,15 +104,6 @@ impl EventLog {
             prefix: topic_prefix,
             partitions,
         })
-    }
-
-    /// Whether `aggregate_records` is served by a durable per-aggregate index
-    /// (the embedded log). On Kafka it scans partitions, so the write side
-    /// never calls it for a cache miss: after its startup restore, the command
-    /// store's snapshots plus each writer's unsaved ones hold every
-    /// aggregate's latest state.
-    pub fn indexes_aggregates(&self) -> bool {
-        matches!(self.backend, Backend::Embedded(_))
     }
 
     /// The topic that holds an aggregate type's events: `<prefix>.<aggregate>`.
@@ -147,14 +142,24 @@ impl EventLog {
 
     /// Starts an append and returns the future of its offsets. On the embedded
     /// log the records are queued before this returns, so appends started one
-    /// after another land in that order; on Kafka the append starts when the
-    /// future is first polled.
-    pub fn start_append(&self, topic: &str, partition: u32, records: Vec<Record>) -> AppendFuture {
+    /// after another land in that order, and an append that would not start at
+    /// `expected_offset` is refused (so nothing decided against a failed
+    /// append's records can land after it); on Kafka the append starts when the
+    /// future is first polled, and `expected_offset` is not checked.
+    pub fn start_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+        expected_offset: u64,
+    ) -> AppendFuture {
         match &self.backend {
-            Backend::Embedded(log) => match log.submit(topic, partition, records) {
-                Ok(pending) => Box::pin(async move { Ok(pending.await?) }),
-                Err(error) => Box::pin(std::future::ready(Err(error.into()))),
-            },
+            Backend::Embedded(log) => {
+                match log.submit(topic, partition, records, Some(expected_offset)) {
+                    Ok(pending) => Box::pin(async move { Ok(pending.await?) }),
+                    Err(error) => Box::pin(std::future::ready(Err(error.into()))),
+                }
+            }
             Backend::Kafka(log) => {
                 let log = log.clone();
                 let topic = topic.to_owned();
@@ -165,9 +170,10 @@ impl EventLog {
 
     /// Whether a writer may start its next append before the previous one is
     /// durable: true when appends land in the order they were started and a
-    /// failed append makes every later one fail (the embedded log poisons
-    /// itself on a failed group commit), so no record decided against a
-    /// failed batch's state can land. Kafka gives no such guarantee here.
+    /// failed append makes every later one fail (the embedded log refuses an
+    /// append whose expected offset a failed one left unfilled, and poisons
+    /// itself on a failed fdatasync), so no record decided against a failed
+    /// batch's state can land. Kafka gives no such guarantee here.
     pub fn pipelines_appends(&self) -> bool {
         matches!(self.backend, Backend::Embedded(_))
     }
