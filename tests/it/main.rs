@@ -23,6 +23,7 @@ mod protection;
 mod rate_limit;
 mod readiness;
 mod search;
+mod segment_log;
 mod shutdown;
 mod stream;
 mod tls;

@@ -1,0 +1,255 @@
+//! The embedded log's files under faults: a `kill -9` in the middle of group
+//! commits followed by a torn tail, a damaged record before valid ones, and a
+//! data directory that still holds the sled log of earlier versions.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Process, ProcessOptions, client, command, cqrsd_bin, get_json};
+
+const ACCOUNTS: usize = 4;
+const CLIENTS: usize = 16;
+
+fn options() -> ProcessOptions {
+    ProcessOptions {
+        config: "[log]\nbackend = \"embedded\"\n".to_owned(),
+        ..ProcessOptions::default()
+    }
+}
+
+/// Every segment file (`*.log`) under the data directory's segment log.
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.join("data").join("eventlog")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every idempotency key found in the accounts' histories; each must appear once.
+async fn logged_keys(http: &reqwest::Client, base: &str) -> HashSet<String> {
+    let mut keys = HashSet::new();
+    for account in 0..ACCOUNTS {
+        let history = get_json(
+            http,
+            &format!("{base}/aggregates/account/acc{account}/events?limit=10000"),
+        )
+        .await;
+        let events = history["events"].as_array().unwrap();
+        let versions: Vec<u64> = events
+            .iter()
+            .map(|e| e["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            versions,
+            (1..=events.len() as u64).collect::<Vec<_>>(),
+            "gap or duplicate"
+        );
+        for event in events {
+            if let Some(key) = event["idempotency_key"].as_str() {
+                assert!(keys.insert(key.to_owned()), "{key} applied twice");
+            }
+        }
+        let state = get_json(http, &format!("{base}/aggregates/account/acc{account}")).await;
+        assert_eq!(state["version"], events.len() as u64);
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_group_commits_then_a_torn_tail_loses_nothing_acknowledged() {
+    let daemon = Process::start(options());
+    let base = daemon.url("");
+    let http = client();
+    for account in 0..ACCOUNTS {
+        let response = command(
+            &http,
+            &base,
+            &format!("account/acc{account}/open"),
+            json!({"owner": "x"}),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    let acknowledged: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut clients = Vec::new();
+    for client_no in 0..CLIENTS {
+        let (http, base, acknowledged) = (http.clone(), base.clone(), acknowledged.clone());
+        clients.push(tokio::spawn(async move {
+            for n in 0..100_000u64 {
+                let key = format!("c{client_no}-{n}");
+                let account = (client_no + n as usize) % ACCOUNTS;
+                let sent = http
+                    .post(format!("{base}/commands/account/acc{account}/deposit"))
+                    .header("idempotency-key", &key)
+                    .json(&json!({"amount": 1}))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status() == 200 => {
+                        acknowledged.lock().unwrap().insert(key);
+                    }
+                    Ok(response) => panic!("unexpected status {}", response.status()),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    for _ in 0..200 {
+        if acknowledged.lock().unwrap().len() >= 300 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut daemon = daemon;
+    daemon.signal("KILL");
+    daemon.wait_exit(Duration::from_secs(30));
+    for client in clients {
+        client.await.unwrap();
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 50,
+        "too little load: {}",
+        acknowledged.len()
+    );
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    drop(daemon);
+
+    // What a crash in the middle of a write leaves at the end of a segment: the
+    // start of a frame, garbage, zeros. Each partition's last segment gets one.
+    let files = segments(dir.path());
+    let mut damaged = Vec::new();
+    for (i, path) in files.iter().enumerate() {
+        let len = std::fs::metadata(path).unwrap().len();
+        if len == 0 {
+            continue;
+        }
+        let mut tail: Vec<u8> = match damaged.len() % 3 {
+            0 => vec![0, 0, 1, 40, 0xAB, 0xCD, 0xEF, 0x01, 0, 0],
+            1 => (0..777u32)
+                .map(|b| (b.wrapping_mul(2_654_435_761) >> 11) as u8)
+                .collect(),
+            _ => vec![0; 3000],
+        };
+        tail.push(i as u8);
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes.extend_from_slice(&tail);
+        std::fs::write(path, &bytes).unwrap();
+        damaged.push((path.clone(), len));
+    }
+    assert!(!damaged.is_empty());
+
+    let daemon = Process::start_in(dir, options());
+    daemon.ready().await;
+    for (path, len) in &damaged {
+        assert_eq!(
+            std::fs::metadata(path).unwrap().len(),
+            *len,
+            "{}",
+            path.display()
+        );
+    }
+    let found = logged_keys(&http, &daemon.url("")).await;
+    for key in &acknowledged {
+        assert!(found.contains(key), "acknowledged command {key} lost");
+    }
+    // The log takes commands again where it stopped.
+    let response = command(
+        &http,
+        &daemon.url(""),
+        "account/acc0/deposit",
+        json!({"amount": 1}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+}
+
+/// Runs `cqrsd serve` on the directory of a stopped daemon and returns its
+/// exit code and standard error; it must not start.
+fn serve_expecting_failure(dir: &Path) -> (Option<i32>, String) {
+    let output = Command::new(cqrsd_bin())
+        .args(["serve", "--config"])
+        .arg(dir.join("config.toml"))
+        .env("CQRSD__HTTP__LISTEN", "127.0.0.1:0")
+        .env("CQRSD__STORAGE__DATA_DIR", dir.join("data"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_before_valid_ones_refuses_to_start_naming_file_and_byte() {
+    let daemon = Process::start(options());
+    let http = client();
+    let base = daemon.url("");
+    assert_eq!(
+        command(&http, &base, "account/acc0/open", json!({"owner": "x"}))
+            .await
+            .status(),
+        200
+    );
+    for _ in 0..4 {
+        let response = command(&http, &base, "account/acc0/deposit", json!({"amount": 1})).await;
+        assert_eq!(response.status(), 200);
+    }
+    let mut daemon = daemon;
+    daemon.signal("TERM");
+    daemon.wait_exit(Duration::from_secs(30));
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    drop(daemon);
+
+    let path = segments(dir.path())
+        .into_iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Frames start with their length (u32 BE, after which come the CRC and the
+    // rest); the third record starts after the first two.
+    let frame_len =
+        |at: usize| 8 + u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let second = frame_len(0);
+    let third = second + frame_len(second);
+    assert!(third < bytes.len(), "fewer than three records");
+    bytes[second + 40] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let (code, stderr) = serve_expecting_failure(dir.path());
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains(&format!("at byte {second}")), "{stderr}");
+    // The file was left as it was: nothing is cut when valid records follow.
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}
+
+#[test]
+fn a_legacy_sled_log_is_refused_naming_the_migration_command() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.toml"), "").unwrap();
+    let legacy = dir.path().join("data").join("log");
+    std::fs::create_dir_all(&legacy).unwrap();
+    std::fs::write(legacy.join("conf"), b"segment_size: 524288\n").unwrap();
+    let (code, stderr) = serve_expecting_failure(dir.path());
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("cqrsd log migrate"), "{stderr}");
+    assert!(!dir.path().join("data").join("eventlog").exists());
+}
