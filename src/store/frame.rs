@@ -119,7 +119,10 @@ pub(crate) fn decode_frame(
 }
 
 /// Decodes a record body: timestamp, key, headers, value.
-fn decode_body(body: &[u8], corrupt: &dyn Fn(&str) -> StoreError) -> Result<Record, StoreError> {
+pub(crate) fn decode_body(
+    body: &[u8],
+    corrupt: &dyn Fn(&str) -> StoreError,
+) -> Result<Record, StoreError> {
     let mut cur = Cursor { rest: body };
     let truncated = || corrupt("frame is truncated");
     let timestamp_ms = i64::from_be_bytes(cur.array().ok_or_else(truncated)?);

@@ -6,6 +6,7 @@
 
 pub mod command_store;
 mod frame;
+pub mod migrate;
 pub mod search;
 pub mod segment_log;
 pub mod views;

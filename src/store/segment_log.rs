@@ -214,21 +214,29 @@ impl SegmentLog {
     /// starts the appender thread. A data directory that still holds the sled log of
     /// earlier versions is refused. Blocking.
     pub fn open(data_dir: &Path, opts: SegmentLogOptions) -> Result<Self, StoreError> {
+        let legacy = data_dir.join(LEGACY_LOG_DIR);
+        if is_legacy_log(&legacy) {
+            return Err(StoreError::LegacyLog { path: legacy });
+        }
+        Self::open_root(&data_dir.join(LOG_DIR), opts)
+    }
+
+    /// Opens (or creates) a segment log in the directory `root`. Blocking.
+    pub(crate) fn open_root(root: &Path, opts: SegmentLogOptions) -> Result<Self, StoreError> {
         if opts.partitions == 0 {
             return Err(StoreError::InvalidRequest(
                 "a topic needs at least one partition".into(),
             ));
         }
-        let legacy = data_dir.join(LEGACY_LOG_DIR);
-        if legacy.join("conf").exists() || legacy.join("db").exists() {
-            return Err(StoreError::LegacyLog { path: legacy });
-        }
-        let root = data_dir.join(LOG_DIR);
         let created = !root.exists();
-        std::fs::create_dir_all(&root)?;
-        if created && opts.fsync {
-            sync_dir(data_dir)?;
+        std::fs::create_dir_all(root)?;
+        if created
+            && opts.fsync
+            && let Some(parent) = root.parent()
+        {
+            sync_dir(parent)?;
         }
+        let root = root.to_owned();
         let shared = Arc::new(Shared {
             root,
             opts,
@@ -1086,7 +1094,12 @@ fn read_meta(path: &Path) -> Result<u32, StoreError> {
     }
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Whether `dir` is a sled database (the event log of versions before the segment log).
+pub(crate) fn is_legacy_log(dir: &Path) -> bool {
+    dir.join("conf").exists() || dir.join("db").exists()
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -253,3 +253,158 @@ fn a_legacy_sled_log_is_refused_naming_the_migration_command() {
     assert!(stderr.contains("cqrsd log migrate"), "{stderr}");
     assert!(!dir.path().join("data").join("eventlog").exists());
 }
+
+/// A sled database in the layout of the embedded log before segment files:
+/// `meta` (`format` → "1", `topic/<topic>` → partition count) and one tree per
+/// partition from offset (u64 BE) to `version 1 ‖ CRC-32 ‖ body`.
+fn write_legacy_log(data_dir: &Path, records: &[(u32, u64, cqrsd::log::Record)]) {
+    let db = sled::open(data_dir.join("log")).unwrap();
+    let meta = db.open_tree("meta").unwrap();
+    meta.insert("format", "1").unwrap();
+    meta.insert("topic/cqrsd.account", &8u32.to_be_bytes())
+        .unwrap();
+    for (partition, offset, record) in records {
+        let mut body = Vec::new();
+        body.extend_from_slice(&record.timestamp_ms.to_be_bytes());
+        body.extend_from_slice(&(record.key.len() as u32).to_be_bytes());
+        body.extend_from_slice(record.key.as_bytes());
+        body.extend_from_slice(&(record.headers.len() as u32).to_be_bytes());
+        for (name, value) in &record.headers {
+            body.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            body.extend_from_slice(name.as_bytes());
+            body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            body.extend_from_slice(value);
+        }
+        body.extend_from_slice(&(record.value.len() as u32).to_be_bytes());
+        body.extend_from_slice(&record.value);
+        let mut frame = vec![1u8];
+        frame.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        frame.extend_from_slice(&body);
+        db.open_tree(format!("p/cqrsd.account/{partition}"))
+            .unwrap()
+            .insert(offset.to_be_bytes(), frame)
+            .unwrap();
+    }
+    db.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_migrate_converts_a_sled_log_keeping_offsets_aggregates_and_views() {
+    use cqrsd::log::{Encoding, Event, EventMetadata, encode, partition_for};
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[storage]\ndata_dir = \"data\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Three accounts: opened, then deposits of 1, 2, 3, ... one command per record.
+    let mut ends = [0u64; 8];
+    let mut records = Vec::new();
+    let mut expected = Vec::new();
+    for account in 0..3u64 {
+        let id = format!("acc{account}");
+        let partition = partition_for(&id, 8);
+        let mut balance = 0;
+        for version in 1..=(4 + account) {
+            let (event_type, data) = if version == 1 {
+                (
+                    "AccountOpened",
+                    json!({"owner": format!("owner {account}")}),
+                )
+            } else {
+                balance += version - 1;
+                ("MoneyDeposited", json!({"amount": version - 1}))
+            };
+            let event = Event {
+                event_id: uuid::Uuid::now_v7(),
+                aggregate_type: "account".into(),
+                aggregate_id: id.clone(),
+                version,
+                event_type: event_type.into(),
+                timestamp: chrono::DateTime::from_timestamp_millis(1_764_000_000_000).unwrap(),
+                data,
+                metadata: EventMetadata {
+                    command: if version == 1 { "open" } else { "deposit" }.into(),
+                    command_id: uuid::Uuid::now_v7(),
+                    idempotency_key: None,
+                    correlation_id: None,
+                    request_hash: "h".into(),
+                    principal: None,
+                },
+            };
+            let offset = ends[partition as usize];
+            ends[partition as usize] += 1;
+            records.push((
+                partition,
+                offset,
+                encode(&[event], Encoding::MessagePack).unwrap(),
+            ));
+        }
+        expected.push((id, partition, 4 + account, balance));
+    }
+    write_legacy_log(&data, &records);
+
+    // Refused as it is, then converted.
+    let (code, stderr) = serve_expecting_failure(dir.path());
+    assert_ne!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) =
+        crate::harness::run_cli(&["log", "migrate", "--config", "config.toml"], dir.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("migrated {} record(s)", records.len())),
+        "{stdout}"
+    );
+    assert!(data.join("log.sled-migrated").exists());
+    assert!(!data.join("log").exists());
+    // A second run has nothing to do and says so.
+    let (code, _, stderr) =
+        crate::harness::run_cli(&["log", "migrate", "--config", "config.toml"], dir.path());
+    assert_ne!(code, 0);
+    assert!(stderr.contains("nothing to migrate"), "{stderr}");
+
+    let daemon = Process::start_in(dir, options());
+    daemon.ready().await;
+    let http = client();
+    let base = daemon.url("");
+    for (id, partition, version, balance) in &expected {
+        let state = get_json(&http, &format!("{base}/aggregates/account/{id}")).await;
+        assert_eq!(state["version"], *version, "{state}");
+        assert_eq!(state["state"]["balance"], *balance, "{state}");
+        let history = get_json(&http, &format!("{base}/aggregates/account/{id}/events")).await;
+        let positions: Vec<&str> = history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["position"].as_str().unwrap())
+            .collect();
+        let old: Vec<String> = records
+            .iter()
+            .filter(|(_, _, r)| r.key == *id)
+            .map(|(p, o, _)| format!("cqrsd.account:{p}:{o}"))
+            .collect();
+        assert_eq!(positions, old, "positions moved");
+        assert!(
+            old.iter()
+                .all(|p| p.starts_with(&format!("cqrsd.account:{partition}:")))
+        );
+        let last = old.last().unwrap();
+        let view = get_json(
+            &http,
+            &format!("{base}/views/accounts/{id}?consistent_with={last}"),
+        )
+        .await;
+        assert_eq!(view["doc"]["balance"], *balance, "{view}");
+    }
+    // The next command continues at the next offset of its partition.
+    let reply = command(&http, &base, "account/acc0/deposit", json!({"amount": 5})).await;
+    assert_eq!(reply.status(), 200);
+    let reply: serde_json::Value = reply.json().await.unwrap();
+    let p0 = expected[0].1;
+    assert_eq!(
+        reply["position"],
+        format!("cqrsd.account:{p0}:{}", ends[p0 as usize])
+    );
+}
