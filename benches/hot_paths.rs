@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrsd::domain::{Domain, EXAMPLE_DOMAIN, ProjectionKind};
-use cqrsd::log::{
-    EmbeddedSettings, Encoding, Event, EventLog, EventMetadata, Record, decode, encode,
-};
+use cqrsd::log::{Encoding, Event, EventMetadata, Record, decode, encode};
 use cqrsd::projection::{SourceRecord, engine_for};
 use cqrsd::store::ViewStore;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -126,7 +124,7 @@ fn projection_apply(c: &mut Criterion) {
 
 fn log_append(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open_embedded(EmbeddedSettings {
+    let log = cqrsd::store::open_embedded(cqrsd::store::EmbeddedSettings {
         data_dir: dir.path().to_owned(),
         topic_prefix: "cqrsd".to_owned(),
         partitions: 1,

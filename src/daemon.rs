@@ -20,10 +20,11 @@ use crate::domain::Domain;
 use crate::health::Health;
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
 use crate::kafka::KafkaSettings;
-use crate::log::{EmbeddedSettings, EventLog};
+use crate::log::EventLog;
 use crate::projection::{PoolOptions, ProjectionPool};
 use crate::security::LiveSettings;
 use crate::store::CommandStore;
+use crate::store::EmbeddedSettings;
 use crate::store::ViewStore;
 use axum::Router;
 
@@ -341,8 +342,8 @@ impl Daemon {
 /// aggregate type.
 fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
     let log = match config.log.backend {
-        LogBackend::Embedded => EventLog::open_embedded(embedded_settings(config)),
-        LogBackend::Kafka => EventLog::open_kafka(
+        LogBackend::Embedded => crate::store::open_embedded(embedded_settings(config)),
+        LogBackend::Kafka => crate::kafka::open_event_log(
             kafka_settings(&config.log.kafka),
             config.log.kafka.topic_prefix.clone(),
         ),

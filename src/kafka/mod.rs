@@ -38,7 +38,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use crate::log::history::HistoryIndex;
-use crate::log::{LogError, Record, partition_for};
+use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record, partition_for};
 
 mod raw;
 pub use raw::RawProducer;
@@ -770,6 +770,74 @@ impl KafkaLog {
         producer
             .flush(self.inner.settings.produce_timeout)
             .map_err(|e| unavailable("flush", e))
+    }
+}
+
+/// Connects to a Kafka cluster as the daemon's event log, with topics named
+/// `<topic_prefix>.<aggregate>`. Blocking.
+pub fn open_event_log(settings: KafkaSettings, topic_prefix: String) -> Result<EventLog, LogError> {
+    let partitions = settings.partitions;
+    Ok(EventLog::new(
+        Arc::new(KafkaLog::open(settings)?),
+        topic_prefix,
+        partitions,
+    ))
+}
+
+impl LogBackend for KafkaLog {
+    fn ensure_topic(&self, topic: &str) -> Result<(), LogError> {
+        KafkaLog::ensure_topic(self, topic)
+    }
+
+    /// The append starts when the future is first polled; the expected offset
+    /// is not checked, since Kafka appends are never pipelined.
+    fn start_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+        _expected_offset: Option<u64>,
+    ) -> AppendFuture {
+        let log = self.clone();
+        let topic = topic.to_owned();
+        Box::pin(async move { log.append(&topic, partition, records).await })
+    }
+
+    /// A failed produce says nothing about the records sent after it, so a
+    /// writer must wait for each append before it decides the next batch.
+    fn pipelines_appends(&self) -> bool {
+        false
+    }
+
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError> {
+        KafkaLog::read(self, topic, partition, from, max)
+    }
+
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        KafkaLog::end_offset(self, topic, partition)
+    }
+
+    fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
+        KafkaLog::subscribe(self, topic, partition)
+    }
+
+    fn aggregate_records(
+        &self,
+        topic: &str,
+        aggregate_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
+        KafkaLog::aggregate_records(self, topic, aggregate_id, from_version)
+    }
+
+    fn close(&self) -> Result<(), LogError> {
+        KafkaLog::close(self)
     }
 }
 

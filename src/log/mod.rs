@@ -9,7 +9,7 @@ pub mod partitioner;
 pub mod position;
 pub mod record;
 
-pub use handle::{AppendFuture, EmbeddedSettings, EventLog, LogError};
+pub use handle::{AppendFuture, EventLog, LogBackend, LogError};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{Position, PositionError, topic_name, validate_topic_name};
 pub use record::{Encoding, Event, EventMetadata, Record, RecordError, decode, encode};

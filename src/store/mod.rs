@@ -13,7 +13,7 @@ pub mod views;
 
 pub use command_store::{CommandStore, Snapshot, StoredReply};
 pub use search::{SearchError, SearchHit, SearchIndex, SearchPage, SearchReader};
-pub use segment_log::{LogStats, SegmentLog, SegmentLogOptions};
+pub use segment_log::{EmbeddedSettings, LogStats, SegmentLog, SegmentLogOptions, open_embedded};
 pub use views::ViewStore;
 
 /// Why a storage operation failed, grouped by what the caller can do about it.
@@ -102,6 +102,24 @@ pub(crate) fn open_db(path: &std::path::Path, cache_bytes: u64) -> Result<sled::
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             result => return result,
+        }
+    }
+}
+
+impl From<StoreError> for crate::log::LogError {
+    fn from(error: StoreError) -> Self {
+        use crate::log::LogError;
+        match error {
+            StoreError::Closed => LogError::Closed,
+            StoreError::Corrupt { .. } => LogError::Corrupt(error.to_string()),
+            StoreError::InvalidRequest(reason) => LogError::Invalid(reason),
+            StoreError::TopicMismatch { .. } | StoreError::LegacyLog { .. } => {
+                LogError::Invalid(error.to_string())
+            }
+            StoreError::Unavailable(_)
+            | StoreError::Io(_)
+            | StoreError::Sled(_)
+            | StoreError::Search(_) => LogError::Unavailable(error.to_string()),
         }
     }
 }

@@ -44,7 +44,7 @@ use super::frame::{
 };
 use crate::log::history::HistoryIndex;
 use crate::log::position::validate_topic_name;
-use crate::log::{Record, partition_for};
+use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record, partition_for};
 
 /// The directory of the segment log inside the data directory.
 pub const LOG_DIR: &str = "eventlog";
@@ -1459,6 +1459,99 @@ fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Settings of the embedded log as the daemon configures it.
+#[derive(Debug, Clone)]
+pub struct EmbeddedSettings {
+    pub data_dir: PathBuf,
+    pub topic_prefix: String,
+    pub partitions: u32,
+    pub group_commit_max_records: usize,
+    pub group_commit_max_delay: Duration,
+    pub fsync: bool,
+    pub segment_bytes: u64,
+}
+
+/// Opens the embedded log at `<data_dir>/eventlog` as the daemon's event log. Blocking.
+pub fn open_embedded(settings: EmbeddedSettings) -> Result<EventLog, LogError> {
+    let log = SegmentLog::open(
+        &settings.data_dir,
+        SegmentLogOptions {
+            partitions: settings.partitions,
+            group_commit_max_records: settings.group_commit_max_records,
+            group_commit_max_delay: settings.group_commit_max_delay,
+            fsync: settings.fsync,
+            segment_bytes: settings.segment_bytes,
+        },
+    )?;
+    Ok(EventLog::new(
+        Arc::new(log),
+        settings.topic_prefix,
+        settings.partitions,
+    ))
+}
+
+impl LogBackend for SegmentLog {
+    fn ensure_topic(&self, topic: &str) -> Result<(), LogError> {
+        SegmentLog::ensure_topic(self, topic)?;
+        Ok(())
+    }
+
+    fn start_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+        expected_offset: Option<u64>,
+    ) -> AppendFuture {
+        match self.submit(topic, partition, records, expected_offset) {
+            Ok(pending) => Box::pin(async move { Ok(pending.await?) }),
+            Err(error) => Box::pin(std::future::ready(Err(error.into()))),
+        }
+    }
+
+    /// Appends land in the order they are queued, one that would not start at its
+    /// expected offset is refused, and a failed fdatasync poisons the log.
+    fn pipelines_appends(&self) -> bool {
+        true
+    }
+
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError> {
+        Ok(SegmentLog::read(self, topic, partition, from, max)?)
+    }
+
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        Ok(SegmentLog::end_offset(self, topic, partition)?)
+    }
+
+    fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
+        Ok(SegmentLog::subscribe(self, topic, partition)?)
+    }
+
+    fn aggregate_records(
+        &self,
+        topic: &str,
+        aggregate_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
+        Ok(SegmentLog::aggregate_records(
+            self,
+            topic,
+            aggregate_id,
+            from_version,
+        )?)
+    }
+
+    fn close(&self) -> Result<(), LogError> {
+        Ok(SegmentLog::close(self)?)
+    }
 }
 
 #[cfg(test)]
