@@ -358,6 +358,11 @@ impl SegmentLog {
         let frames = records
             .iter()
             .map(|record| {
+                // Histories and the write side's restore rely on every record naming
+                // its versions; a record without them is refused, not stored.
+                record.version_range().map_err(|e| {
+                    StoreError::InvalidRequest(format!("record not appendable: {e}"))
+                })?;
                 let mut frame = Vec::new();
                 encode_frame(0, record, &mut frame)?;
                 Ok(frame)
@@ -2035,6 +2040,12 @@ mod tests {
         assert!(matches!(unknown, Err(StoreError::InvalidRequest(_))));
         let bad_partition = log.append(TOPIC, 2, vec![rec("a", 1, 1)]).await;
         assert!(matches!(bad_partition, Err(StoreError::InvalidRequest(_))));
+        let mut no_headers = rec("a", 1, 1);
+        no_headers.headers.clear();
+        assert!(matches!(
+            log.append(TOPIC, 0, vec![no_headers]).await,
+            Err(StoreError::InvalidRequest(_))
+        ));
         assert!(matches!(
             log.read(TOPIC, 5, 0, 1),
             Err(StoreError::InvalidRequest(_))
