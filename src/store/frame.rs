@@ -13,8 +13,20 @@ use super::StoreError;
 
 /// Bytes before the checked payload: length and CRC.
 pub(crate) const FRAME_HEADER_LEN: usize = 4 + 4;
-/// The smallest payload: offset, timestamp, and three empty length-prefixed fields.
-const MIN_PAYLOAD_LEN: usize = 8 + 8 + 4 + 4 + 4;
+/// The smallest payload: offset, timestamp, and three empty varint-prefixed fields.
+const MIN_PAYLOAD_LEN: usize = 8 + 8 + 1 + 1 + 1;
+/// Header names the cqrsd record format always uses (docs/record-format.md section 4),
+/// stored as one-byte codes (1 = the first) instead of spelled out: they would otherwise
+/// take about 190 bytes of every record. The table is part of the segment format:
+/// entries are only ever appended.
+const KNOWN_HEADERS: [&str; 6] = [
+    "cqrsd-format",
+    "content-type",
+    "cqrsd-aggregate-type",
+    "cqrsd-version-first",
+    "cqrsd-version-last",
+    "cqrsd-event-types",
+];
 /// The largest payload a frame may declare. Far above any record the daemon writes (a
 /// command's body is bounded by the HTTP limits); a larger length is damage, and
 /// bounding it keeps recovery from allocating whatever a garbage length says.
@@ -26,25 +38,27 @@ pub(crate) fn encode_frame(
     record: &Record,
     out: &mut Vec<u8>,
 ) -> Result<(), StoreError> {
-    let too_long =
-        |what: &str| StoreError::InvalidRequest(format!("record {what} is larger than 4 GiB"));
-    let len32 = |n: usize, what: &str| u32::try_from(n).map_err(|_| too_long(what));
-
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
     out.extend_from_slice(&offset.to_be_bytes());
     out.extend_from_slice(&record.timestamp_ms.to_be_bytes());
-    out.extend_from_slice(&len32(record.key.len(), "key")?.to_be_bytes());
-    out.extend_from_slice(record.key.as_bytes());
-    out.extend_from_slice(&len32(record.headers.len(), "header list")?.to_be_bytes());
+    put_bytes(out, record.key.as_bytes());
+    put_varint(out, record.headers.len() as u64);
     for (name, value) in &record.headers {
-        out.extend_from_slice(&len32(name.len(), "header name")?.to_be_bytes());
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&len32(value.len(), "header value")?.to_be_bytes());
-        out.extend_from_slice(value);
+        match KNOWN_HEADERS
+            .iter()
+            .position(|known| *known == name.as_str())
+        {
+            // Codes start at 1; 0 announces a name spelled out.
+            Some(code) => out.push(code as u8 + 1),
+            None => {
+                out.push(0);
+                put_bytes(out, name.as_bytes());
+            }
+        }
+        put_bytes(out, value);
     }
-    out.extend_from_slice(&len32(record.value.len(), "value")?.to_be_bytes());
-    out.extend_from_slice(&record.value);
+    put_bytes(out, &record.value);
 
     let payload_len = out.len() - start - FRAME_HEADER_LEN;
     if payload_len > MAX_PAYLOAD_LEN {
@@ -54,7 +68,8 @@ pub(crate) fn encode_frame(
         )));
     }
     let crc = crc32fast::hash(&out[start + FRAME_HEADER_LEN..]);
-    out[start..start + 4].copy_from_slice(&len32(payload_len, "frame")?.to_be_bytes());
+    // At most MAX_PAYLOAD_LEN, checked above, so it fits.
+    out[start..start + 4].copy_from_slice(&(payload_len as u32).to_be_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
     Ok(())
 }
@@ -119,28 +134,28 @@ pub(crate) fn decode_frame(
 }
 
 /// Decodes a record body: timestamp, key, headers, value.
-pub(crate) fn decode_body(
-    body: &[u8],
-    corrupt: &dyn Fn(&str) -> StoreError,
-) -> Result<Record, StoreError> {
+fn decode_body(body: &[u8], corrupt: &dyn Fn(&str) -> StoreError) -> Result<Record, StoreError> {
     let mut cur = Cursor { rest: body };
     let truncated = || corrupt("frame is truncated");
     let timestamp_ms = i64::from_be_bytes(cur.array().ok_or_else(truncated)?);
-    let key = cur
-        .string()
-        .ok_or_else(truncated)?
+    let key = String::from_utf8(cur.bytes().ok_or_else(truncated)?.to_vec())
         .map_err(|_| corrupt("key is not UTF-8"))?;
-    let header_count = cur.u32().ok_or_else(truncated)?;
-    // Each header takes at least 8 bytes, which bounds the allocation by the frame size.
+    let header_count = cur.varint().ok_or_else(truncated)?;
+    // Each header takes at least 2 bytes, which bounds the allocation by the frame size.
     let capacity = usize::try_from(header_count)
         .unwrap_or(usize::MAX)
-        .min(cur.rest.len() / 8);
+        .min(cur.rest.len() / 2);
     let mut headers = Vec::with_capacity(capacity);
     for _ in 0..header_count {
-        let name = cur
-            .string()
-            .ok_or_else(truncated)?
-            .map_err(|_| corrupt("header name is not UTF-8"))?;
+        let code = cur.take(1).ok_or_else(truncated)?[0];
+        let name = match code {
+            0 => String::from_utf8(cur.bytes().ok_or_else(truncated)?.to_vec())
+                .map_err(|_| corrupt("header name is not UTF-8"))?,
+            code => (*KNOWN_HEADERS
+                .get(usize::from(code) - 1)
+                .ok_or_else(|| corrupt("unknown header code"))?)
+            .to_owned(),
+        };
         let value = cur.bytes().ok_or_else(truncated)?.to_vec();
         headers.push((name, value));
     }
@@ -154,6 +169,21 @@ pub(crate) fn decode_body(
         value,
         timestamp_ms,
     })
+}
+
+/// Appends `n` as an unsigned LEB128 varint.
+fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// Appends `bytes` with its length as a varint.
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
 }
 
 /// A bounds-checked reader: every method returns `None` instead of reading past the end.
@@ -175,17 +205,26 @@ impl<'a> Cursor<'a> {
         self.take(N).and_then(|b| b.try_into().ok())
     }
 
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_be_bytes)
+    /// An unsigned LEB128 varint of at most 10 bytes that fits in a u64.
+    fn varint(&mut self) -> Option<u64> {
+        let mut n = 0u64;
+        for i in 0..10 {
+            let b = self.take(1)?[0];
+            let bits = u64::from(b & 0x7F);
+            if i == 9 && b > 1 {
+                return None;
+            }
+            n |= bits << (7 * i);
+            if b & 0x80 == 0 {
+                return Some(n);
+            }
+        }
+        None
     }
 
     fn bytes(&mut self) -> Option<&'a [u8]> {
-        let len = usize::try_from(self.u32()?).ok()?;
+        let len = usize::try_from(self.varint()?).ok()?;
         self.take(len)
-    }
-
-    fn string(&mut self) -> Option<Result<String, std::string::FromUtf8Error>> {
-        self.bytes().map(|b| String::from_utf8(b.to_vec()))
     }
 }
 
@@ -226,6 +265,39 @@ mod tests {
             }
         );
         assert_eq!(decode_frame(frame, &what).unwrap(), (17, record()));
+    }
+
+    #[test]
+    fn known_headers_take_one_byte_and_others_round_trip() {
+        let mut record = record();
+        record.headers = vec![
+            ("cqrsd-format".to_owned(), b"1".to_vec()),
+            ("content-type".to_owned(), b"application/msgpack".to_vec()),
+            ("x-other".to_owned(), vec![0xFF; 200]),
+        ];
+        let mut frame = Vec::new();
+        encode_frame(u64::MAX, &record, &mut frame).unwrap();
+        assert_eq!(
+            decode_frame(&frame, &what).unwrap(),
+            (u64::MAX, record.clone())
+        );
+        // Header, offset, timestamp, key, count, 2 known (code, value), 1 spelled out, value.
+        let expected =
+            8 + 8 + 8 + (1 + 5) + 1 + (1 + 2) + (1 + 20) + (1 + 1 + 7 + 2 + 200) + (1 + 3);
+        assert_eq!(frame.len(), expected);
+        // An unknown code is damage, not a guess.
+        let mut body = Vec::new();
+        body.extend_from_slice(&0u64.to_be_bytes());
+        body.extend_from_slice(&0i64.to_be_bytes());
+        body.extend_from_slice(&[0, 1, 42, 0, 0]);
+        let mut framed = Vec::new();
+        framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+        framed.extend_from_slice(&body);
+        assert!(matches!(
+            decode_frame(&framed, &what),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]

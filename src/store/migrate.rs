@@ -4,8 +4,8 @@
 //! This is the only code that still reads the old layout: the `meta` tree
 //! (`format` → `"1"`, `topic/<topic>` → partition count, u32 BE) and one tree
 //! per partition, `p/<topic>/<partition>`, from offset (u64 BE) to a legacy
-//! frame (`version 1 u8 ‖ CRC-32 u32 BE of the body ‖ body`, the body as in
-//! the segment frame). The per-aggregate index tree is not needed: histories
+//! frame (`version 1 u8 ‖ CRC-32 u32 BE of the body ‖ body`, the body being
+//! the timestamp, then key, headers and value with u32 BE lengths). The per-aggregate index tree is not needed: histories
 //! are derived from the log now.
 //!
 //! The new log is written to `<data_dir>/eventlog.migrating` and renamed to
@@ -16,7 +16,6 @@
 
 use std::path::{Path, PathBuf};
 
-use super::frame::decode_body;
 use super::segment_log::{LEGACY_LOG_DIR, LOG_DIR, is_legacy_log, sync_dir};
 use super::{SegmentLog, SegmentLogOptions, StoreError};
 use crate::log::Record;
@@ -191,5 +190,76 @@ fn decode_legacy_frame(frame: &[u8], what: &dyn Fn() -> String) -> Result<Record
     if crc32fast::hash(body).to_be_bytes() != crc {
         return Err(corrupt("CRC32 mismatch"));
     }
-    decode_body(body, &corrupt)
+    decode_legacy_body(body, &corrupt)
+}
+
+/// Decodes a legacy frame body: timestamp, key, headers, value, every length a u32 BE.
+fn decode_legacy_body(
+    body: &[u8],
+    corrupt: &dyn Fn(&str) -> StoreError,
+) -> Result<Record, StoreError> {
+    let mut cur = Cursor { rest: body };
+    let truncated = || corrupt("frame is truncated");
+    let timestamp_ms = i64::from_be_bytes(cur.array().ok_or_else(truncated)?);
+    let key = cur
+        .string()
+        .ok_or_else(truncated)?
+        .map_err(|_| corrupt("key is not UTF-8"))?;
+    let header_count = cur.u32().ok_or_else(truncated)?;
+    // Each header takes at least 8 bytes, which bounds the allocation by the frame size.
+    let capacity = usize::try_from(header_count)
+        .unwrap_or(usize::MAX)
+        .min(cur.rest.len() / 8);
+    let mut headers = Vec::with_capacity(capacity);
+    for _ in 0..header_count {
+        let name = cur
+            .string()
+            .ok_or_else(truncated)?
+            .map_err(|_| corrupt("header name is not UTF-8"))?;
+        let value = cur.bytes().ok_or_else(truncated)?.to_vec();
+        headers.push((name, value));
+    }
+    let value = cur.bytes().ok_or_else(truncated)?.to_vec();
+    if !cur.rest.is_empty() {
+        return Err(corrupt("trailing bytes after the record"));
+    }
+    Ok(Record {
+        key,
+        headers,
+        value,
+        timestamp_ms,
+    })
+}
+
+/// A bounds-checked reader: every method returns `None` instead of reading past the end.
+struct Cursor<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.rest.len() < n {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Some(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N).and_then(|b| b.try_into().ok())
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.u32()?).ok()?;
+        self.take(len)
+    }
+
+    fn string(&mut self) -> Option<Result<String, std::string::FromUtf8Error>> {
+        self.bytes().map(|b| String::from_utf8(b.to_vec()))
+    }
 }
