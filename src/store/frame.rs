@@ -187,11 +187,30 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// A bounds-checked reader: every method returns `None` instead of reading past the end.
-struct Cursor<'a> {
+/// Also used by the migration's reader of the sled log's frames (`u32`, `u32_bytes`).
+pub(super) struct Cursor<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> Cursor<'a> {
+    pub(super) fn new(bytes: &'a [u8]) -> Self {
+        Cursor { rest: bytes }
+    }
+
+    pub(super) fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
+    pub(super) fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    /// Bytes with their length as a u32 BE.
+    pub(super) fn u32_bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.u32()?).ok()?;
+        self.take(len)
+    }
+
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.rest.len() < n {
             return None;
@@ -201,7 +220,7 @@ impl<'a> Cursor<'a> {
         Some(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+    pub(super) fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
         self.take(N).and_then(|b| b.try_into().ok())
     }
 

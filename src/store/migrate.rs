@@ -16,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::frame::Cursor;
 use super::segment_log::{LEGACY_LOG_DIR, LOG_DIR, is_legacy_log, sync_dir};
 use super::{SegmentLog, SegmentLogOptions, StoreError};
 use crate::log::Record;
@@ -198,29 +199,25 @@ fn decode_legacy_body(
     body: &[u8],
     corrupt: &dyn Fn(&str) -> StoreError,
 ) -> Result<Record, StoreError> {
-    let mut cur = Cursor { rest: body };
+    let mut cur = Cursor::new(body);
     let truncated = || corrupt("frame is truncated");
     let timestamp_ms = i64::from_be_bytes(cur.array().ok_or_else(truncated)?);
-    let key = cur
-        .string()
-        .ok_or_else(truncated)?
+    let key = String::from_utf8(cur.u32_bytes().ok_or_else(truncated)?.to_vec())
         .map_err(|_| corrupt("key is not UTF-8"))?;
     let header_count = cur.u32().ok_or_else(truncated)?;
     // Each header takes at least 8 bytes, which bounds the allocation by the frame size.
     let capacity = usize::try_from(header_count)
         .unwrap_or(usize::MAX)
-        .min(cur.rest.len() / 8);
+        .min(cur.remaining() / 8);
     let mut headers = Vec::with_capacity(capacity);
     for _ in 0..header_count {
-        let name = cur
-            .string()
-            .ok_or_else(truncated)?
+        let name = String::from_utf8(cur.u32_bytes().ok_or_else(truncated)?.to_vec())
             .map_err(|_| corrupt("header name is not UTF-8"))?;
-        let value = cur.bytes().ok_or_else(truncated)?.to_vec();
+        let value = cur.u32_bytes().ok_or_else(truncated)?.to_vec();
         headers.push((name, value));
     }
-    let value = cur.bytes().ok_or_else(truncated)?.to_vec();
-    if !cur.rest.is_empty() {
+    let value = cur.u32_bytes().ok_or_else(truncated)?.to_vec();
+    if cur.remaining() > 0 {
         return Err(corrupt("trailing bytes after the record"));
     }
     Ok(Record {
@@ -229,37 +226,4 @@ fn decode_legacy_body(
         value,
         timestamp_ms,
     })
-}
-
-/// A bounds-checked reader: every method returns `None` instead of reading past the end.
-struct Cursor<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.rest.len() < n {
-            return None;
-        }
-        let (head, tail) = self.rest.split_at(n);
-        self.rest = tail;
-        Some(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.take(N).and_then(|b| b.try_into().ok())
-    }
-
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_be_bytes)
-    }
-
-    fn bytes(&mut self) -> Option<&'a [u8]> {
-        let len = usize::try_from(self.u32()?).ok()?;
-        self.take(len)
-    }
-
-    fn string(&mut self) -> Option<Result<String, std::string::FromUtf8Error>> {
-        self.bytes().map(|b| String::from_utf8(b.to_vec()))
-    }
 }

@@ -5,11 +5,11 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
 
+use crate::crash::deposit_until_killed;
 use crate::harness::{Process, ProcessOptions, client, command, cqrsd_bin, get_json};
 
 const ACCOUNTS: usize = 4;
@@ -73,48 +73,9 @@ async fn logged_keys(http: &reqwest::Client, base: &str) -> HashSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_group_commits_then_a_torn_tail_loses_nothing_acknowledged() {
     let daemon = Process::start(options());
-    let base = daemon.url("");
     let http = client();
-    for account in 0..ACCOUNTS {
-        let response = command(
-            &http,
-            &base,
-            &format!("account/acc{account}/open"),
-            json!({"owner": "x"}),
-        )
-        .await;
-        assert_eq!(response.status(), 200);
-    }
-    let acknowledged: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut clients = Vec::new();
-    for client_no in 0..CLIENTS {
-        let (http, base, acknowledged) = (http.clone(), base.clone(), acknowledged.clone());
-        clients.push(tokio::spawn(async move {
-            for n in 0..100_000u64 {
-                let key = format!("c{client_no}-{n}");
-                let account = (client_no + n as usize) % ACCOUNTS;
-                let sent = http
-                    .post(format!("{base}/commands/account/acc{account}/deposit"))
-                    .header("idempotency-key", &key)
-                    .json(&json!({"amount": 1}))
-                    .send()
-                    .await;
-                match sent {
-                    Ok(response) if response.status() == 200 => {
-                        acknowledged.lock().unwrap().insert(key);
-                    }
-                    Ok(response) => panic!("unexpected status {}", response.status()),
-                    Err(_) => return,
-                }
-            }
-        }));
-    }
-    for _ in 0..200 {
-        if acknowledged.lock().unwrap().len() >= 300 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let (acknowledged, clients) =
+        deposit_until_killed(&http, &daemon.url(""), ACCOUNTS, CLIENTS, 300).await;
     let mut daemon = daemon;
     daemon.signal("KILL");
     daemon.wait_exit(Duration::from_secs(30));
