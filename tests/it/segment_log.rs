@@ -369,3 +369,114 @@ async fn log_migrate_converts_a_sled_log_keeping_offsets_aggregates_and_views() 
         format!("cqrsd.account:{p0}:{}", ends[p0 as usize])
     );
 }
+
+/// A small tmpfs, unmounted on drop (tests run as root here and in CI).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_loses_nothing_and_recovers_without_a_restart() {
+    let disk = SmallDisk::mount(48 << 20);
+    let data = disk.dir.path().join("data");
+    // Small segments, so preallocation (64 KiB ahead) runs out soon after the
+    // disk is full.
+    let daemon = Process::start(ProcessOptions {
+        config: "[log]\nbackend = \"embedded\"\n[log.embedded]\nsegment_bytes = 65536\n".to_owned(),
+        env: vec![(
+            "CQRSD__STORAGE__DATA_DIR".to_owned(),
+            data.display().to_string(),
+        )],
+        ..ProcessOptions::default()
+    });
+    daemon.ready().await;
+    let http = client();
+    let base = daemon.url("");
+    assert_eq!(
+        command(&http, &base, "account/acc0/open", json!({"owner": "x"}))
+            .await
+            .status(),
+        200
+    );
+    let mut acknowledged = 1u64;
+    let deposit = async |http: &reqwest::Client| {
+        command(http, &base, "account/acc0/deposit", json!({"amount": 1}))
+            .await
+            .status()
+    };
+    for _ in 0..20 {
+        assert_eq!(deposit(&http).await, 200);
+        acknowledged += 1;
+    }
+    // Fill the disk.
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0xEEu8; 256 << 10];
+        while file.write_all(&block).is_ok() {}
+    }
+    let mut refused = 0;
+    for _ in 0..2000 {
+        match deposit(&http).await.as_u16() {
+            200 => acknowledged += 1,
+            503 => {
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(refused, 3, "the disk never filled up");
+
+    // Space is freed: the same daemon takes commands again.
+    std::fs::remove_file(&filler).unwrap();
+    let mut recovered = false;
+    for _ in 0..50 {
+        match deposit(&http).await.as_u16() {
+            200 => {
+                acknowledged += 1;
+                recovered = true;
+                break;
+            }
+            503 => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(recovered, "commands still refused after space was freed");
+    for _ in 0..5 {
+        assert_eq!(deposit(&http).await, 200);
+        acknowledged += 1;
+    }
+    let state = get_json(&http, &format!("{base}/aggregates/account/acc0")).await;
+    assert_eq!(state["version"], acknowledged, "{state}");
+    assert_eq!(state["state"]["balance"], acknowledged - 1, "{state}");
+    let history = get_json(&http, &format!("{base}/aggregates/account/acc0/events")).await;
+    assert_eq!(
+        history["events"].as_array().unwrap().len() as u64,
+        acknowledged
+    );
+    drop(daemon);
+    drop(disk);
+}
