@@ -1005,6 +1005,27 @@ mod tests {
     }
 
     #[test]
+    fn segment_sizes_outside_64_kib_to_1_gib_are_refused() {
+        for bad in ["65535", "1073741825", "0"] {
+            let error =
+                Config::load_with_env(None, env(&[("CQRSD__LOG__EMBEDDED__SEGMENT_BYTES", bad)]))
+                    .unwrap_err();
+            assert_eq!(
+                error.problems[0].key, "log.embedded.segment_bytes",
+                "{error}"
+            );
+        }
+        let config = Config::load_with_env(
+            None,
+            env(&[("CQRSD__LOG__EMBEDDED__SEGMENT_BYTES", "65536")]),
+        )
+        .unwrap();
+        assert_eq!(config.log.embedded.segment_bytes, 65536);
+        let defaults = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(defaults.log.embedded.segment_bytes, 64 << 20);
+    }
+
+    #[test]
     fn unknown_environment_keys_are_reported() {
         let error =
             Config::load_with_env(None, env(&[("CQRSD__HTTP__LISTN", "127.0.0.1:1")])).unwrap_err();
