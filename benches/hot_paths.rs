@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrsd::domain::{Domain, EXAMPLE_DOMAIN, ProjectionKind};
-use cqrsd::log::{
-    EmbeddedSettings, Encoding, Event, EventLog, EventMetadata, Record, decode, encode,
-};
+use cqrsd::log::{Encoding, Event, EventMetadata, Record, decode, encode};
 use cqrsd::projection::{SourceRecord, engine_for};
 use cqrsd::store::ViewStore;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -126,13 +124,14 @@ fn projection_apply(c: &mut Criterion) {
 
 fn log_append(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let log = EventLog::open_embedded(EmbeddedSettings {
+    let log = cqrsd::store::open_embedded(cqrsd::store::EmbeddedSettings {
         data_dir: dir.path().to_owned(),
         topic_prefix: "cqrsd".to_owned(),
         partitions: 1,
         group_commit_max_records: 4096,
         group_commit_max_delay: Duration::from_micros(0),
         fsync: true,
+        segment_bytes: 64 << 20,
     })
     .unwrap();
     log.ensure_topic("cqrsd.account").unwrap();
@@ -141,7 +140,7 @@ fn log_append(c: &mut Criterion) {
         .build()
         .unwrap();
     let record: Record = encode(&[deposit("acc-0000001", 7)], Encoding::MessagePack).unwrap();
-    let mut group = c.benchmark_group("embedded log append + flush + fdatasync");
+    let mut group = c.benchmark_group("embedded log append + fdatasync");
     group.sample_size(30);
     for batch in [1_usize, 64, 512] {
         group.throughput(Throughput::Elements(batch as u64));

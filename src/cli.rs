@@ -1,5 +1,5 @@
 //! The command line: `serve`, `check`, `init`, `projections rebuild`,
-//! `bench`, `token hash`, `completions`.
+//! `log migrate`, `bench`, `token hash`, `completions`.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,11 @@ pub enum Command {
     Projections {
         #[command(subcommand)]
         action: ProjectionsAction,
+    },
+    /// Operate on the embedded event log offline (the daemon must not be running).
+    Log {
+        #[command(subcommand)]
+        action: LogAction,
     },
     /// Load generator: drive a daemon (--url) or one started here on a temporary
     /// directory, and report throughput and latency percentiles next to their limit.
@@ -107,6 +112,17 @@ pub enum ProjectionsAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum LogAction {
+    /// Convert the sled event log of earlier cqrsd versions (`<data_dir>/log`)
+    /// into segment files (`<data_dir>/eventlog`), keeping every offset, so
+    /// positions stay valid. The old database is kept as `log.sled-migrated`.
+    Migrate {
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokenAction {
     /// Print a new random token and the `[[auth.tokens]]` entry holding its hash.
     /// Only the hash goes into the configuration; hand the token to the client.
@@ -142,6 +158,9 @@ pub fn main() -> ExitCode {
         Command::Projections {
             action: ProjectionsAction::Rebuild { name, config },
         } => rebuild(&name, config.as_deref()),
+        Command::Log {
+            action: LogAction::Migrate { config },
+        } => migrate_log(config.as_deref()),
         Command::Bench(args) => bench(args),
         Command::Token {
             action: TokenAction::Hash { name, roles, stdin },
@@ -327,6 +346,51 @@ fn rebuild(name: &str, config_path: Option<&Path>) -> ExitCode {
         }
         Err(error) => {
             eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cqrsd log migrate`: the offline conversion of a sled log, with a progress bar.
+fn migrate_log(config_path: Option<&Path>) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprint!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} records ({per_sec}, ETA {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let result = crate::store::migrate::migrate_legacy_log(
+        &config.storage.data_dir,
+        &mut |total| bar.set_length(total),
+        &mut |n| bar.inc(n),
+    );
+    bar.finish_and_clear();
+    match result {
+        Ok(done) => {
+            println!(
+                "migrated {} record(s) of {} topic(s) to {}; the old log is kept at {} \
+                 (delete it once the daemon runs on the new one)",
+                done.records,
+                done.topics,
+                config
+                    .storage
+                    .data_dir
+                    .join(crate::store::segment_log::LOG_DIR)
+                    .display(),
+                done.kept_at.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
             ExitCode::FAILURE
         }
     }

@@ -129,7 +129,7 @@ pub struct LogConfig {
     pub kafka: KafkaConfig,
 }
 
-/// `[log.embedded]`: the sled log used when no Kafka is configured.
+/// `[log.embedded]`: the segment-file log used when no Kafka is configured.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct EmbeddedLogConfig {
@@ -142,7 +142,16 @@ pub struct EmbeddedLogConfig {
     /// Whether appends are flushed and `fdatasync`ed before they are acknowledged.
     /// Turning it off loses acknowledged commands on power loss; only for throwaway data.
     pub fsync: bool,
+    /// A partition's segment file is rolled once the next group commit would take it
+    /// past this size.
+    pub segment_bytes: u64,
 }
+
+/// Bounds of `[log.embedded] segment_bytes`: below 64 KiB a partition would roll on
+/// nearly every group commit; above 1 GiB a segment's tail scan and its preallocation
+/// stop being small.
+const MIN_SEGMENT_BYTES: u64 = 64 << 10;
+const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 
 impl Default for EmbeddedLogConfig {
     fn default() -> Self {
@@ -151,6 +160,7 @@ impl Default for EmbeddedLogConfig {
             group_commit_max_records: 4096,
             group_commit_max_delay_us: 0,
             fsync: true,
+            segment_bytes: 64 << 20,
         }
     }
 }
@@ -615,6 +625,16 @@ impl Config {
                     format!("{value} partitions: must be between 1 and 1024"),
                 );
             }
+        }
+        let segment_bytes = self.log.embedded.segment_bytes;
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes) {
+            problem(
+                "log.embedded.segment_bytes",
+                format!(
+                    "{segment_bytes}: must be between {MIN_SEGMENT_BYTES} (64 KiB) and \
+                     {MAX_SEGMENT_BYTES} (1 GiB)"
+                ),
+            );
         }
         let prefix = &self.log.kafka.topic_prefix;
         if prefix.is_empty()
@@ -1116,6 +1136,27 @@ mod tests {
                 .nice,
             10
         );
+    }
+
+    #[test]
+    fn segment_sizes_outside_64_kib_to_1_gib_are_refused() {
+        for bad in ["65535", "1073741825", "0"] {
+            let error =
+                Config::load_with_env(None, env(&[("CQRSD__LOG__EMBEDDED__SEGMENT_BYTES", bad)]))
+                    .unwrap_err();
+            assert_eq!(
+                error.problems[0].key, "log.embedded.segment_bytes",
+                "{error}"
+            );
+        }
+        let config = Config::load_with_env(
+            None,
+            env(&[("CQRSD__LOG__EMBEDDED__SEGMENT_BYTES", "65536")]),
+        )
+        .unwrap();
+        assert_eq!(config.log.embedded.segment_bytes, 65536);
+        let defaults = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(defaults.log.embedded.segment_bytes, 64 << 20);
     }
 
     #[test]

@@ -21,11 +21,12 @@ use crate::health::Health;
 use crate::http::edge::{Edge, EdgeOptions};
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
 use crate::kafka::KafkaSettings;
-use crate::log::{EmbeddedSettings, EventLog};
+use crate::log::EventLog;
 use crate::node::Side;
 use crate::projection::{PoolOptions, ProjectionPool};
 use crate::security::LiveSettings;
 use crate::store::CommandStore;
+use crate::store::EmbeddedSettings;
 use crate::store::ViewStore;
 use axum::Router;
 
@@ -404,8 +405,8 @@ fn start_edge(
 /// aggregate type.
 fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
     let log = match config.log.backend {
-        LogBackend::Embedded => EventLog::open_embedded(embedded_settings(config)),
-        LogBackend::Kafka => EventLog::open_kafka(
+        LogBackend::Embedded => crate::store::open_embedded(embedded_settings(config)),
+        LogBackend::Kafka => crate::kafka::open_event_log(
             kafka_settings(&config.log.kafka),
             config.log.kafka.topic_prefix.clone(),
         ),
@@ -431,6 +432,7 @@ pub fn embedded_settings(config: &Config) -> EmbeddedSettings {
             config.log.embedded.group_commit_max_delay_us,
         ),
         fsync: config.log.embedded.fsync,
+        segment_bytes: config.log.embedded.segment_bytes,
     }
 }
 

@@ -570,7 +570,7 @@ async fn wait_ready(http: &Http, started: Instant) -> anyhow::Result<f64> {
 /// Reads and decodes every record of the filled log once: the rate at which
 /// any projection could at best consume it on this machine.
 fn scan_log(config: &Config) -> anyhow::Result<(u64, f64)> {
-    let log = crate::log::EventLog::open_embedded(crate::log::EmbeddedSettings {
+    let log = crate::store::open_embedded(crate::store::EmbeddedSettings {
         fsync: false,
         ..crate::daemon::embedded_settings(config)
     })?;

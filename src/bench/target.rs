@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::daemon::{Daemon, StartOptions};
-use crate::log::{EmbeddedSettings, Encoding, Event, EventLog, EventMetadata, encode};
+use crate::log::{Encoding, Event, EventLog, EventMetadata, encode};
+use crate::store::EmbeddedSettings;
 
 /// Longest wait for one HTTP answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -277,7 +278,7 @@ pub fn fill(config: &Config, events: u64, accounts: u64) -> anyhow::Result<Fill>
         "--events must be at least --aggregates, and --aggregates at least 1"
     );
     std::fs::create_dir_all(&config.storage.data_dir)?;
-    let log = EventLog::open_embedded(EmbeddedSettings {
+    let log = crate::store::open_embedded(EmbeddedSettings {
         fsync: false,
         ..crate::daemon::embedded_settings(config)
     })?;

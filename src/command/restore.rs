@@ -1,6 +1,6 @@
-//! Rebuilding the write side's state from the log: a partition at startup,
-//! and one aggregate on a cache miss. Blocking: callers run these on
-//! blocking threads.
+//! Rebuilding the write side's state from the log: a partition at startup;
+//! and one aggregate on a cache miss, from its snapshot. Blocking: callers
+//! run these on blocking threads.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,6 +15,11 @@ const RESTORE_STALL_BOUND: Duration = Duration::from_secs(60);
 
 /// Records read per step of a restore.
 const RESTORE_CHUNK: usize = 1000;
+/// A restore saves its folded states (and idempotency answers) with a
+/// checkpoint once it holds this many, so its memory is bounded by this
+/// number of aggregates, not by the partition's, and a restart in the middle
+/// resumes from the last chunk.
+const RESTORE_SAVE_EVERY: usize = 10_000;
 
 fn aggregate<'a>(domain: &'a Domain, name: &str) -> Result<&'a Aggregate, CommandFailure> {
     domain
@@ -55,13 +60,13 @@ fn fold(
 }
 
 /// The latest state of one aggregate: the newest snapshot (the writer's
-/// unsaved one, else the store's), with every later event folded over it.
+/// unsaved one, else the store's). After the startup restore, the store's
+/// snapshots plus the writer's unsaved ones hold every aggregate's latest
+/// state on either backend, so no history is folded on a cache miss.
 pub(super) fn load_aggregate(
     domain: &Domain,
-    log: &EventLog,
     store: &CommandStore,
     aggregate_name: &str,
-    topic: &str,
     id: &str,
     unsaved: Option<Snapshot>,
 ) -> Result<AggregateState, CommandFailure> {
@@ -70,30 +75,22 @@ pub(super) fn load_aggregate(
         Some(snapshot) => Some(snapshot),
         None => store.snapshot(aggregate_name, id)?,
     };
-    let mut state = match snapshot {
+    Ok(match snapshot {
         Some(Snapshot { version, state }) => AggregateState { version, state },
         None => AggregateState {
             version: 0,
             state: aggregate.initial_state().clone(),
         },
-    };
-    if !log.indexes_aggregates() {
-        // Kafka: the snapshot is already the latest state (see
-        // `EventLog::indexes_aggregates`); scanning the log would find nothing newer.
-        return Ok(state);
-    }
-    for (partition, offset, record) in log.aggregate_records(topic, id, state.version + 1)? {
-        let at = || format!("{topic}:{partition}:{offset}");
-        let events = crate::log::decode(&record.headers, &record.value)
-            .map_err(|e| CommandFailure::Internal(format!("{}: {e}", at())))?;
-        state = fold(aggregate, state, &events, &at)?;
-    }
-    Ok(state)
+    })
 }
 
 /// Brings a partition's snapshots and idempotency answers up to the end of
-/// the log, from its last checkpoint, and saves them with a new checkpoint.
-/// Returns the partition's end offset.
+/// the log, from its last checkpoint, and saves them with a new checkpoint,
+/// in chunks of at most `RESTORE_SAVE_EVERY` aggregates: each chunk's
+/// checkpoint is the offset after the last record folded, so every record
+/// below it is in a saved snapshot, and an aggregate seen again after its
+/// chunk was saved is folded on from that snapshot. Returns the partition's
+/// end offset.
 pub(super) fn restore_partition(
     domain: &Domain,
     log: &EventLog,
@@ -102,6 +99,24 @@ pub(super) fn restore_partition(
     topic: &str,
     partition: u32,
     idempotency_ttl: Duration,
+) -> Result<u64, CommandFailure> {
+    restore_in_chunks(
+        domain,
+        log,
+        store,
+        (aggregate_name, topic, partition),
+        idempotency_ttl,
+        RESTORE_SAVE_EVERY,
+    )
+}
+
+fn restore_in_chunks(
+    domain: &Domain,
+    log: &EventLog,
+    store: &CommandStore,
+    (aggregate_name, topic, partition): (&str, &str, u32),
+    idempotency_ttl: Duration,
+    save_every: usize,
 ) -> Result<u64, CommandFailure> {
     let aggregate = aggregate(domain, aggregate_name)?;
     let mut from = store.checkpoint(topic, partition)?.unwrap_or(0);
@@ -115,6 +130,7 @@ pub(super) fn restore_partition(
     let ttl_ms = i64::try_from(idempotency_ttl.as_millis()).unwrap_or(i64::MAX);
     let mut states: HashMap<String, AggregateState> = HashMap::new();
     let mut replies = Vec::new();
+    let mut aggregates_saved = 0usize;
     // A remote log may answer a read with nothing before the end is reached
     // (a fetch that timed out); that is no reason to stop early, which would
     // checkpoint past records never folded.
@@ -169,10 +185,54 @@ pub(super) fn restore_partition(
                     ));
                 }
             }
+            // A chunk ends after a whole record, so its checkpoint covers
+            // exactly the records folded so far.
+            if states.len() >= save_every || replies.len() >= save_every {
+                aggregates_saved += save(
+                    store,
+                    aggregate_name,
+                    topic,
+                    partition,
+                    offset + 1,
+                    &mut states,
+                    &mut replies,
+                )?;
+            }
         }
     }
+    aggregates_saved += save(
+        store,
+        aggregate_name,
+        topic,
+        partition,
+        end,
+        &mut states,
+        &mut replies,
+    )?;
+    tracing::info!(
+        topic,
+        partition,
+        records = replayed,
+        aggregates = aggregates_saved,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "partition restored"
+    );
+    Ok(end)
+}
+
+/// Saves a restore's folded states and answers with the checkpoint
+/// `next_offset`, and empties them. Returns how many states were saved.
+fn save(
+    store: &CommandStore,
+    aggregate_name: &str,
+    topic: &str,
+    partition: u32,
+    next_offset: u64,
+    states: &mut HashMap<String, AggregateState>,
+    replies: &mut Vec<(String, String, String, StoredReply)>,
+) -> Result<usize, CommandFailure> {
     let snapshots: Vec<(String, String, Snapshot)> = states
-        .into_iter()
+        .drain()
         .map(|(id, s)| {
             (
                 aggregate_name.to_owned(),
@@ -184,16 +244,9 @@ pub(super) fn restore_partition(
             )
         })
         .collect();
-    store.commit(topic, partition, end, &snapshots, &replies)?;
-    tracing::info!(
-        topic,
-        partition,
-        records = replayed,
-        aggregates = snapshots.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "partition restored"
-    );
-    Ok(end)
+    store.commit(topic, partition, next_offset, &snapshots, replies)?;
+    replies.clear();
+    Ok(snapshots.len())
 }
 
 /// The reply a command got, rebuilt from its record.
@@ -218,5 +271,96 @@ fn reply_of(
             })
             .collect(),
         position: Some(Position::new(topic.to_owned(), partition, offset).to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EXAMPLE_DOMAIN;
+    use crate::log::{Encoding, EventMetadata, encode};
+    use crate::store::{EmbeddedSettings, open_embedded};
+
+    const TOPIC: &str = "cqrsd.account";
+
+    fn event(id: &str, version: u64) -> Event {
+        let (event_type, data) = if version == 1 {
+            ("AccountOpened", serde_json::json!({"owner": id}))
+        } else {
+            ("MoneyDeposited", serde_json::json!({"amount": 1}))
+        };
+        Event {
+            event_id: uuid::Uuid::now_v7(),
+            aggregate_type: "account".into(),
+            aggregate_id: id.into(),
+            version,
+            event_type: event_type.into(),
+            timestamp: chrono::DateTime::from_timestamp_millis(1_764_000_000_000).unwrap(),
+            data,
+            metadata: EventMetadata {
+                command: "deposit".into(),
+                command_id: uuid::Uuid::now_v7(),
+                idempotency_key: None,
+                correlation_id: None,
+                request_hash: "h".into(),
+                principal: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restore_saves_in_bounded_chunks_and_resumes_from_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
+        let log = open_embedded(EmbeddedSettings {
+            data_dir: dir.path().to_owned(),
+            topic_prefix: "cqrsd".into(),
+            partitions: 1,
+            group_commit_max_records: 4096,
+            group_commit_max_delay: Duration::ZERO,
+            fsync: false,
+            segment_bytes: 64 << 20,
+        })
+        .unwrap();
+        log.ensure_topic(TOPIC).unwrap();
+        let store = CommandStore::open(dir.path()).unwrap();
+        // Ten accounts opened, then three deposits each, round robin, so every
+        // account appears again after its chunk was saved.
+        let mut records = Vec::new();
+        for version in 1..=4 {
+            for n in 0..10 {
+                records.push(
+                    encode(&[event(&format!("a{n}"), version)], Encoding::MessagePack).unwrap(),
+                );
+            }
+        }
+        // Then a record the domain cannot read (its value is not an event list).
+        let mut broken = records[0].clone();
+        broken.value = vec![0xC1];
+        records.push(broken);
+        log.append(TOPIC, 0, records).await.unwrap();
+
+        let at = ("account", TOPIC, 0);
+        let failed = restore_in_chunks(&domain, &log, &store, at, Duration::from_secs(60), 4);
+        let error = failed.unwrap_err();
+        assert!(error.to_string().contains("cqrsd.account:0:40"), "{error}");
+        // The chunks before the broken record were saved with their checkpoint:
+        // a restart resumes there instead of folding the whole partition again.
+        let checkpoint = store.checkpoint(TOPIC, 0).unwrap().unwrap();
+        assert!(checkpoint > 0 && checkpoint <= 40, "{checkpoint}");
+        for n in 0..10u64 {
+            let snapshot = store
+                .snapshot("account", &format!("a{n}"))
+                .unwrap()
+                .unwrap();
+            let folded = (0..checkpoint).filter(|o| o % 10 == n).count() as u64;
+            assert_eq!(snapshot.version, folded, "a{n}");
+            assert_eq!(
+                snapshot.state["balance"].as_f64(),
+                Some((folded - 1) as f64),
+                "a{n}"
+            );
+        }
+        log.close().unwrap();
     }
 }

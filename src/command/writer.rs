@@ -77,6 +77,11 @@ pub(super) struct Writer {
     dirty: HashMap<String, Snapshot>,
     /// The log offset after the last record this writer knows of.
     next_offset: u64,
+    /// The offset the next append starts at: `next_offset` plus the records
+    /// of the appends in flight. The embedded log refuses an append that
+    /// would start elsewhere, which is how a batch decided against a failed
+    /// one's states is kept out of the log.
+    append_offset: u64,
     records_since_checkpoint: u64,
     /// Set when an append failed: its records may still land in the log, so
     /// the partition is re-read to its end before the next command.
@@ -120,6 +125,7 @@ impl Writer {
             replies: HashMap::new(),
             dirty: HashMap::new(),
             next_offset: 0,
+            append_offset: 0,
             records_since_checkpoint: 0,
             needs_resync: false,
             appending: FuturesOrdered::new(),
@@ -221,6 +227,7 @@ impl Writer {
         .await
         .map_err(|e| CommandFailure::Internal(e.to_string()))??;
         self.next_offset = end;
+        self.append_offset = end;
         Ok(())
     }
 
@@ -319,7 +326,11 @@ impl Writer {
                 .push_back(Box::pin(std::future::ready((batch, Ok(Vec::new())))));
         } else {
             metrics::histogram!("cqrsd_command_batch_size").record(records.len() as f64);
-            let append = self.log.start_append(&self.topic, self.partition, records);
+            let expected = self.append_offset;
+            self.append_offset += records.len() as u64;
+            let append = self
+                .log
+                .start_append(&self.topic, self.partition, records, expected);
             self.appending
                 .push_back(Box::pin(async move { (batch, append.await) }));
         }
@@ -618,8 +629,8 @@ impl Writer {
         Ok(stored.filter(|reply| reply.expires_at_ms > now_ms))
     }
 
-    /// The latest state: this batch's, else the cache's, else a snapshot
-    /// with the later events folded over it.
+    /// The latest state: this batch's, else the cache's, else the newest
+    /// snapshot (this writer's unsaved one, else the store's).
     async fn load(
         &mut self,
         id: &str,
@@ -640,15 +651,11 @@ impl Writer {
         }
         metrics::counter!("cqrsd_aggregate_cache_total", "result" => "miss").increment(1);
         let domain = self.domain.clone();
-        let log = self.log.clone();
         let store = self.store.clone();
         let dirty = self.dirty.get(id).cloned();
-        let (aggregate, topic, owned_id) =
-            (self.aggregate.clone(), self.topic.clone(), id.to_owned());
+        let (aggregate, owned_id) = (self.aggregate.clone(), id.to_owned());
         let state = tokio::task::spawn_blocking(move || {
-            super::restore::load_aggregate(
-                &domain, &log, &store, &aggregate, &topic, &owned_id, dirty,
-            )
+            super::restore::load_aggregate(&domain, &store, &aggregate, &owned_id, dirty)
         })
         .await
         .map_err(|e| CommandFailure::Internal(e.to_string()))??;

@@ -17,13 +17,12 @@
 //!   behind records it has already acknowledged (Tansu does; see
 //!   `examples/tansu_stale_end_offset.rs`), and a restore that stops there
 //!   would lose acknowledged commands.
-//! - Kafka has no per-aggregate index: `aggregate_records` keeps an
-//!   in-memory one (aggregate id → offsets), built lazily per partition by
-//!   scanning the records it has not seen yet, then reads the range holding
-//!   the aggregate's records. The write side does not need it (see
-//!   `EventLog::indexes_aggregates`); only `GET .../events` does.
+//! - Kafka has no per-aggregate index: `aggregate_records` uses the lazy
+//!   in-memory one of `log::history`, as the embedded log does. The write
+//!   side does not need it (its command store holds every aggregate's latest
+//!   state); only `GET .../events` does.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -38,7 +37,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::log::{LogError, Record, partition_for};
+use crate::log::history::HistoryIndex;
+use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record, partition_for};
 
 mod raw;
 pub use raw::RawProducer;
@@ -66,8 +66,6 @@ const SETTLE: Duration = Duration::from_millis(500);
 const PROBE_QUIET: Duration = Duration::from_millis(300);
 /// Wait between retries while librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
-/// Records read per step while indexing a partition.
-const INDEX_CHUNK: usize = 2000;
 /// Idle consumers kept for reads.
 const POOL_SIZE: usize = 8;
 
@@ -120,13 +118,6 @@ struct End {
     fresh: bool,
 }
 
-/// Aggregate id → (offset, last version) of its records, for one partition.
-#[derive(Default)]
-struct PartitionIndex {
-    scanned_to: u64,
-    by_id: HashMap<String, Vec<(u64, u64)>>,
-}
-
 type Key = (String, u32);
 
 struct Inner {
@@ -139,7 +130,7 @@ struct Inner {
     meta: BaseConsumer<Context>,
     readers: Mutex<Vec<BaseConsumer<Context>>>,
     ends: Mutex<HashMap<Key, End>>,
-    indexes: Mutex<HashMap<Key, Arc<Mutex<PartitionIndex>>>>,
+    history: HistoryIndex,
     in_flight: AtomicI64,
     closed: AtomicBool,
     /// Set when a delivery failed on the producer's idempotence state
@@ -210,7 +201,7 @@ impl KafkaLog {
             meta,
             readers: Mutex::new(Vec::new()),
             ends: Mutex::new(HashMap::new()),
-            indexes: Mutex::new(HashMap::new()),
+            history: HistoryIndex::default(),
             in_flight: AtomicI64::new(0),
             closed: AtomicBool::new(false),
             producer_broken: AtomicBool::new(false),
@@ -760,66 +751,16 @@ impl KafkaLog {
         from_version: u64,
     ) -> Result<Vec<(u32, u64, Record)>, LogError> {
         let partition = partition_for(aggregate_id, self.inner.settings.partitions);
-        let index = self
-            .inner
-            .indexes
-            .lock()
-            .unwrap()
-            .entry((topic.to_owned(), partition))
-            .or_default()
-            .clone();
-        let offsets: Vec<u64> = {
-            let mut index = index.lock().unwrap();
-            let end = self.end_offset(topic, partition)?;
-            while index.scanned_to < end {
-                let records = self.read(topic, partition, index.scanned_to, INDEX_CHUNK)?;
-                let Some((last, _)) = records.last() else {
-                    break;
-                };
-                index.scanned_to = last + 1;
-                for (offset, record) in records {
-                    let (_, last_version) = record.version_range().map_err(|e| {
-                        LogError::Corrupt(format!("{topic}:{partition}:{offset}: {e}"))
-                    })?;
-                    index
-                        .by_id
-                        .entry(record.key)
-                        .or_default()
-                        .push((offset, last_version));
-                }
-            }
-            index
-                .by_id
-                .get(aggregate_id)
-                .map(|entries| {
-                    entries
-                        .iter()
-                        .filter(|(_, last)| *last >= from_version)
-                        .map(|(offset, _)| *offset)
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
-            return Ok(Vec::new());
-        };
-        let wanted: HashSet<u64> = offsets.iter().copied().collect();
-        let mut found = Vec::with_capacity(offsets.len());
-        let mut from = first;
-        while from <= last {
-            let records = self.read(topic, partition, from, INDEX_CHUNK)?;
-            let Some((end, _)) = records.last() else {
-                break;
-            };
-            from = end + 1;
-            found.extend(
-                records
-                    .into_iter()
-                    .filter(|(offset, _)| wanted.contains(offset))
-                    .map(|(offset, record)| (partition, offset, record)),
-            );
-        }
-        Ok(found)
+        let end = self.end_offset(topic, partition)?;
+        self.inner.history.records(
+            topic,
+            partition,
+            aggregate_id,
+            from_version,
+            end,
+            &mut |from, max| self.read(topic, partition, from, max),
+            &|detail| LogError::Corrupt(format!("{topic}:{partition}: {detail}")),
+        )
     }
 
     /// Waits for queued records to be delivered and stops the refresher. Blocking.
@@ -829,6 +770,74 @@ impl KafkaLog {
         producer
             .flush(self.inner.settings.produce_timeout)
             .map_err(|e| unavailable("flush", e))
+    }
+}
+
+/// Connects to a Kafka cluster as the daemon's event log, with topics named
+/// `<topic_prefix>.<aggregate>`. Blocking.
+pub fn open_event_log(settings: KafkaSettings, topic_prefix: String) -> Result<EventLog, LogError> {
+    let partitions = settings.partitions;
+    Ok(EventLog::new(
+        Arc::new(KafkaLog::open(settings)?),
+        topic_prefix,
+        partitions,
+    ))
+}
+
+impl LogBackend for KafkaLog {
+    fn ensure_topic(&self, topic: &str) -> Result<(), LogError> {
+        KafkaLog::ensure_topic(self, topic)
+    }
+
+    /// The append starts when the future is first polled; the expected offset
+    /// is not checked, since Kafka appends are never pipelined.
+    fn start_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+        _expected_offset: Option<u64>,
+    ) -> AppendFuture {
+        let log = self.clone();
+        let topic = topic.to_owned();
+        Box::pin(async move { log.append(&topic, partition, records).await })
+    }
+
+    /// A failed produce says nothing about the records sent after it, so a
+    /// writer must wait for each append before it decides the next batch.
+    fn pipelines_appends(&self) -> bool {
+        false
+    }
+
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError> {
+        KafkaLog::read(self, topic, partition, from, max)
+    }
+
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
+        KafkaLog::end_offset(self, topic, partition)
+    }
+
+    fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
+        KafkaLog::subscribe(self, topic, partition)
+    }
+
+    fn aggregate_records(
+        &self,
+        topic: &str,
+        aggregate_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
+        KafkaLog::aggregate_records(self, topic, aggregate_id, from_version)
+    }
+
+    fn close(&self) -> Result<(), LogError> {
+        KafkaLog::close(self)
     }
 }
 

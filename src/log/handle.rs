@@ -1,10 +1,12 @@
 //! The event log as the rest of the daemon sees it, whichever backend holds it.
 //!
 //! The command side appends through this handle and the read side reads
-//! through it; they never talk to each other directly. The embedded log and
-//! Kafka are variants with the same methods, so callers do not change.
+//! through it; they never talk to each other directly. A backend (the
+//! embedded segment log in `store`, Kafka in `kafka`) implements
+//! [`LogBackend`]; which one runs is decided where the daemon starts, so this
+//! module knows neither.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use tokio::sync::watch;
 
@@ -13,8 +15,6 @@ use super::Record;
 /// The future of an append started with [`EventLog::start_append`].
 pub type AppendFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u64>, LogError>> + Send>>;
-use crate::kafka::{KafkaLog, KafkaSettings};
-use crate::store::{EmbeddedLog, EmbeddedLogOptions, StoreError};
 
 /// Why a log operation failed, grouped by what a caller does about it.
 #[derive(Debug, thiserror::Error)]
@@ -33,82 +33,74 @@ pub enum LogError {
     Invalid(String),
 }
 
-impl From<StoreError> for LogError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Closed => LogError::Closed,
-            StoreError::Corrupt { .. } => LogError::Corrupt(error.to_string()),
-            StoreError::InvalidRequest(reason) => LogError::Invalid(reason),
-            StoreError::TopicMismatch { .. } => LogError::Invalid(error.to_string()),
-            StoreError::Unavailable(_)
-            | StoreError::Io(_)
-            | StoreError::Sled(_)
-            | StoreError::Search(_) => LogError::Unavailable(error.to_string()),
-        }
-    }
-}
+/// What a log backend provides. Blocking methods are called from blocking
+/// threads only; `end_offset` and `subscribe` read memory and may be called
+/// anywhere.
+pub trait LogBackend: Send + Sync + std::fmt::Debug {
+    /// Creates the topic of an aggregate type with the configured partition
+    /// count, or checks it. Blocking.
+    fn ensure_topic(&self, topic: &str) -> Result<(), LogError>;
 
-#[derive(Debug, Clone)]
-enum Backend {
-    Embedded(EmbeddedLog),
-    Kafka(KafkaLog),
+    /// Starts an append of whole records to one partition; the future
+    /// resolves once they are durable, with their offsets. With
+    /// `expected_offset`, a backend that pipelines appends refuses one that
+    /// would not start at that offset.
+    fn start_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+        expected_offset: Option<u64>,
+    ) -> AppendFuture;
+
+    /// See [`EventLog::pipelines_appends`].
+    fn pipelines_appends(&self) -> bool;
+
+    /// Up to `max` durable records of a partition from offset `from`. Blocking.
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>, LogError>;
+
+    /// The next offset to be written (the end of the durable records).
+    fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError>;
+
+    /// Wakes on every change of the partition's end offset.
+    fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError>;
+
+    /// The records of one aggregate holding versions from `from_version` on,
+    /// as (partition, offset, record). Blocking.
+    fn aggregate_records(
+        &self,
+        topic: &str,
+        aggregate_id: &str,
+        from_version: u64,
+    ) -> Result<Vec<(u32, u64, Record)>, LogError>;
+
+    /// Finishes queued appends and makes them durable. Blocking.
+    fn close(&self) -> Result<(), LogError>;
 }
 
 /// A handle on the event log; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EventLog {
-    backend: Backend,
+    backend: Arc<dyn LogBackend>,
     prefix: String,
     partitions: u32,
 }
 
-/// Settings of the embedded backend.
-#[derive(Debug, Clone)]
-pub struct EmbeddedSettings {
-    pub data_dir: std::path::PathBuf,
-    pub topic_prefix: String,
-    pub partitions: u32,
-    pub group_commit_max_records: usize,
-    pub group_commit_max_delay: Duration,
-    pub fsync: bool,
-}
-
 impl EventLog {
-    /// Opens the embedded log. Blocking.
-    pub fn open_embedded(settings: EmbeddedSettings) -> Result<Self, LogError> {
-        let log = EmbeddedLog::open(
-            &settings.data_dir,
-            EmbeddedLogOptions {
-                partitions: settings.partitions,
-                group_commit_max_records: settings.group_commit_max_records,
-                group_commit_max_delay: settings.group_commit_max_delay,
-                fsync: settings.fsync,
-            },
-        )?;
-        Ok(Self {
-            backend: Backend::Embedded(log),
-            prefix: settings.topic_prefix,
-            partitions: settings.partitions,
-        })
-    }
-
-    /// Connects to a Kafka cluster. Blocking.
-    pub fn open_kafka(settings: KafkaSettings, topic_prefix: String) -> Result<Self, LogError> {
-        let partitions = settings.partitions;
-        Ok(Self {
-            backend: Backend::Kafka(KafkaLog::open(settings)?),
+    /// A handle on an opened backend whose topics are named
+    /// `<topic_prefix>.<aggregate>` and have `partitions` partitions.
+    pub fn new(backend: Arc<dyn LogBackend>, topic_prefix: String, partitions: u32) -> Self {
+        Self {
+            backend,
             prefix: topic_prefix,
             partitions,
-        })
-    }
-
-    /// Whether `aggregate_records` is served by a durable per-aggregate index
-    /// (the embedded log). On Kafka it scans partitions, so the write side
-    /// never calls it for a cache miss: after its startup restore, the command
-    /// store's snapshots plus each writer's unsaved ones hold every
-    /// aggregate's latest state.
-    pub fn indexes_aggregates(&self) -> bool {
-        matches!(self.backend, Backend::Embedded(_))
+        }
     }
 
     /// The topic that holds an aggregate type's events: `<prefix>.<aggregate>`.
@@ -123,13 +115,7 @@ impl EventLog {
 
     /// Creates the topic of an aggregate type, or checks it. Blocking.
     pub fn ensure_topic(&self, topic: &str) -> Result<(), LogError> {
-        match &self.backend {
-            Backend::Embedded(log) => {
-                log.ensure_topic(topic)?;
-            }
-            Backend::Kafka(log) => log.ensure_topic(topic)?,
-        }
-        Ok(())
+        self.backend.ensure_topic(topic)
     }
 
     /// Appends whole records to one partition; resolves once they are durable.
@@ -139,37 +125,36 @@ impl EventLog {
         partition: u32,
         records: Vec<Record>,
     ) -> Result<Vec<u64>, LogError> {
-        match &self.backend {
-            Backend::Embedded(log) => Ok(log.append(topic, partition, records).await?),
-            Backend::Kafka(log) => log.append(topic, partition, records).await,
-        }
+        self.backend
+            .start_append(topic, partition, records, None)
+            .await
     }
 
     /// Starts an append and returns the future of its offsets. On the embedded
     /// log the records are queued before this returns, so appends started one
-    /// after another land in that order; on Kafka the append starts when the
-    /// future is first polled.
-    pub fn start_append(&self, topic: &str, partition: u32, records: Vec<Record>) -> AppendFuture {
-        match &self.backend {
-            Backend::Embedded(log) => match log.submit(topic, partition, records) {
-                Ok(pending) => Box::pin(async move { Ok(pending.await?) }),
-                Err(error) => Box::pin(std::future::ready(Err(error.into()))),
-            },
-            Backend::Kafka(log) => {
-                let log = log.clone();
-                let topic = topic.to_owned();
-                Box::pin(async move { log.append(&topic, partition, records).await })
-            }
-        }
+    /// after another land in that order, and an append that would not start at
+    /// `expected_offset` is refused (so nothing decided against a failed
+    /// append's records can land after it); on Kafka the append starts when the
+    /// future is first polled, and `expected_offset` is not checked.
+    pub fn start_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+        expected_offset: u64,
+    ) -> AppendFuture {
+        self.backend
+            .start_append(topic, partition, records, Some(expected_offset))
     }
 
     /// Whether a writer may start its next append before the previous one is
     /// durable: true when appends land in the order they were started and a
-    /// failed append makes every later one fail (the embedded log poisons
-    /// itself on a failed group commit), so no record decided against a
-    /// failed batch's state can land. Kafka gives no such guarantee here.
+    /// failed append makes every later one fail (the embedded log refuses an
+    /// append whose expected offset a failed one left unfilled, and poisons
+    /// itself on a failed fdatasync), so no record decided against a failed
+    /// batch's state can land. Kafka gives no such guarantee here.
     pub fn pipelines_appends(&self) -> bool {
-        matches!(self.backend, Backend::Embedded(_))
+        self.backend.pipelines_appends()
     }
 
     /// Up to `max` records of a partition from offset `from`. Blocking.
@@ -180,26 +165,17 @@ impl EventLog {
         from: u64,
         max: usize,
     ) -> Result<Vec<(u64, Record)>, LogError> {
-        match &self.backend {
-            Backend::Embedded(log) => Ok(log.read(topic, partition, from, max)?),
-            Backend::Kafka(log) => log.read(topic, partition, from, max),
-        }
+        self.backend.read(topic, partition, from, max)
     }
 
     /// The next offset to be written (the end of the durable records).
     pub fn end_offset(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
-        match &self.backend {
-            Backend::Embedded(log) => Ok(log.end_offset(topic, partition)?),
-            Backend::Kafka(log) => log.end_offset(topic, partition),
-        }
+        self.backend.end_offset(topic, partition)
     }
 
     /// Wakes on every change of the partition's end offset.
     pub fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
-        match &self.backend {
-            Backend::Embedded(log) => Ok(log.subscribe(topic, partition)?),
-            Backend::Kafka(log) => log.subscribe(topic, partition),
-        }
+        self.backend.subscribe(topic, partition)
     }
 
     /// The records of one aggregate holding versions from `from_version` on,
@@ -210,19 +186,12 @@ impl EventLog {
         aggregate_id: &str,
         from_version: u64,
     ) -> Result<Vec<(u32, u64, Record)>, LogError> {
-        match &self.backend {
-            Backend::Embedded(log) => {
-                Ok(log.aggregate_records(topic, aggregate_id, from_version)?)
-            }
-            Backend::Kafka(log) => log.aggregate_records(topic, aggregate_id, from_version),
-        }
+        self.backend
+            .aggregate_records(topic, aggregate_id, from_version)
     }
 
     /// Finishes queued appends and flushes. Blocking.
     pub fn close(&self) -> Result<(), LogError> {
-        match &self.backend {
-            Backend::Embedded(log) => Ok(log.close()?),
-            Backend::Kafka(log) => log.close(),
-        }
+        self.backend.close()
     }
 }

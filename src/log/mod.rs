@@ -4,11 +4,12 @@
 //! Kafka backend share exactly the same notion of topics, partitions, offsets and records.
 
 mod handle;
+pub mod history;
 pub mod partitioner;
 pub mod position;
 pub mod record;
 
-pub use handle::{AppendFuture, EmbeddedSettings, EventLog, LogError};
+pub use handle::{AppendFuture, EventLog, LogBackend, LogError};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{Position, PositionError, topic_name, validate_topic_name};
 pub use record::{Encoding, Event, EventMetadata, Record, RecordError, decode, encode};

@@ -1,18 +1,19 @@
-//! Local storage: the embedded event log and the command side's state, both in sled,
-//! and the full-text search indexes, in tantivy.
+//! Local storage: the embedded event log in segment files, the command side's state and
+//! the read models in sled, and the full-text search indexes in tantivy.
 //!
 //! This is the only module that knows the storage engine; everything above it speaks in
 //! log records, positions, snapshots and checkpoints.
 
 pub mod command_store;
-pub mod embedded_log;
 mod frame;
+pub mod migrate;
 pub mod search;
+pub mod segment_log;
 pub mod views;
 
 pub use command_store::{CommandStore, Snapshot, StoredReply};
-pub use embedded_log::{EmbeddedLog, EmbeddedLogOptions, LogStats};
 pub use search::{SearchError, SearchHit, SearchIndex, SearchPage, SearchReader};
+pub use segment_log::{EmbeddedSettings, LogStats, SegmentLog, SegmentLogOptions, open_embedded};
 pub use views::ViewStore;
 
 /// Why a storage operation failed, grouped by what the caller can do about it.
@@ -50,6 +51,15 @@ pub enum StoreError {
     #[error("the event log is unavailable: {0}")]
     Unavailable(String),
 
+    /// The data directory holds the sled event log of earlier versions, which this build
+    /// does not read; starting on it would serve an empty log beside the real one.
+    #[error(
+        "{path} holds an event log in the sled format of earlier cqrsd versions, which this \
+         version does not read; convert it offline with `cqrsd log migrate` (it keeps every \
+         offset, so positions stay valid), then start again"
+    )]
+    LegacyLog { path: std::path::PathBuf },
+
     /// The caller asked for something that does not exist or is not valid.
     #[error("invalid log request: {0}")]
     InvalidRequest(String),
@@ -59,14 +69,11 @@ pub enum StoreError {
     Search(String),
 }
 
-// sled caches up to 1 GiB per database by default, and cqrsd opens three:
-// a catch-up that reads a 1M-event log once held the whole log in memory
-// (peak RSS 1.1 GiB in `cqrsd bench projection --events 1000000`). The log
-// is read sequentially, mostly at its tail, and the command store mostly
-// written; the views are read by queries, so they get the largest share.
-
-/// sled page cache of the embedded event log.
-pub(crate) const LOG_CACHE_BYTES: u64 = 64 << 20;
+// sled caches up to 1 GiB per database by default, and cqrsd opened three
+// (the event log was one, before it moved to segment files): a catch-up that
+// read a 1M-event log once held the whole log in memory (peak RSS 1.1 GiB in
+// `cqrsd bench projection --events 1000000`). The command store is mostly
+// written; the views are read by queries, so they get the larger share.
 /// sled page cache of the command store (snapshots, idempotency answers).
 pub(crate) const COMMAND_STORE_CACHE_BYTES: u64 = 32 << 20;
 /// sled page cache of the view store (views, aggregations, positions).
@@ -95,6 +102,24 @@ pub(crate) fn open_db(path: &std::path::Path, cache_bytes: u64) -> Result<sled::
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             result => return result,
+        }
+    }
+}
+
+impl From<StoreError> for crate::log::LogError {
+    fn from(error: StoreError) -> Self {
+        use crate::log::LogError;
+        match error {
+            StoreError::Closed => LogError::Closed,
+            StoreError::Corrupt { .. } => LogError::Corrupt(error.to_string()),
+            StoreError::InvalidRequest(reason) => LogError::Invalid(reason),
+            StoreError::TopicMismatch { .. } | StoreError::LegacyLog { .. } => {
+                LogError::Invalid(error.to_string())
+            }
+            StoreError::Unavailable(_)
+            | StoreError::Io(_)
+            | StoreError::Sled(_)
+            | StoreError::Search(_) => LogError::Unavailable(error.to_string()),
         }
     }
 }

@@ -29,31 +29,38 @@ async fn kafka() {
 const ACCOUNTS: usize = 8;
 const CLIENTS: usize = 32;
 
-async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
-    let daemon = Process::start(ProcessOptions::backend(backend));
-    let base = daemon.url("");
-    let http = client();
-    for account in 0..ACCOUNTS {
+/// Opens `accounts` accounts, then starts `clients` tasks that deposit 1 at a
+/// time, each command with its own idempotency key, noting every acknowledged
+/// key, until the daemon dies under them; returns once at least `wanted` are
+/// acknowledged (or after a bounded wait).
+pub(crate) async fn deposit_until_killed(
+    http: &reqwest::Client,
+    base: &str,
+    accounts: usize,
+    clients: usize,
+    wanted: usize,
+) -> (
+    Arc<Mutex<HashSet<String>>>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    for account in 0..accounts {
         let response = command(
-            &http,
-            &base,
+            http,
+            base,
             &format!("account/acc{account}/open"),
             json!({"owner": "x"}),
         )
         .await;
         assert_eq!(response.status(), 200);
     }
-
-    // Clients deposit 1 at a time, each command with its own key, and note
-    // every acknowledged one, until the daemon dies under them.
     let acknowledged: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut clients = Vec::new();
-    for client_no in 0..CLIENTS {
-        let (http, base, acknowledged) = (http.clone(), base.clone(), acknowledged.clone());
-        clients.push(tokio::spawn(async move {
+    let mut tasks = Vec::new();
+    for client_no in 0..clients {
+        let (http, base, acknowledged) = (http.clone(), base.to_owned(), acknowledged.clone());
+        tasks.push(tokio::spawn(async move {
             for n in 0..100_000u64 {
                 let key = format!("c{client_no}-{n}");
-                let account = (client_no + n as usize) % ACCOUNTS;
+                let account = (client_no + n as usize) % accounts;
                 let sent = http
                     .post(format!("{base}/commands/account/acc{account}/deposit"))
                     .header("idempotency-key", &key)
@@ -70,13 +77,21 @@ async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
             }
         }));
     }
-    // Let the load run, then kill the daemon in the middle of it.
+    // Let the load run, so the kill lands in the middle of it.
     for _ in 0..200 {
-        if acknowledged.lock().unwrap().len() >= 300 {
+        if acknowledged.lock().unwrap().len() >= wanted {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    (acknowledged, tasks)
+}
+
+async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
+    let daemon = Process::start(ProcessOptions::backend(backend));
+    let base = daemon.url("");
+    let http = client();
+    let (acknowledged, clients) = deposit_until_killed(&http, &base, ACCOUNTS, CLIENTS, 300).await;
     let daemon = daemon.restart(true);
     for client in clients {
         client.await.unwrap();

@@ -25,6 +25,7 @@ mod rate_limit;
 mod readiness;
 mod roles;
 mod search;
+mod segment_log;
 mod shutdown;
 mod stream;
 mod tls;
