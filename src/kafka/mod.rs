@@ -64,6 +64,9 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// it takes the partition to end there. A fetch at the end returns after
 /// `fetch.wait.max.ms`, so this is several fetch round trips.
 const PROBE_QUIET: Duration = Duration::from_millis(300);
+/// How long the refresher's peek past the known ends waits for a record
+/// (see [`KafkaLog::peek_past_ends`]): a few fetch round trips.
+const PEEK_QUIET: Duration = Duration::from_millis(60);
 /// Wait between retries while librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// Idle consumers kept for reads.
@@ -419,6 +422,73 @@ impl KafkaLog {
         }
     }
 
+    /// Reads every partition of `keys` from its known end, all at once on one
+    /// consumer, until no record arrives for `PEEK_QUIET`, and moves each end
+    /// past the records found there. On a broker whose watermark is current
+    /// (Apache Kafka) a fetch at the end returns nothing and this costs one
+    /// quiet wait. Blocking.
+    fn peek_past_ends(&self, keys: &[Key]) -> Result<(), LogError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut assignment = TopicPartitionList::new();
+        let mut known = HashMap::with_capacity(keys.len());
+        for (topic, partition) in keys {
+            let end = self.known_end(topic, *partition);
+            assignment
+                .add_partition_offset(topic, *partition as i32, Offset::Offset(end as i64))
+                .map_err(|e| LogError::Invalid(e.to_string()))?;
+            known.insert((topic.clone(), *partition), end);
+        }
+        let consumer = self.pooled_consumer()?;
+        if let Err(error) = consumer.assign(&assignment) {
+            self.return_consumer(consumer);
+            return Err(unavailable("assign", error));
+        }
+        let mut found: HashMap<Key, u64> = HashMap::new();
+        let deadline = Instant::now() + self.inner.settings.request_timeout;
+        let mut quiet_until = Instant::now() + PEEK_QUIET;
+        let mut result = Ok(());
+        loop {
+            let now = Instant::now();
+            if now >= quiet_until || now >= deadline {
+                break;
+            }
+            match consumer.poll(quiet_until.min(deadline) - now) {
+                None => {}
+                Some(Err(error)) => {
+                    metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
+                    result = Err(unavailable("peek past the end offsets", error));
+                    break;
+                }
+                Some(Ok(message)) => {
+                    let Ok(partition) = u32::try_from(message.partition()) else {
+                        continue;
+                    };
+                    let key = (message.topic().to_owned(), partition);
+                    let offset = u64::try_from(message.offset()).unwrap_or(0);
+                    if known.get(&key).is_some_and(|end| offset >= *end) {
+                        let next = found.entry(key).or_insert(0);
+                        *next = (*next).max(offset + 1);
+                        quiet_until = Instant::now() + PEEK_QUIET;
+                    }
+                }
+            }
+        }
+        self.return_consumer(consumer);
+        for ((topic, partition), end) in found {
+            metrics::counter!("cqrsd_kafka_stale_end_offsets_total").increment(1);
+            tracing::debug!(
+                topic,
+                partition,
+                end,
+                "records found past the known end offset"
+            );
+            self.observe_end(&topic, partition, end, false);
+        }
+        result
+    }
+
     fn pooled_consumer(&self) -> Result<BaseConsumer<Context>, LogError> {
         match self.inner.readers.lock().unwrap().pop() {
             Some(consumer) => Ok(consumer),
@@ -432,6 +502,16 @@ impl KafkaLog {
         if pool.len() < POOL_SIZE {
             pool.push(consumer);
         }
+    }
+
+    /// The end offset last observed for a partition (0 when none was).
+    fn known_end(&self, topic: &str, partition: u32) -> u64 {
+        self.inner
+            .ends
+            .lock()
+            .unwrap()
+            .get(&(topic.to_owned(), partition))
+            .map_or(0, |entry| *entry.tx.borrow())
     }
 
     /// Records a known end offset; it only ever moves forward.
@@ -901,7 +981,12 @@ fn to_record(message: &impl Message, topic: &str, partition: u32) -> Result<Reco
     })
 }
 
-/// Refreshes every known partition's end offset until the log is dropped or closed.
+/// Refreshes every known partition's end offset until the log is dropped or
+/// closed: the high watermark, then a peek past the known ends, because a
+/// node that does not append to a partition itself (a query node, or any
+/// node reading another writer's partition) learns its end only this way,
+/// and the test broker can report a watermark behind records it has
+/// acknowledged (README, Kafka) until the next write moves it.
 fn refresh_ends(weak: Weak<Inner>) {
     loop {
         std::thread::sleep(REFRESH_EVERY);
@@ -913,20 +998,25 @@ fn refresh_ends(weak: Weak<Inner>) {
         }
         let log = KafkaLog { inner };
         let keys: Vec<Key> = log.inner.ends.lock().unwrap().keys().cloned().collect();
-        for (topic, partition) in keys {
-            match log.fetch_end(&topic, partition) {
+        let mut reachable = true;
+        for (topic, partition) in &keys {
+            match log.fetch_end(topic, *partition) {
                 Ok(end) => {
                     // Never marks a partition fresh: after a failed append only
                     // `end_offset`'s own settled answer does.
-                    log.observe_end(&topic, partition, end, false);
+                    log.observe_end(topic, *partition, end, false);
                     metrics::gauge!("cqrsd_kafka_end_offset", "topic" => topic.clone(), "partition" => partition.to_string())
                         .set(end as f64);
                 }
                 Err(error) => {
                     tracing::debug!(%error, "end offset refresh failed");
+                    reachable = false;
                     break;
                 }
             }
+        }
+        if reachable && let Err(error) = log.peek_past_ends(&keys) {
+            tracing::debug!(%error, "peek past the end offsets failed");
         }
     }
 }
