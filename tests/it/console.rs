@@ -242,7 +242,7 @@ async fn send(http: &reqwest::Client, base: &str, path: &str, body: Value) {
 
 /// Asserts the console logged no error and the page asked nothing of any
 /// host but the daemon's.
-async fn assert_clean(browser: &Browser, daemon: &Process) {
+async fn assert_clean(browser: &Browser, origin: &str) {
     let errors: Vec<Value> = browser
         .log("browser")
         .await
@@ -250,7 +250,6 @@ async fn assert_clean(browser: &Browser, daemon: &Process) {
         .filter(|entry| entry["level"] == "SEVERE")
         .collect();
     assert!(errors.is_empty(), "console errors: {errors:?}");
-    let origin = format!("http://{}/", daemon.addr);
     let mut requests = BTreeSet::new();
     for entry in browser.log("performance").await {
         let message: Value =
@@ -261,7 +260,7 @@ async fn assert_clean(browser: &Browser, daemon: &Process) {
         if message["message"]["method"] == "Network.requestWillBeSent"
             && params["documentURL"]
                 .as_str()
-                .is_some_and(|document| document.starts_with(&origin))
+                .is_some_and(|document| document.starts_with(origin))
         {
             let url = params["request"]["url"].as_str().unwrap_or_default();
             requests.insert(url.to_owned());
@@ -275,7 +274,7 @@ async fn assert_clean(browser: &Browser, daemon: &Process) {
     );
     for url in &requests {
         assert!(
-            url.starts_with(&origin) || url.starts_with("data:"),
+            url.starts_with(origin) || url.starts_with("data:"),
             "a request to another host: {url}"
         );
     }
@@ -474,11 +473,92 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
     assert!(commands_chart.is_string(), "{commands_chart}");
     browser.screenshot("node").await;
 
-    assert_clean(&browser, &daemon).await;
+    assert_clean(&browser, &daemon.url("/")).await;
     let banner = browser
         .run("return document.querySelector('#errors').textContent")
         .await;
     assert_eq!(banner, "", "the page shows an error");
+
+    // An error of the API is shown with its reason, and goes once the
+    // request that failed succeeds.
+    browser
+        .run(
+            "location.hash = '#aggregate';
+             document.querySelector('#aggregate-id').value = 'nobody';
+             document.querySelector('#aggregate-form').requestSubmit();",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the API's 404",
+            "const text = document.querySelector('#errors').textContent;
+             return text.includes('/aggregates/account/nobody') && text.includes('404')
+                 && document.querySelector('#aggregate-result').hidden;",
+        )
+        .await;
+    browser
+        .run(
+            "document.querySelector('#aggregate-id').value = 'a1';
+             document.querySelector('#aggregate-form').requestSubmit();",
+        )
+        .await;
+    browser
+        .wait_for(
+            "the error cleared",
+            "return document.querySelector('#errors').textContent === ''
+                 && !document.querySelector('#aggregate-result').hidden;",
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_lists_quarantined_events_with_their_reasons() {
+    let Some(chromedriver) = chromedriver() else {
+        return;
+    };
+    let _one = BROWSER.lock().await;
+    let daemon = crate::harness::InProcess::start(|_| {}, None);
+    let http = client();
+    let mut writer = crate::readside::Writer::new(daemon.log.clone());
+    writer
+        .append("q1", &[("AccountOpened", json!({"owner": "ada"}))])
+        .await;
+    // A string amount makes the views' arithmetic fail: a poison event.
+    let poison = writer
+        .append("q1", &[("MoneyWithdrawn", json!({"amount": "lots"}))])
+        .await;
+    let report = crate::readside::wait_caught_up(&http, &daemon.url("")).await;
+    let accounts = report["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "accounts")
+        .unwrap()
+        .clone();
+    let reason = accounts["quarantined"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let browser = Browser::start(&chromedriver).await;
+    browser.goto(&daemon.url("/console")).await;
+    let shown = browser
+        .wait_for(
+            "the quarantined event",
+            "const row = document.querySelector('tr[data-projection=\"accounts\"]');
+             const details = row && row.querySelector('details.quarantine');
+             if (!details) return null;
+             details.open = true;
+             return { summary: details.querySelector('summary').textContent,
+                      items: [...details.querySelectorAll('li')].map(li => li.textContent) };",
+        )
+        .await;
+    assert_eq!(shown["summary"], "1 event", "{shown}");
+    let item = shown["items"][0].as_str().unwrap();
+    assert!(item.contains(&poison), "{item}");
+    assert!(item.contains(&reason), "{item} lacks {reason}");
+    browser.screenshot("quarantine").await;
+    assert_clean(&browser, &daemon.url("/")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

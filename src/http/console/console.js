@@ -120,12 +120,16 @@ window.addEventListener("hashchange", showTab);
 // The last sample of each projection's total of events, to derive events/s.
 const projectionSamples = new Map();
 
+// The total lag, then each partition's as a small chip: `topic:partition`
+// with the records behind, and the next offset in its tooltip.
 function lagCell(partitions) {
-  return el("ul", { class: "partitions" },
-    ...partitions.map((p) => el("li", { "data-partition": `${p.topic}:${p.partition}` },
-      `${p.topic}:${p.partition} `,
-      el("span", { class: "lag" }, String(p.lag)),
-      el("span", { class: "muted" }, ` behind (at ${p.position})`))));
+  const total = partitions.reduce((sum, p) => sum + p.lag, 0);
+  return el("div", {},
+    el("strong", { class: "total-lag" }, String(total)),
+    el("ul", { class: "partitions" },
+      ...partitions.map((p) => el("li", { "data-partition": `${p.topic}:${p.partition}`, title: `next offset ${p.position}`, class: p.lag > 0 ? "behind" : "" },
+        `${p.topic}:${p.partition} `,
+        el("span", { class: "lag" }, String(p.lag))))));
 }
 
 function eventsPerSecond(p, now) {
@@ -138,7 +142,7 @@ function eventsPerSecond(p, now) {
 function quarantineCell(p) {
   if (p.quarantine_count === 0) return el("span", { class: "muted" }, "0");
   return el("details", { class: "quarantine" },
-    el("summary", {}, `${p.quarantine_count} events`),
+    el("summary", {}, `${p.quarantine_count} event${p.quarantine_count === 1 ? "" : "s"}`),
     el("ul", {}, ...p.quarantined.map((q) =>
       el("li", {}, `${q.position} #${q.index}: ${q.reason}`))));
 }
@@ -200,8 +204,9 @@ async function loadAggregateTypes() {
   return document_;
 }
 
-// The pages seen so far, so "previous" goes back without the API knowing.
-let history = { type: "", id: "", pages: [1] };
+// The first version of each page seen so far and the page shown, so
+// "previous" goes back without the API having to page backwards.
+let history = { type: "", id: "", pages: [1], shown: 0 };
 
 async function showAggregate(fromVersion) {
   const { type, id } = history;
@@ -222,6 +227,7 @@ async function showAggregate(fromVersion) {
       el("td", {}, e.command),
       el("td", {}, e.principal || ""))));
     const page = history.pages.indexOf(fromVersion);
+    history.shown = page;
     $("#history-page").textContent = `page ${page + 1}`;
     $("#history-prev").disabled = page <= 0;
     $("#history-next").disabled = events.next_from_version === null;
@@ -236,18 +242,17 @@ async function showAggregate(fromVersion) {
 
 $("#aggregate-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  history = { type: $("#aggregate-type").value, id: $("#aggregate-id").value.trim(), pages: [1] };
+  history = { type: $("#aggregate-type").value, id: $("#aggregate-id").value.trim(), pages: [1], shown: 0 };
   showAggregate(1);
 });
 $("#history-next").addEventListener("click", () => {
   const from = Number($("#history-next").dataset.from);
-  if (!history.pages.includes(from)) history.pages.push(from);
+  history.pages = history.pages.slice(0, history.shown + 1);
+  history.pages.push(from);
   showAggregate(from);
 });
 $("#history-prev").addEventListener("click", () => {
-  const current = history.pages.indexOf(Number($("#history-next").dataset.from)) - 1;
-  const at = current >= 0 ? current : history.pages.length - 1;
-  showAggregate(history.pages[Math.max(0, at - 1)]);
+  showAggregate(history.pages[Math.max(0, history.shown - 1)]);
 });
 
 // ---- live tail ----
@@ -405,11 +410,18 @@ function drawChart(name) {
     const span = Math.max(1, samples[samples.length - 1][0] - first);
     const top = Math.max(1, ...samples.map((s) => s[1]));
     const points = samples.map(([at, v]) =>
-      `${((at - first) / span * width).toFixed(1)},${(height - 2 - v / top * (height - 6)).toFixed(1)}`);
+      `${((at - first) / span * width).toFixed(1)},${(height - 2 - v / top * (height - 16)).toFixed(1)}`);
     const line = document.createElementNS(ns, "polyline");
     line.setAttribute("points", points.join(" "));
     svg.append(line);
+    const scale = document.createElementNS(ns, "text");
+    scale.setAttribute("x", "2");
+    scale.setAttribute("y", "10");
+    scale.textContent = `max ${top.toFixed(name === "lag" ? 0 : 1)}`;
+    svg.append(scale);
   }
+  figure.querySelector(".span").textContent = samples.length > 1
+    ? `last ${Math.round((samples[samples.length - 1][0] - samples[0][0]) / 1000)} s` : "";
   const old = figure.querySelector("svg");
   if (old) old.replaceWith(svg);
   else figure.append(svg);
