@@ -294,8 +294,29 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
     send(&http, &base, "account/a1/deposit", json!({"amount": 10})).await;
     send(&http, &base, "account/a1/deposit", json!({"amount": 5})).await;
 
+    let page = http
+        .get(daemon.url("/console"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"<meta name="cqrsd-auth" content="none">"#),
+        "{page}"
+    );
+
     let browser = Browser::start(&chromedriver).await;
     browser.goto(&daemon.url("/console")).await;
+    // Without tokens it never asks for one.
+    browser
+        .wait_for(
+            "the console without a login",
+            "return document.querySelector('#login').hidden
+                 && !document.querySelector('#app').hidden;",
+        )
+        .await;
 
     // Every projection, with its lag per partition, caught up.
     let report = get_json(&http, &daemon.url("/admin/projections")).await;
@@ -582,6 +603,37 @@ async fn with_tokens_the_console_asks_for_one_and_then_works() {
         .await
         .unwrap();
     assert_eq!(opened.status(), 200);
+
+    // The page and its assets need no token, and say so little: the page
+    // knows only that a token is needed, and may load nothing from elsewhere.
+    for (path, content_type) in [
+        ("/console", "text/html; charset=utf-8"),
+        ("/console/console.css", "text/css; charset=utf-8"),
+        ("/console/console.js", "text/javascript; charset=utf-8"),
+    ] {
+        let response = http.get(daemon.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], content_type, "{path}");
+        let policy = response.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(policy.contains("default-src 'none'"), "{policy}");
+        assert!(policy.contains("connect-src 'self'"), "{policy}");
+        if path == "/console" {
+            let page = response.text().await.unwrap();
+            assert!(
+                page.contains(r#"<meta name="cqrsd-auth" content="token">"#),
+                "{page}"
+            );
+        }
+    }
+    let refused = http
+        .get(daemon.url("/admin/projections"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
 
     let browser = Browser::start(&chromedriver).await;
     browser.goto(&daemon.url("/console")).await;

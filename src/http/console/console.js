@@ -91,6 +91,7 @@ function showLogin(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   stopAll();
   $("#app").hidden = true;
+  $("#tabs").hidden = true;
   $("#logout").hidden = true;
   $("#login").hidden = false;
   $("#login-error").textContent = message || "";
@@ -503,6 +504,7 @@ async function start() {
     if (error.status === 401) return;
   }
   $("#app").hidden = false;
+  $("#tabs").hidden = false;
   $("#logout").hidden = !NEEDS_TOKEN;
   showTab();
   stopAll();
