@@ -152,6 +152,27 @@ impl Browser {
         .await
     }
 
+    /// Fills the named inputs of a form (values passed as arguments, so
+    /// they need no escaping) and submits it as a user would.
+    async fn submit(&self, form: &str, fields: &[(&str, &str)]) {
+        let fields: serde_json::Map<String, Value> = fields
+            .iter()
+            .map(|(selector, value)| ((*selector).to_owned(), json!(value)))
+            .collect();
+        self.call(
+            "POST",
+            &format!("{}/execute/sync", self.session),
+            json!({
+                "script": "for (const [selector, value] of Object.entries(arguments[1])) {
+                               document.querySelector(selector).value = value;
+                           }
+                           document.querySelector(arguments[0]).requestSubmit();",
+                "args": [form, fields],
+            }),
+        )
+        .await;
+    }
+
     /// Runs `script` until it returns something other than null or false,
     /// failing the test (with the page's error banner) after `PAGE_BOUND`.
     async fn wait_for(&self, what: &str, script: &str) -> Value {
@@ -235,6 +256,13 @@ fn now_millis() -> u64 {
     .unwrap()
 }
 
+/// GETs a URL and returns its body, failing the test on a non-200.
+async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    let response = http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {url}");
+    response.text().await.unwrap()
+}
+
 async fn send(http: &reqwest::Client, base: &str, path: &str, body: Value) {
     let response = command(http, base, path, body).await;
     assert_eq!(response.status(), 200, "{path}");
@@ -294,14 +322,7 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
     send(&http, &base, "account/a1/deposit", json!({"amount": 10})).await;
     send(&http, &base, "account/a1/deposit", json!({"amount": 5})).await;
 
-    let page = http
-        .get(daemon.url("/console"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&http, &daemon.url("/console")).await;
     assert!(
         page.contains(r#"<meta name="cqrsd-auth" content="none">"#),
         "{page}"
@@ -375,13 +396,15 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
     assert_eq!(generation(&after), before + 1, "{after}");
 
     // An aggregate: its state, its version and its history, two to a page.
+    browser.run("location.hash = '#aggregate';").await;
     browser
-        .run(
-            "location.hash = '#aggregate';
-             document.querySelector('#aggregate-type').value = 'account';
-             document.querySelector('#aggregate-id').value = 'a1';
-             document.querySelector('#aggregate-page-size').value = '2';
-             document.querySelector('#aggregate-form').requestSubmit();",
+        .submit(
+            "#aggregate-form",
+            &[
+                ("#aggregate-type", "account"),
+                ("#aggregate-id", "a1"),
+                ("#aggregate-page-size", "2"),
+            ],
         )
         .await;
     let first_page = browser
@@ -502,12 +525,9 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
 
     // An error of the API is shown with its reason, and goes once the
     // request that failed succeeds.
+    browser.run("location.hash = '#aggregate';").await;
     browser
-        .run(
-            "location.hash = '#aggregate';
-             document.querySelector('#aggregate-id').value = 'nobody';
-             document.querySelector('#aggregate-form').requestSubmit();",
-        )
+        .submit("#aggregate-form", &[("#aggregate-id", "nobody")])
         .await;
     browser
         .wait_for(
@@ -518,10 +538,7 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
         )
         .await;
     browser
-        .run(
-            "document.querySelector('#aggregate-id').value = 'a1';
-             document.querySelector('#aggregate-form').requestSubmit();",
-        )
+        .submit("#aggregate-form", &[("#aggregate-id", "a1")])
         .await;
     browser
         .wait_for(
@@ -653,10 +670,7 @@ async fn with_tokens_the_console_asks_for_one_and_then_works() {
 
     // A wrong token is refused, with the API's reason, and the login stays.
     browser
-        .run(
-            "document.querySelector('#login-token').value = 'not-a-token';
-             document.querySelector('#login-form').requestSubmit();",
-        )
+        .submit("#login-form", &[("#login-token", "not-a-token")])
         .await;
     browser
         .wait_for(
@@ -667,11 +681,7 @@ async fn with_tokens_the_console_asks_for_one_and_then_works() {
         .await;
 
     browser
-        .run(&format!(
-            "document.querySelector('#login-token').value = '{}';
-             document.querySelector('#login-form').requestSubmit();",
-            operator.secret
-        ))
+        .submit("#login-form", &[("#login-token", &operator.secret)])
         .await;
     browser
         .wait_for(
@@ -683,10 +693,9 @@ async fn with_tokens_the_console_asks_for_one_and_then_works() {
     // The token is kept for the tab: a reload does not ask again.
     browser.goto(&daemon.url("/console#aggregate")).await;
     browser
-        .run(
-            "document.querySelector('#aggregate-type').value = 'account';
-             document.querySelector('#aggregate-id').value = 't1';
-             document.querySelector('#aggregate-form').requestSubmit();",
+        .submit(
+            "#aggregate-form",
+            &[("#aggregate-type", "account"), ("#aggregate-id", "t1")],
         )
         .await;
     browser
@@ -769,14 +778,7 @@ async fn every_metric_the_grafana_dashboard_uses_is_exported() {
     crate::readside::wait_caught_up(&http, &base).await;
     get_json(&http, &daemon.url("/views/accounts/m1")).await;
 
-    let scrape = http
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = get_text(&http, &daemon.url("/metrics")).await;
     let exported: BTreeSet<&str> = scrape
         .lines()
         .filter(|line| !line.starts_with('#'))
