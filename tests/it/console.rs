@@ -438,6 +438,18 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
         )
         .await;
     assert_eq!(second_page, json!(["3"]));
+    browser
+        .run("document.querySelector('#history-prev').click()")
+        .await;
+    let back = browser
+        .wait_for(
+            "the first page again",
+            "const rows = [...document.querySelectorAll('#history-table tbody tr')];
+             return rows.length === 2 && document.querySelector('#history-prev').disabled
+                 ? rows.map(r => r.dataset.version) : null;",
+        )
+        .await;
+    assert_eq!(back, json!(["1", "2"]));
 
     // The live tail: a new event within a second of its command.
     browser
@@ -465,6 +477,10 @@ async fn the_console_shows_projections_aggregates_the_live_tail_and_the_node() {
         .await
         .as_u64()
         .unwrap();
+    eprintln!(
+        "the live tail showed the event {} ms after the command was sent",
+        received_at.saturating_sub(sent_at)
+    );
     assert!(
         received_at.saturating_sub(sent_at) < 1000,
         "the event showed {} ms after the command was sent",

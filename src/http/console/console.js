@@ -207,10 +207,10 @@ async function loadAggregateTypes() {
 
 // The first version of each page seen so far and the page shown, so
 // "previous" goes back without the API having to page backwards.
-let history = { type: "", id: "", pages: [1], shown: 0 };
+let historyPages = { type: "", id: "", firsts: [1], shown: 0 };
 
 async function showAggregate(fromVersion) {
-  const { type, id } = history;
+  const { type, id } = historyPages;
   const limit = Number($("#aggregate-page-size").value) || 20;
   const base = `/aggregates/${encodeURIComponent(type)}/${encodeURIComponent(id)}`;
   try {
@@ -227,8 +227,8 @@ async function showAggregate(fromVersion) {
       el("td", {}, el("pre", {}, JSON.stringify(e.data))),
       el("td", {}, e.command),
       el("td", {}, e.principal || ""))));
-    const page = history.pages.indexOf(fromVersion);
-    history.shown = page;
+    const page = historyPages.firsts.indexOf(fromVersion);
+    historyPages.shown = page;
     $("#history-page").textContent = `page ${page + 1}`;
     $("#history-prev").disabled = page <= 0;
     $("#history-next").disabled = events.next_from_version === null;
@@ -243,17 +243,17 @@ async function showAggregate(fromVersion) {
 
 $("#aggregate-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  history = { type: $("#aggregate-type").value, id: $("#aggregate-id").value.trim(), pages: [1], shown: 0 };
+  historyPages = { type: $("#aggregate-type").value, id: $("#aggregate-id").value.trim(), firsts: [1], shown: 0 };
   showAggregate(1);
 });
 $("#history-next").addEventListener("click", () => {
   const from = Number($("#history-next").dataset.from);
-  history.pages = history.pages.slice(0, history.shown + 1);
-  history.pages.push(from);
+  historyPages.firsts = historyPages.firsts.slice(0, historyPages.shown + 1);
+  historyPages.firsts.push(from);
   showAggregate(from);
 });
 $("#history-prev").addEventListener("click", () => {
-  showAggregate(history.pages[Math.max(0, history.shown - 1)]);
+  showAggregate(historyPages.firsts[Math.max(0, historyPages.shown - 1)]);
 });
 
 // ---- live tail ----
