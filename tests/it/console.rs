@@ -744,6 +744,47 @@ fn dashboard_metric_names() -> BTreeSet<String> {
         }
     }
     collect(&dashboard, &mut expressions);
+    assert!(expressions.len() >= 10, "{expressions:?}");
+    // Without a PromQL parser, the mistakes a hand edit makes most: an
+    // unbalanced bracket, or a variable the dashboard does not define.
+    let variables: BTreeSet<String> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .chain(["__rate_interval".to_owned(), "__interval".to_owned()])
+        .collect();
+    for expression in &expressions {
+        let mut open = Vec::new();
+        let mut quoted = false;
+        for c in expression.chars() {
+            match c {
+                '"' => quoted = !quoted,
+                '(' | '{' | '[' if !quoted => open.push(c),
+                ')' | '}' | ']' if !quoted => {
+                    let expected = match c {
+                        ')' => '(',
+                        '}' => '{',
+                        _ => '[',
+                    };
+                    assert_eq!(open.pop(), Some(expected), "unbalanced: {expression}");
+                }
+                _ => {}
+            }
+        }
+        assert!(open.is_empty() && !quoted, "unbalanced: {expression}");
+        for (at, _) in expression.match_indices('$') {
+            let name: String = expression[at + 1..]
+                .chars()
+                .skip_while(|c| *c == '{')
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                variables.contains(&name),
+                "${name} is not defined: {expression}"
+            );
+        }
+    }
     let mut names = BTreeSet::new();
     for expression in &expressions {
         let mut rest = expression.as_str();
