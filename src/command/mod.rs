@@ -359,7 +359,7 @@ impl CommandSide {
             Err(CommandFailure::UnknownAggregate(_) | CommandFailure::UnknownCommand { .. })
         ) {
             metrics::counter!("cqrsd_commands_total", "aggregate" => labels[0].1.clone(), "command" => labels[1].1.clone(), "outcome" => outcome).increment(1);
-            metrics::histogram!("cqrsd_command_duration_seconds", "aggregate" => labels[0].1.clone(), "command" => labels[1].1.clone())
+            metrics::histogram!("cqrsd_command_duration_seconds", "aggregate" => labels[0].1.clone(), "command" => labels[1].1.clone(), "outcome" => outcome)
                 .record(started.elapsed().as_secs_f64());
         }
         result

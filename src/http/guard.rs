@@ -49,6 +49,9 @@ fn policy(
     };
     match template {
         "/livez" | "/readyz" => Policy::Open,
+        // The console's page and assets hold no data; the page calls the
+        // guarded API below with the operator's token.
+        "/console" | "/console/console.css" | "/console/console.js" => Policy::Open,
         "/metrics" if metrics_public => Policy::Open,
         "/metrics" => need(Role::Admin, Target::Any),
         // The API description is useful to every client, and to nobody else.
@@ -188,6 +191,9 @@ mod tests {
         let need = |role, target| Policy::Need(Requirement { role, target });
         assert_eq!(policy_of("/livez", &[], &[]), Policy::Open);
         assert_eq!(policy_of("/readyz", &[], &[]), Policy::Open);
+        for asset in ["/console", "/console/console.css", "/console/console.js"] {
+            assert_eq!(policy_of(asset, &[], &[]), Policy::Open);
+        }
         assert_eq!(
             policy_of("/metrics", &[], &[]),
             need(Role::Admin, Target::Any)

@@ -7,6 +7,7 @@
 //! on one side cannot starve the other even though one address serves both.
 
 pub mod commands;
+mod console;
 pub mod edge;
 mod guard;
 mod middleware;
@@ -146,6 +147,7 @@ pub fn router(
         ));
     Router::new()
         .merge(ops::routes(ops_state))
+        .merge(console::routes(settings.clone()))
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such resource".to_owned()) })
         // Innermost of the common layers: it runs after routing (it needs the

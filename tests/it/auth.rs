@@ -30,7 +30,7 @@ pub fn token(name: &str, roles: &[&str], extra: &str) -> TestToken {
     TestToken { secret, entry }
 }
 
-fn bearer(token: &TestToken) -> String {
+pub fn bearer(token: &TestToken) -> String {
     format!("Bearer {}", token.secret)
 }
 

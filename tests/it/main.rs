@@ -11,6 +11,7 @@ mod auth;
 mod bench;
 mod cli;
 mod commands;
+mod console;
 mod crash;
 mod dispatch;
 mod kafka;
