@@ -7,7 +7,7 @@ use serde_json::Value as Json;
 
 use super::aggregate::EventInput;
 use super::error::ApplyError;
-use super::expr::{self, Expression, Vars};
+use super::expr::{self, EventVar, Expression, Vars};
 
 /// A read model fed by the events of its source aggregates.
 #[derive(Debug)]
@@ -103,28 +103,27 @@ impl ViewDef {
             ViewHandler::Delete => return Ok(ViewChange::Unchanged),
             ViewHandler::Set(set) => set,
         };
-        let place = format!("projections.{}.on.{}", self.name, event.event_type);
+        let place = || format!("projections.{}.on.{}", self.name, event.event_type);
         let mut fields = match doc {
             Some(Json::Object(fields)) => fields.clone(),
             Some(_) => {
                 return Err(ApplyError::Evaluation {
-                    place,
+                    place: place(),
                     reason: "the current document is not a JSON object".to_owned(),
                 });
             }
             None => serde_json::Map::new(),
         };
+        // The current document as it is, an empty one when there is none (an
+        // empty map does not allocate).
+        let empty = Json::Object(serde_json::Map::new());
         let vars = Vars {
-            // The current document as it is (an empty one when there is none),
-            // converted without another copy of its fields.
-            doc: Some(match doc {
-                Some(doc) => expr::from_json(doc),
-                None => expr::from_json(&Json::Object(serde_json::Map::new())),
+            doc: Some(doc.unwrap_or(&empty)),
+            event: Some(EventVar {
+                input: *event,
+                aggregate_type,
             }),
-            event: Some(event.cel_variable(aggregate_type)),
-            id: Some(cel::Value::String(std::sync::Arc::new(
-                event.aggregate_id.to_owned(),
-            ))),
+            id: Some(event.aggregate_id),
             ..Vars::default()
         };
         expr::apply_set(set, &vars, &place, &mut fields)?;
@@ -198,12 +197,13 @@ impl AggregationDef {
         event: &EventInput<'_>,
         aggregate_type: &str,
     ) -> Result<AggregationInput, ApplyError> {
-        let place = format!("projections.{}", self.name);
+        let place = || format!("projections.{}", self.name);
         let vars = Vars {
-            event: Some(event.cel_variable(aggregate_type)),
-            id: Some(cel::Value::String(std::sync::Arc::new(
-                event.aggregate_id.to_owned(),
-            ))),
+            event: Some(EventVar {
+                input: *event,
+                aggregate_type,
+            }),
+            id: Some(event.aggregate_id),
             ..Vars::default()
         };
         let mut group = serde_json::Map::new();
@@ -211,7 +211,7 @@ impl AggregationDef {
             let value = expression
                 .eval_json(&vars)
                 .map_err(|reason| ApplyError::Evaluation {
-                    place: format!("{place}.group_by.{field}"),
+                    place: format!("{}.group_by.{field}", place()),
                     reason,
                 })?;
             group.insert(field.clone(), value);
@@ -222,18 +222,18 @@ impl AggregationDef {
                 inputs.push(None);
                 continue;
             };
-            let here = format!("{place}.measures.{}", measure.name);
+            let here = || format!("{}.measures.{}", place(), measure.name);
             match expression.eval_json(&vars) {
                 Ok(Json::Number(n)) => inputs.push(Some(n)),
                 Ok(other) => {
                     return Err(ApplyError::Evaluation {
-                        place: here,
+                        place: here(),
                         reason: format!("expected a number, got {other}"),
                     });
                 }
                 Err(reason) => {
                     return Err(ApplyError::Evaluation {
-                        place: here,
+                        place: here(),
                         reason,
                     });
                 }

@@ -4,7 +4,7 @@
 use chrono::{TimeZone, Utc};
 use serde_json::{Value as Json, json};
 
-use super::expr::{Expression, Var, Vars, from_json};
+use super::expr::{Expression, Var, Vars};
 use super::*;
 
 fn bank() -> Domain {
@@ -49,10 +49,9 @@ set = { n = "state.n + event.by" }
 "#;
 
 fn eval(source: &str) -> Result<Json, String> {
+    let state = json!({"balance": 5, "price": 2.5, "big": i64::MAX});
     let vars = Vars {
-        state: Some(from_json(
-            &json!({"balance": 5, "price": 2.5, "big": i64::MAX}),
-        )),
+        state: Some(&state),
         ..Vars::default()
     };
     Expression::compile(source, &[Var::State])?.eval_json(&vars)
@@ -269,7 +268,7 @@ fn arithmetic_errors_are_errors_not_panics_or_wraps() {
 fn time_helpers_bucket_timestamps_in_utc() {
     let t = Utc.with_ymd_and_hms(2026, 11, 26, 13, 5, 9).unwrap();
     let vars = Vars {
-        now: Some(expr::timestamp(t)),
+        now: Some(t),
         ..Vars::default()
     };
     let run = |s: &str| {
@@ -524,8 +523,9 @@ fn hostile_expressions_are_bounded_at_load_time() {
 #[test]
 fn costly_evaluations_are_stopped() {
     let big: Vec<i64> = (0..1000).collect();
+    let command = json!({"l": big, "s": "x".repeat(100_000)});
     let vars = Vars {
-        command: Some(from_json(&json!({"l": big, "s": "x".repeat(100_000)}))),
+        command: Some(&command),
         ..Vars::default()
     };
     let run = |s: &str| Expression::compile(s, &[Var::Command]).unwrap().eval(&vars);
