@@ -248,6 +248,8 @@ impl Default for QueryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct ProjectionsConfig {
+    /// Worker threads; each owns some projections and reads their sources
+    /// once for all of them. Default: the number of cores.
     pub workers: usize,
     /// Most events applied and committed in one atomic write.
     pub batch_size: usize,
@@ -263,12 +265,19 @@ pub struct ProjectionsConfig {
 impl Default for ProjectionsConfig {
     fn default() -> Self {
         Self {
-            workers: 1,
+            workers: default_projection_workers(),
             batch_size: 1000,
             search_commit_interval_ms: 500,
             nice: 10,
         }
     }
+}
+
+/// One projection worker per core: projections are spread over them, and
+/// their threads run at `[projections] nice`, so they use idle cores without
+/// taking them from the threads that answer clients.
+pub fn default_projection_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// Output format of the daemon's own log lines.
@@ -917,7 +926,10 @@ mod tests {
         assert_eq!(config.log.kafka.topic_prefix, "cqrsd");
         assert_eq!(config.log.kafka.partitions, 8);
         assert_eq!((config.command.threads, config.query.threads), (1, 1));
-        assert_eq!(config.projections.workers, 1);
+        assert_eq!(
+            config.projections.workers,
+            std::thread::available_parallelism().unwrap().get()
+        );
         assert_eq!(config.domain_path(), None);
     }
 
