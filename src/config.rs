@@ -260,6 +260,27 @@ pub struct ProjectionsConfig {
     /// The nice value of the projection threads (0 to 19): higher runs them
     /// after the command and query threads when the cores are busy.
     pub nice: i32,
+    /// MiB of documents and aggregation groups that views and aggregations
+    /// keep in memory in front of sled, all together (0 keeps none).
+    pub cache_mib: usize,
+    /// MiB a search index's writer buffers before it writes a segment.
+    pub search_writer_mib: usize,
+    /// Indexing threads of each search index's writer.
+    pub search_writer_threads: usize,
+}
+
+impl ProjectionsConfig {
+    /// The storage settings of the projection pool.
+    pub fn engine_settings(&self) -> crate::projection::EngineSettings {
+        crate::projection::EngineSettings {
+            search_commit_interval: std::time::Duration::from_millis(
+                self.search_commit_interval_ms,
+            ),
+            cache_bytes: self.cache_mib.saturating_mul(1 << 20),
+            search_writer_bytes: self.search_writer_mib.saturating_mul(1 << 20),
+            search_writer_threads: self.search_writer_threads,
+        }
+    }
 }
 
 impl Default for ProjectionsConfig {
@@ -269,6 +290,9 @@ impl Default for ProjectionsConfig {
             batch_size: 1000,
             search_commit_interval_ms: 500,
             nice: 10,
+            cache_mib: 128,
+            search_writer_mib: 64,
+            search_writer_threads: 1,
         }
     }
 }
@@ -505,6 +529,44 @@ impl Config {
                     "{} ms is more than the limit of 3600000 (one hour)",
                     self.projections.search_commit_interval_ms
                 ),
+            );
+        }
+        // The working sets are meant to stay well inside the machine's memory;
+        // beyond 64 GiB a typo is likelier than a wish.
+        if self.projections.cache_mib > 65_536 {
+            problem(
+                "projections.cache_mib",
+                format!(
+                    "{} MiB is more than the limit of 65536",
+                    self.projections.cache_mib
+                ),
+            );
+        }
+        // tantivy needs at least 15 MB per indexing thread and less than 4 GB
+        // in all; thread counts beyond the cores only oversubscribe them.
+        let (writer_mib, writer_threads) = (
+            self.projections.search_writer_mib,
+            self.projections.search_writer_threads,
+        );
+        if !(1..=64).contains(&writer_threads) {
+            problem(
+                "projections.search_writer_threads",
+                format!("{writer_threads} is not from 1 to 64"),
+            );
+        } else if writer_mib.saturating_mul(1 << 20)
+            < crate::store::search::WRITER_MEMORY_PER_THREAD_MIN.saturating_mul(writer_threads)
+        {
+            problem(
+                "projections.search_writer_mib",
+                format!(
+                    "{writer_mib} MiB is less than the 15 MB per writer thread tantivy needs ({writer_threads} threads)"
+                ),
+            );
+        }
+        if writer_mib >= 4096 {
+            problem(
+                "projections.search_writer_mib",
+                format!("{writer_mib} MiB is not less than tantivy's limit of 4096"),
             );
         }
         // Negative values would need CAP_SYS_NICE and would put projections
@@ -993,6 +1055,50 @@ mod tests {
                 .projections
                 .nice,
             10
+        );
+    }
+
+    #[test]
+    fn working_set_and_search_writer_settings_are_bounded() {
+        let keys = |pairs: &[(&str, &str)]| -> Vec<String> {
+            match Config::load_with_env(None, env(pairs)) {
+                Ok(_) => Vec::new(),
+                Err(error) => error.problems.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__CACHE_MIB", "70000")]),
+            ["projections.cache_mib"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "0")]),
+            ["projections.search_writer_threads"]
+        );
+        // 15 MB per thread at least: 4 threads need more than 32 MiB.
+        assert_eq!(
+            keys(&[
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "4"),
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_MIB", "32"),
+            ]),
+            ["projections.search_writer_mib"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__SEARCH_WRITER_MIB", "4096")]),
+            ["projections.search_writer_mib"]
+        );
+        assert!(
+            keys(&[
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "2"),
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_MIB", "64"),
+                ("CQRSD__PROJECTIONS__CACHE_MIB", "0"),
+            ])
+            .is_empty()
+        );
+        let settings = ProjectionsConfig::default().engine_settings();
+        assert_eq!(settings.cache_bytes, 128 << 20);
+        assert_eq!(
+            (settings.search_writer_bytes, settings.search_writer_threads),
+            (64 << 20, 1)
         );
     }
 

@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::engine::{BatchStats, Engine, SourceRecord, Target};
+use super::engine::{BatchStats, Engine, EngineSettings, SourceRecord, Target};
 use crate::domain::{Domain, ProjectionKind, SearchDef};
 use crate::store::views::Positions;
 use crate::store::{SearchIndex, StoreError, ViewStore};
@@ -31,6 +31,8 @@ pub struct SearchEngine {
     store: ViewStore,
     name: String,
     commit_interval: Duration,
+    writer_bytes: usize,
+    writer_threads: usize,
 }
 
 impl SearchEngine {
@@ -38,13 +40,15 @@ impl SearchEngine {
         domain: Arc<Domain>,
         store: ViewStore,
         name: &str,
-        commit_interval: Duration,
+        settings: &EngineSettings,
     ) -> Self {
         Self {
             domain,
             store,
             name: name.to_owned(),
-            commit_interval,
+            commit_interval: settings.search_commit_interval,
+            writer_bytes: settings.search_writer_bytes,
+            writer_threads: settings.search_writer_threads,
         }
     }
 
@@ -65,7 +69,8 @@ impl SearchEngine {
             // A rebuild starts from nothing, whatever an interrupted one left.
             SearchIndex::remove(&dir)?;
         }
-        let index = SearchIndex::open(&dir, def.fields())?;
+        let index =
+            SearchIndex::open_with(&dir, def.fields(), self.writer_bytes, self.writer_threads)?;
         let committed = index.positions()?;
         if live {
             self.store

@@ -123,6 +123,10 @@ fn advance(
     Ok((events, quarantined, read))
 }
 
+/// Reads up to `max` records of a partition from an offset: the log's read,
+/// or a test's.
+type ReadFn<'a> = dyn FnMut(&str, u32, u64, usize) -> Result<Vec<(u64, Record)>, LogError> + 'a;
+
 /// What one projection's live generation did in a round.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Tally {
@@ -144,7 +148,7 @@ pub(super) struct Tally {
 /// `outcomes` holds, per runner, `None` when it does not work this round,
 /// else its result so far, which this fills in.
 fn advance_live(
-    read: &mut dyn FnMut(&str, u32, u64, usize) -> Result<Vec<(u64, Record)>, LogError>,
+    read: &mut ReadFn<'_>,
     batch_size: usize,
     runners: &mut [Runner],
     outcomes: &mut [Option<Result<Tally, ProjectionError>>],
@@ -305,7 +309,7 @@ impl Runner {
 
     /// Whether this projection may work now (it is not waiting to retry).
     fn due(&self) -> bool {
-        !self.retry_at.is_some_and(|at| Instant::now() < at)
+        self.retry_at.is_none_or(|at| Instant::now() >= at)
     }
 
     /// Settles the outcome of one round: a failure is reported and retried
@@ -600,12 +604,17 @@ pub fn rebuild_offline(
     store: &crate::store::ViewStore,
     name: &str,
     batch_size: usize,
+    settings: &super::EngineSettings,
     mut progress: impl FnMut(u64, u64, u64),
 ) -> Result<u64, ProjectionError> {
     if domain.projection(name).is_none() {
         return Err(ProjectionError::Unknown(name.to_owned()));
     }
-    let engine = super::engine_for(domain, store, name, OFFLINE_SEARCH_COMMIT_INTERVAL)
+    let settings = super::EngineSettings {
+        search_commit_interval: OFFLINE_SEARCH_COMMIT_INTERVAL,
+        ..*settings
+    };
+    let engine = super::engine_for(domain, store, name, &settings)
         .ok_or_else(|| ProjectionError::NotRebuildable(name.to_owned()))?;
     let topics = super::topics_of(domain, log, name);
     let mut positions = full_positions(&Positions::new(), &topics, log.partitions());
