@@ -290,21 +290,35 @@ impl Aggregate {
                 version: ctx.version.saturating_add(i as u64).saturating_add(1),
                 timestamp: ctx.now,
             };
-            new_state = self.apply(&new_state, &input).map_err(|e| match e {
-                ApplyError::UnknownEvent { event_type } => CommandError::Evaluation {
-                    place: place(),
-                    reason: format!("no handler for event `{event_type}`"),
-                },
-                ApplyError::Evaluation { place, reason } => {
-                    CommandError::Evaluation { place, reason }
-                }
-            })?;
+            self.apply_in_place(&mut new_state, &input)
+                .map_err(|e| match e {
+                    ApplyError::UnknownEvent { event_type } => CommandError::Evaluation {
+                        place: place(),
+                        reason: format!("no handler for event `{event_type}`"),
+                    },
+                    ApplyError::Evaluation { place, reason } => {
+                        CommandError::Evaluation { place, reason }
+                    }
+                })?;
         }
         Ok(Decision { events, new_state })
     }
 
     /// Applies one recorded event to a state, as when replaying the log.
     pub fn apply(&self, state: &Json, event: &EventInput<'_>) -> Result<Json, ApplyError> {
+        let mut new_state = state.clone();
+        self.apply_in_place(&mut new_state, event)?;
+        Ok(new_state)
+    }
+
+    /// [`Aggregate::apply`] on the state where it is: the fields a handler
+    /// sets are replaced, the rest is not copied. On an error the state is
+    /// unchanged.
+    pub fn apply_in_place(
+        &self,
+        state: &mut Json,
+        event: &EventInput<'_>,
+    ) -> Result<(), ApplyError> {
         let handler =
             self.events
                 .get(event.event_type)
@@ -312,12 +326,12 @@ impl Aggregate {
                     event_type: event.event_type.to_owned(),
                 })?;
         let place = || format!("aggregates.{}.events.{}", self.name, event.event_type);
-        let Json::Object(fields) = state else {
+        if !state.is_object() {
             return Err(ApplyError::Evaluation {
                 place: place(),
                 reason: "the state is not a JSON object".to_owned(),
             });
-        };
+        }
         let vars = Vars {
             state: Some(state),
             event: Some(EventVar {
@@ -327,8 +341,11 @@ impl Aggregate {
             id: Some(event.aggregate_id),
             ..Vars::default()
         };
-        let mut fields = fields.clone();
-        expr::apply_set(&handler.set, &vars, &place, &mut fields)?;
-        Ok(Json::Object(fields))
+        let values = expr::eval_set(&handler.set, &vars, &place)?;
+        drop(vars);
+        if let Json::Object(fields) = state {
+            expr::assign(fields, values);
+        }
+        Ok(())
     }
 }

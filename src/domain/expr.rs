@@ -716,31 +716,41 @@ fn as_float(v: &Value) -> f64 {
     }
 }
 
-/// Runs a handler's `set` expressions over `vars` and writes each value into
-/// `fields`; an error names the field (`<place>.set.<field>`). Aggregate event
-/// handlers and view handlers share this, so both report alike. The place is
-/// only spelled out when there is an error: on the hot path it costs nothing.
-pub(crate) fn apply_set(
-    set: &[(String, Expression)],
+/// Runs a handler's `set` expressions over `vars` and returns each field's
+/// new value; an error names the field (`<place>.set.<field>`). Aggregate
+/// event handlers and view handlers share this, so both report alike. Every
+/// expression sees the values as they were before the handler, and nothing
+/// is written until all of them succeeded, so a failed handler changes
+/// nothing. The place is only spelled out for an error: on the hot path it
+/// costs nothing.
+pub(crate) fn eval_set<'s>(
+    set: &'s [(String, Expression)],
     vars: &Vars<'_>,
     place: &dyn Fn() -> String,
-    fields: &mut serde_json::Map<String, Json>,
-) -> Result<(), super::ApplyError> {
-    for (field, expression) in set {
-        let value = expression
-            .eval_json(vars)
-            .map_err(|reason| super::ApplyError::Evaluation {
-                place: format!("{}.set.{field}", place()),
-                reason,
-            })?;
+) -> Result<Vec<(&'s str, Json)>, super::ApplyError> {
+    set.iter()
+        .map(|(field, expression)| {
+            expression
+                .eval_json(vars)
+                .map(|value| (field.as_str(), value))
+                .map_err(|reason| super::ApplyError::Evaluation {
+                    place: format!("{}.set.{field}", place()),
+                    reason,
+                })
+        })
+        .collect()
+}
+
+/// Writes the values of [`eval_set`] into an object's fields.
+pub(crate) fn assign(fields: &mut serde_json::Map<String, Json>, values: Vec<(&str, Json)>) {
+    for (field, value) in values {
         match fields.get_mut(field) {
             Some(slot) => *slot = value,
             None => {
-                fields.insert(field.clone(), value);
+                fields.insert(field.to_owned(), value);
             }
         }
     }
-    Ok(())
 }
 
 /// JSON to CEL: integers that fit an i64 become ints, larger ones uints, all

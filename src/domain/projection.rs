@@ -98,22 +98,62 @@ impl ViewDef {
         let Some(handler) = self.on.get(event.event_type) else {
             return Ok(ViewChange::Unchanged);
         };
-        let set = match handler {
-            ViewHandler::Delete if doc.is_some() => return Ok(ViewChange::Delete),
-            ViewHandler::Delete => return Ok(ViewChange::Unchanged),
-            ViewHandler::Set(set) => set,
-        };
-        let place = || format!("projections.{}.on.{}", self.name, event.event_type);
-        let mut fields = match doc {
-            Some(Json::Object(fields)) => fields.clone(),
-            Some(_) => {
-                return Err(ApplyError::Evaluation {
-                    place: place(),
-                    reason: "the current document is not a JSON object".to_owned(),
-                });
+        match handler {
+            ViewHandler::Delete if doc.is_some() => Ok(ViewChange::Delete),
+            ViewHandler::Delete => Ok(ViewChange::Unchanged),
+            ViewHandler::Set(set) => {
+                let values = self.eval_handler(set, doc, event, aggregate_type)?;
+                let mut fields = match doc {
+                    Some(Json::Object(fields)) => fields.clone(),
+                    _ => serde_json::Map::new(),
+                };
+                expr::assign(&mut fields, values);
+                Ok(ViewChange::Put(Json::Object(fields)))
             }
-            None => serde_json::Map::new(),
+        }
+    }
+
+    /// [`ViewDef::apply`] on the document where it is (`None`: absent): the
+    /// fields a handler sets are replaced, the rest is not copied. Returns
+    /// whether the document changed; on an error it is unchanged.
+    pub fn apply_in_place(
+        &self,
+        doc: &mut Option<Json>,
+        event: &EventInput<'_>,
+        aggregate_type: &str,
+    ) -> Result<bool, ApplyError> {
+        let Some(handler) = self.on.get(event.event_type) else {
+            return Ok(false);
         };
+        match handler {
+            ViewHandler::Delete => Ok(doc.take().is_some()),
+            ViewHandler::Set(set) => {
+                let values = self.eval_handler(set, doc.as_ref(), event, aggregate_type)?;
+                if let Json::Object(fields) =
+                    doc.get_or_insert_with(|| Json::Object(serde_json::Map::new()))
+                {
+                    expr::assign(fields, values);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// The new values of a `set` handler's fields.
+    fn eval_handler<'s>(
+        &self,
+        set: &'s [(String, Expression)],
+        doc: Option<&Json>,
+        event: &EventInput<'_>,
+        aggregate_type: &str,
+    ) -> Result<Vec<(&'s str, Json)>, ApplyError> {
+        let place = || format!("projections.{}.on.{}", self.name, event.event_type);
+        if doc.is_some_and(|doc| !doc.is_object()) {
+            return Err(ApplyError::Evaluation {
+                place: place(),
+                reason: "the current document is not a JSON object".to_owned(),
+            });
+        }
         // The current document as it is, an empty one when there is none (an
         // empty map does not allocate).
         let empty = Json::Object(serde_json::Map::new());
@@ -126,8 +166,7 @@ impl ViewDef {
             id: Some(event.aggregate_id),
             ..Vars::default()
         };
-        expr::apply_set(set, &vars, &place, &mut fields)?;
-        Ok(ViewChange::Put(Json::Object(fields)))
+        expr::eval_set(set, &vars, &place)
     }
 }
 

@@ -621,6 +621,66 @@ fn views_set_and_delete_documents() {
     );
 }
 
+/// Applying in place gives what `apply` gives, and a failed handler leaves
+/// the document (or the state) as it was.
+#[test]
+fn handlers_applied_in_place_equal_apply_and_fail_without_a_trace() {
+    let domain = Domain::from_toml_str(&format!(
+        "{EXAMPLE_DOMAIN}\n[projections.open_accounts]\nkind = \"view\"\nsource = [\"account\"]\n[projections.open_accounts.on.AccountOpened]\nset = {{ owner = \"event.owner\" }}\n[projections.open_accounts.on.AccountClosed]\ndelete = true\n"
+    ))
+    .unwrap();
+    let opened = json!({"owner": "Ada"});
+    let deposit = json!({"amount": 7});
+    let bad = json!({"amount": "seven"});
+    let closed = json!({});
+    let events = [
+        event("AccountOpened", &opened, 1),
+        event("MoneyDeposited", &deposit, 2),
+        event("MoneyDeposited", &bad, 3),
+        event("AccountClosed", &closed, 4),
+        event("MoneyDeposited", &deposit, 5),
+    ];
+    for name in ["accounts", "open_accounts"] {
+        let ProjectionKind::View(view) = domain.projection(name).unwrap().kind() else {
+            panic!("not a view")
+        };
+        let mut in_place: Option<Json> = None;
+        let mut applied: Option<Json> = None;
+        for event in &events {
+            let before = in_place.clone();
+            let result = view.apply_in_place(&mut in_place, event, "account");
+            match view.apply(applied.as_ref(), event, "account") {
+                Ok(ViewChange::Put(doc)) => applied = Some(doc),
+                Ok(ViewChange::Delete) => applied = None,
+                Ok(ViewChange::Unchanged) => {}
+                Err(_) => {
+                    assert!(result.is_err(), "{name}: both fail");
+                    assert_eq!(in_place, before, "{name}: a failed handler changes nothing");
+                }
+            }
+            assert_eq!(in_place, applied, "{name} after {}", event.event_type);
+        }
+    }
+    let account = domain.aggregate("account").unwrap();
+    let mut state = account.initial_state().clone();
+    account
+        .apply_in_place(&mut state, &event("AccountOpened", &opened, 1))
+        .unwrap();
+    assert_eq!(
+        state,
+        account
+            .apply(account.initial_state(), &event("AccountOpened", &opened, 1))
+            .unwrap()
+    );
+    let before = state.clone();
+    assert!(
+        account
+            .apply_in_place(&mut state, &event("MoneyDeposited", &bad, 2))
+            .is_err()
+    );
+    assert_eq!(state, before);
+}
+
 #[test]
 fn aggregations_evaluate_groups_and_measure_inputs() {
     let domain = bank();

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::domain::{Domain, ProjectionKind, ViewChange};
+use crate::domain::{Domain, ProjectionKind};
 use crate::log::Event;
 use crate::store::views::{ChangeSet, Generation, Positions, Quarantined, encode_value};
 use crate::store::{StoreError, ViewStore};
@@ -227,31 +227,16 @@ impl Target for SledTarget {
                                 .docs
                                 .insert(event.aggregate_id.clone(), (stored.clone(), stored));
                         }
-                        let current = changes
-                            .docs
-                            .get(&event.aggregate_id)
-                            .and_then(|(_, after)| after.as_ref());
-                        let change =
-                            match def.apply(current, &event.as_input(), &event.aggregate_type) {
-                                Ok(change) => change,
-                                Err(error) => {
-                                    quarantine(
-                                        &mut changes,
-                                        record,
-                                        index,
-                                        Some(event),
-                                        error.to_string(),
-                                    );
-                                    continue;
-                                }
-                            };
-                        let after = match change {
-                            ViewChange::Put(doc) => Some(doc),
-                            ViewChange::Delete => None,
-                            ViewChange::Unchanged => continue,
+                        // The handler changes the batch's copy of the document
+                        // where it is; the copy from before the batch stays.
+                        let applied = match changes.docs.get_mut(&event.aggregate_id) {
+                            Some((_, after)) => {
+                                def.apply_in_place(after, &event.as_input(), &event.aggregate_type)
+                            }
+                            None => Ok(false),
                         };
-                        if let Some(entry) = changes.docs.get_mut(&event.aggregate_id) {
-                            entry.1 = after;
+                        if let Err(error) = applied {
+                            quarantine(&mut changes, record, index, Some(event), error.to_string());
                         }
                     }
                     ProjectionKind::Aggregation(def) => {
