@@ -314,29 +314,10 @@ mod tests {
 
     use super::*;
     use crate::domain::EXAMPLE_DOMAIN;
-    use crate::log::EventMetadata;
     use crate::store::views::GROUP;
 
     fn event(id: &str, event_type: &str, data: Json, version: u64) -> Event {
-        Event {
-            event_id: uuid::Uuid::now_v7(),
-            aggregate_type: "account".to_owned(),
-            aggregate_id: id.to_owned(),
-            version,
-            event_type: event_type.to_owned(),
-            timestamp: chrono::DateTime::parse_from_rfc3339("2026-11-26T13:45:00Z")
-                .unwrap()
-                .to_utc(),
-            data,
-            metadata: EventMetadata {
-                command: "test".to_owned(),
-                command_id: uuid::Uuid::now_v7(),
-                idempotency_key: None,
-                correlation_id: None,
-                request_hash: String::new(),
-                principal: None,
-            },
-        }
+        crate::bench::target::bench_event(id, version, event_type, 0, data)
     }
 
     fn apply(target: &mut dyn Target, offset: u64, event: Event) -> BatchStats {
