@@ -260,6 +260,9 @@ pub struct ProjectionsConfig {
     /// The nice value of the projection threads (0 to 19): higher runs them
     /// after the command and query threads when the cores are busy.
     pub nice: i32,
+    /// Longest a batch keeps growing (reading more of the log) before it is
+    /// applied and committed, in milliseconds.
+    pub batch_max_ms: u64,
     /// MiB of documents and aggregation groups that views and aggregations
     /// keep in memory in front of sled, all together (0 keeps none).
     pub cache_mib: usize,
@@ -287,9 +290,10 @@ impl Default for ProjectionsConfig {
     fn default() -> Self {
         Self {
             workers: default_projection_workers(),
-            batch_size: 1000,
+            batch_size: 10_000,
             search_commit_interval_ms: 500,
             nice: 10,
+            batch_max_ms: 100,
             cache_mib: 128,
             search_writer_mib: 64,
             search_writer_threads: 1,
@@ -528,6 +532,27 @@ impl Config {
                 format!(
                     "{} ms is more than the limit of 3600000 (one hour)",
                     self.projections.search_commit_interval_ms
+                ),
+            );
+        }
+        // A batch's commit is what queries wait for: beyond a minute, reads
+        // with consistent_with would time out behind it.
+        if self.projections.batch_max_ms > 60_000 {
+            problem(
+                "projections.batch_max_ms",
+                format!(
+                    "{} ms is more than the limit of 60000 (one minute)",
+                    self.projections.batch_max_ms
+                ),
+            );
+        }
+        // Decoded batches are held in memory whole.
+        if self.projections.batch_size > 1_000_000 {
+            problem(
+                "projections.batch_size",
+                format!(
+                    "{} events is more than the limit of 1000000",
+                    self.projections.batch_size
                 ),
             );
         }
@@ -1069,6 +1094,14 @@ mod tests {
         assert_eq!(
             keys(&[("CQRSD__PROJECTIONS__CACHE_MIB", "70000")]),
             ["projections.cache_mib"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__BATCH_MAX_MS", "60001")]),
+            ["projections.batch_max_ms"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__BATCH_SIZE", "1000001")]),
+            ["projections.batch_size"]
         );
         assert_eq!(
             keys(&[("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "0")]),

@@ -142,6 +142,7 @@ impl Daemon {
             PoolOptions {
                 workers: config.projections.workers,
                 batch_size: config.projections.batch_size,
+                batch_time: Duration::from_millis(config.projections.batch_max_ms),
                 nice: config.projections.nice,
                 engine: config.projections.engine_settings(),
             },

@@ -40,7 +40,10 @@ use crate::store::{StoreError, ViewStore};
 #[derive(Debug, Clone, Copy)]
 pub struct PoolOptions {
     pub workers: usize,
+    /// Most events of one batch.
     pub batch_size: usize,
+    /// Longest a batch grows before it is applied and committed.
+    pub batch_time: std::time::Duration,
     /// The nice value of the workers and of the threads their targets start.
     pub nice: i32,
     /// The projections' storage settings; `cache_bytes` is the working-set
@@ -282,6 +285,7 @@ impl ProjectionPool {
             let context = worker::WorkerContext {
                 log: read_models.log.clone(),
                 batch_size: options.batch_size.max(1),
+                batch_time: options.batch_time,
                 cancel: cancel.clone(),
                 wake,
                 readiness: readiness.clone(),

@@ -28,6 +28,8 @@ const OFFLINE_SEARCH_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
 pub(super) struct WorkerContext {
     pub log: EventLog,
     pub batch_size: usize,
+    /// How long a batch may grow (see [`Growth`]).
+    pub batch_time: Duration,
     pub cancel: CancellationToken,
     pub wake: Arc<Notify>,
     pub readiness: Readiness,
@@ -127,6 +129,69 @@ fn advance(
 /// or a test's.
 type ReadFn<'a> = dyn FnMut(&str, u32, u64, usize) -> Result<Vec<(u64, Record)>, LogError> + 'a;
 
+/// How far one batch grows: up to `events` records, read in chunks of at
+/// most `chunk`, and no more chunks once reading and decoding have taken
+/// `time`. Larger batches write each changed document once for more events;
+/// the time bound keeps a batch's commit, and so what queries see, from
+/// waiting long behind a slow log.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Growth {
+    pub events: usize,
+    pub chunk: usize,
+    pub time: Duration,
+}
+
+/// Records read per call to the log while a batch grows.
+pub(super) const READ_CHUNK: usize = 1000;
+
+/// Where a batch is read: a partition from an offset, up to an end offset.
+struct Span<'a> {
+    topic: &'a str,
+    partition: u32,
+    from: u64,
+    end: u64,
+}
+
+/// Reads and decodes one growing batch of a partition (see [`Growth`]).
+fn read_batch(
+    read: &mut ReadFn<'_>,
+    span: Span<'_>,
+    grow: &Growth,
+) -> Result<Vec<SourceRecord>, LogError> {
+    let started = Instant::now();
+    let mut decoded: Vec<SourceRecord> = Vec::new();
+    let mut from = span.from;
+    loop {
+        let left = grow.events.saturating_sub(decoded.len());
+        let want = usize::try_from(span.end - from)
+            .map_or(left, |until_end| until_end.min(left))
+            .min(grow.chunk.max(1));
+        if want == 0 {
+            break;
+        }
+        let records = read(span.topic, span.partition, from, want)?;
+        let got = records.len();
+        decoded.extend(
+            records
+                .into_iter()
+                .filter(|(offset, _)| *offset < span.end)
+                .map(|(offset, record)| SourceRecord {
+                    topic: span.topic.to_owned(),
+                    partition: span.partition,
+                    offset,
+                    events: decode(&record.headers, &record.value).map_err(|e| e.to_string()),
+                }),
+        );
+        // A short read is the end of what the log has now.
+        let Some(last) = decoded.last() else { break };
+        from = last.offset + 1;
+        if got < want || from >= span.end || started.elapsed() >= grow.time {
+            break;
+        }
+    }
+    Ok(decoded)
+}
+
 /// What one projection's live generation did in a round.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Tally {
@@ -149,7 +214,7 @@ pub(super) struct Tally {
 /// else its result so far, which this fills in.
 fn advance_live(
     read: &mut ReadFn<'_>,
-    batch_size: usize,
+    grow: &Growth,
     runners: &mut [Runner],
     outcomes: &mut [Option<Result<Tally, ProjectionError>>],
 ) {
@@ -193,9 +258,14 @@ fn advance_live(
         let Some(end) = members.iter().map(|(_, end)| *end).max() else {
             continue;
         };
-        let max = usize::try_from(end - next).map_or(batch_size, |left| left.min(batch_size));
-        let records = match read(&topic, partition, next, max) {
-            Ok(records) => records,
+        let span = Span {
+            topic: &topic,
+            partition,
+            from: next,
+            end,
+        };
+        let decoded = match read_batch(read, span, grow) {
+            Ok(decoded) => decoded,
             Err(error) => {
                 let reason = error.to_string();
                 for (i, _) in &members {
@@ -206,16 +276,6 @@ fn advance_live(
                 continue;
             }
         };
-        let decoded: Vec<SourceRecord> = records
-            .into_iter()
-            .filter(|(offset, _)| *offset < end)
-            .map(|(offset, record)| SourceRecord {
-                topic: topic.clone(),
-                partition,
-                offset,
-                events: decode(&record.headers, &record.value).map_err(|e| e.to_string()),
-            })
-            .collect();
         for (i, end) in members {
             // Offsets grow along the batch, so a limit cuts it in two.
             let upto = decoded.partition_point(|record| record.offset < end);
@@ -536,7 +596,11 @@ pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
             .collect();
         advance_live(
             &mut |topic, partition, from, max| context.log.read(topic, partition, from, max),
-            context.batch_size,
+            &Growth {
+                events: context.batch_size,
+                chunk: READ_CHUNK,
+                time: context.batch_time,
+            },
             &mut runners,
             &mut outcomes,
         );
@@ -731,25 +795,16 @@ mod tests {
     /// Runs one round over `runners` against a log of `len` records and
     /// returns how many reads it made.
     fn round(runners: &mut [Runner], len: u64, batch: usize) -> usize {
-        let mut reads = 0;
-        let mut read = |_: &str, _: u32, from: u64, max: usize| {
-            reads += 1;
-            Ok((from..len.min(from + max as u64))
-                .map(|offset| {
-                    let record = Record {
-                        key: "k".to_owned(),
-                        headers: Vec::new(),
-                        value: Vec::new(),
-                        timestamp_ms: 0,
-                    };
-                    (offset, record)
-                })
-                .collect())
-        };
+        let mut reads = Vec::new();
         let mut outcomes: Vec<_> = runners.iter().map(|_| Some(Ok(Tally::default()))).collect();
-        advance_live(&mut read, batch, runners, &mut outcomes);
+        let grow = Growth {
+            events: batch,
+            chunk: batch,
+            time: Duration::from_secs(60),
+        };
+        advance_live(&mut *serve(len, &mut reads), &grow, runners, &mut outcomes);
         assert!(outcomes.iter().all(|o| matches!(o, Some(Ok(_)))));
-        reads
+        reads.len()
     }
 
     #[test]
@@ -795,5 +850,62 @@ mod tests {
         let last_behind = *seen_behind.lock().unwrap().last().unwrap();
         assert_eq!(last_ahead, last_behind);
         assert_eq!((last_ahead.0, last_ahead.1), (10, 4));
+    }
+
+    /// A log of `len` empty records, noting every read (from, max).
+    fn serve(len: u64, reads: &mut Vec<(u64, usize)>) -> Box<ReadFn<'_>> {
+        Box::new(move |_, _, from, max| {
+            reads.push((from, max));
+            Ok((from..len.min(from + max as u64))
+                .map(|offset| {
+                    let record = Record {
+                        key: "k".to_owned(),
+                        headers: Vec::new(),
+                        value: Vec::new(),
+                        timestamp_ms: 0,
+                    };
+                    (offset, record)
+                })
+                .collect())
+        })
+    }
+
+    #[test]
+    fn a_batch_grows_by_chunks_up_to_its_events_its_end_and_its_time() {
+        let span = |from, end| Span {
+            topic: "t",
+            partition: 0,
+            from,
+            end,
+        };
+        let grow = Growth {
+            events: 10,
+            chunk: 4,
+            time: Duration::from_secs(60),
+        };
+        // Up to the event bound, in chunks.
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(100, &mut reads), span(0, u64::MAX), &grow).unwrap();
+        assert_eq!(batch.len(), 10);
+        assert_eq!(reads, [(0, 4), (4, 4), (8, 2)]);
+        // Up to the end offset (a read limit).
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(100, &mut reads), span(0, 6), &grow).unwrap();
+        assert_eq!(batch.last().map(|r| r.offset), Some(5));
+        assert_eq!(reads, [(0, 4), (4, 2)]);
+        // Up to the end of the log: a short read stops it.
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(5, &mut reads), span(0, u64::MAX), &grow).unwrap();
+        assert_eq!(batch.len(), 5);
+        assert_eq!(reads, [(0, 4), (4, 4)]);
+        // Out of time: one chunk only.
+        let hurried = Growth {
+            time: Duration::ZERO,
+            ..grow
+        };
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(100, &mut reads), span(0, u64::MAX), &hurried).unwrap();
+        assert_eq!(batch.len(), 4);
+        assert_eq!(reads, [(0, 4)]);
     }
 }
