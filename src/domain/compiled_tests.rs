@@ -90,16 +90,33 @@ fn pick(options: &'static [&'static str]) -> impl Strategy<Value = String> + Clo
     proptest::sample::select(options).prop_map(str::to_owned)
 }
 
+/// `(a) op (b)` for an operator of `ops`.
+fn binary<A, B>(a: A, ops: &'static [&'static str], b: B) -> impl Strategy<Value = String>
+where
+    A: Strategy<Value = String>,
+    B: Strategy<Value = String>,
+{
+    (a, pick(ops), b).prop_map(|(a, op, b)| format!("({a}) {op} ({b})"))
+}
+
+/// `(c) ? (a) : (b)`.
+fn conditional<C, A, B>(c: C, a: A, b: B) -> impl Strategy<Value = String>
+where
+    C: Strategy<Value = String>,
+    A: Strategy<Value = String>,
+    B: Strategy<Value = String>,
+{
+    (c, a, b).prop_map(|(c, a, b)| format!("({c}) ? ({a}) : ({b})"))
+}
+
 fn expression() -> impl Strategy<Value = String> {
     let leaf = prop_oneof![8 => pick(LEAVES), 1 => pick(PRESENCE)];
     leaf.prop_recursive(4, 24, 3, |inner| {
         prop_oneof![
-            6 => (inner.clone(), pick(BINARY), inner.clone())
-                .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
+            6 => binary(inner.clone(), BINARY, inner.clone()),
             1 => inner.clone().prop_map(|a| format!("!({a})")),
             1 => inner.clone().prop_map(|a| format!("-({a})")),
-            2 => (inner.clone(), inner.clone(), inner.clone())
-                .prop_map(|(c, a, b)| format!("({c}) ? ({a}) : ({b})")),
+            2 => conditional(inner.clone(), inner.clone(), inner.clone()),
             1 => inner.clone().prop_map(|a| format!("size({a})")),
             1 => inner.clone().prop_map(|a| format!("({a}).size()")),
             1 => (pick(&["hour", "day", "month"]), inner.clone())
@@ -148,11 +165,9 @@ fn num(depth: u32) -> BoxedStrategy<String> {
     let inner = || num(depth - 1);
     prop_oneof![
         2 => leaf,
-        4 => (inner(), pick(&["+", "-", "*", "/", "%"]), inner())
-            .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
+        4 => binary(inner(), &["+", "-", "*", "/", "%"], inner()),
         1 => inner().prop_map(|a| format!("-({a})")),
-        1 => (boolean(depth - 1), inner(), inner())
-            .prop_map(|(c, a, b)| format!("({c}) ? ({a}) : ({b})")),
+        1 => conditional(boolean(depth - 1), inner(), inner()),
         1 => typed(depth - 1).prop_map(|a| format!("size({a})")),
     ]
     .boxed()
@@ -183,8 +198,7 @@ fn string(depth: u32) -> BoxedStrategy<String> {
         2 => (string(depth - 1), string(depth - 1)).prop_map(|(a, b)| format!("({a}) + ({b})")),
         1 => (pick(&["hour", "day", "month"]), string(depth - 1))
             .prop_map(|(f, a)| format!("{f}({a})")),
-        1 => (boolean(depth - 1), string(depth - 1), string(depth - 1))
-            .prop_map(|(c, a, b)| format!("({c}) ? ({a}) : ({b})")),
+        1 => conditional(boolean(depth - 1), string(depth - 1), string(depth - 1)),
     ]
     .boxed()
 }
@@ -204,17 +218,13 @@ fn boolean(depth: u32) -> BoxedStrategy<String> {
     if depth == 0 {
         return leaf.boxed();
     }
-    let cmp = pick(&["==", "!=", "<", "<=", ">", ">="]);
+    const CMP: &[&str] = &["==", "!=", "<", "<=", ">", ">="];
     prop_oneof![
         2 => leaf,
-        2 => (num(depth - 1), cmp.clone(), num(depth - 1))
-            .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
-        1 => (string(depth - 1), cmp, string(depth - 1))
-            .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
-        1 => (typed(depth - 1), pick(&["==", "!="]), typed(depth - 1))
-            .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
-        2 => (boolean(depth - 1), pick(&["&&", "||"]), boolean(depth - 1))
-            .prop_map(|(a, op, b)| format!("({a}) {op} ({b})")),
+        2 => binary(num(depth - 1), CMP, num(depth - 1)),
+        1 => binary(string(depth - 1), CMP, string(depth - 1)),
+        1 => binary(typed(depth - 1), &["==", "!="], typed(depth - 1)),
+        2 => binary(boolean(depth - 1), &["&&", "||"], boolean(depth - 1)),
         1 => boolean(depth - 1).prop_map(|a| format!("!({a})")),
         1 => (typed(depth - 1), list(depth - 1)).prop_map(|(a, b)| format!("({a}) in ({b})")),
         1 => string(depth - 1).prop_map(|a| format!("({a}) in (state.o)")),
