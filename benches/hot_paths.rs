@@ -66,7 +66,8 @@ fn projection_apply(c: &mut Criterion) {
     // write documents, index entries and positions in one atomic batch.
     let dir = tempfile::tempdir().unwrap();
     let store = ViewStore::open(dir.path()).unwrap();
-    let engine = engine_for(&domain, &store, "accounts", Duration::from_secs(1)).unwrap();
+    let settings = cqrsd::config::ProjectionsConfig::default().engine_settings();
+    let engine = engine_for(&domain, &store, "accounts", &settings).unwrap();
     let mut target = engine.open_live().unwrap();
     const BATCH: u64 = 1000;
     const ACCOUNTS: u64 = 100;

@@ -259,6 +259,8 @@ impl Default for QueryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct ProjectionsConfig {
+    /// Worker threads; each owns some projections and reads their sources
+    /// once for all of them. Default: the number of cores.
     pub workers: usize,
     /// Most events applied and committed in one atomic write.
     pub batch_size: usize,
@@ -269,17 +271,52 @@ pub struct ProjectionsConfig {
     /// The nice value of the projection threads (0 to 19): higher runs them
     /// after the command and query threads when the cores are busy.
     pub nice: i32,
+    /// Longest a batch keeps growing (reading more of the log) before it is
+    /// applied and committed, in milliseconds.
+    pub batch_max_ms: u64,
+    /// MiB of documents and aggregation groups that views and aggregations
+    /// keep in memory in front of sled, all together (0 keeps none).
+    pub cache_mib: usize,
+    /// MiB a search index's writer buffers before it writes a segment.
+    pub search_writer_mib: usize,
+    /// Indexing threads of each search index's writer.
+    pub search_writer_threads: usize,
+}
+
+impl ProjectionsConfig {
+    /// The storage settings of the projection pool.
+    pub fn engine_settings(&self) -> crate::projection::EngineSettings {
+        crate::projection::EngineSettings {
+            search_commit_interval: std::time::Duration::from_millis(
+                self.search_commit_interval_ms,
+            ),
+            cache_bytes: self.cache_mib.saturating_mul(1 << 20),
+            search_writer_bytes: self.search_writer_mib.saturating_mul(1 << 20),
+            search_writer_threads: self.search_writer_threads,
+        }
+    }
 }
 
 impl Default for ProjectionsConfig {
     fn default() -> Self {
         Self {
-            workers: 1,
-            batch_size: 1000,
+            workers: default_projection_workers(),
+            batch_size: 10_000,
             search_commit_interval_ms: 500,
             nice: 10,
+            batch_max_ms: 100,
+            cache_mib: 128,
+            search_writer_mib: 64,
+            search_writer_threads: 1,
         }
     }
+}
+
+/// One projection worker per core: projections are spread over them, and
+/// their threads run at `[projections] nice`, so they use idle cores without
+/// taking them from the threads that answer clients.
+pub fn default_projection_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// Output format of the daemon's own log lines.
@@ -546,6 +583,65 @@ impl Config {
                     "{} ms is more than the limit of 3600000 (one hour)",
                     self.projections.search_commit_interval_ms
                 ),
+            );
+        }
+        // A batch's commit is what queries wait for: beyond a minute, reads
+        // with consistent_with would time out behind it.
+        if self.projections.batch_max_ms > 60_000 {
+            problem(
+                "projections.batch_max_ms",
+                format!(
+                    "{} ms is more than the limit of 60000 (one minute)",
+                    self.projections.batch_max_ms
+                ),
+            );
+        }
+        // Decoded batches are held in memory whole.
+        if self.projections.batch_size > 1_000_000 {
+            problem(
+                "projections.batch_size",
+                format!(
+                    "{} events is more than the limit of 1000000",
+                    self.projections.batch_size
+                ),
+            );
+        }
+        // The working sets are meant to stay well inside the machine's memory;
+        // beyond 64 GiB a typo is likelier than a wish.
+        if self.projections.cache_mib > 65_536 {
+            problem(
+                "projections.cache_mib",
+                format!(
+                    "{} MiB is more than the limit of 65536",
+                    self.projections.cache_mib
+                ),
+            );
+        }
+        // tantivy needs at least 15 MB per indexing thread and less than 4 GB
+        // in all; thread counts beyond the cores only oversubscribe them.
+        let (writer_mib, writer_threads) = (
+            self.projections.search_writer_mib,
+            self.projections.search_writer_threads,
+        );
+        if !(1..=64).contains(&writer_threads) {
+            problem(
+                "projections.search_writer_threads",
+                format!("{writer_threads} is not from 1 to 64"),
+            );
+        } else if writer_mib.saturating_mul(1 << 20)
+            < crate::store::search::WRITER_MEMORY_PER_THREAD_MIN.saturating_mul(writer_threads)
+        {
+            problem(
+                "projections.search_writer_mib",
+                format!(
+                    "{writer_mib} MiB is less than the 15 MB per writer thread tantivy needs ({writer_threads} threads)"
+                ),
+            );
+        }
+        if writer_mib >= 4096 {
+            problem(
+                "projections.search_writer_mib",
+                format!("{writer_mib} MiB is not less than tantivy's limit of 4096"),
             );
         }
         // Negative values would need CAP_SYS_NICE and would put projections
@@ -1071,7 +1167,10 @@ mod tests {
         assert_eq!(config.log.kafka.topic_prefix, "cqrsd");
         assert_eq!(config.log.kafka.partitions, 8);
         assert_eq!((config.command.threads, config.query.threads), (1, 1));
-        assert_eq!(config.projections.workers, 1);
+        assert_eq!(
+            config.projections.workers,
+            std::thread::available_parallelism().unwrap().get()
+        );
         assert_eq!(config.domain_path(), None);
     }
 
@@ -1157,6 +1256,58 @@ mod tests {
         assert_eq!(config.log.embedded.segment_bytes, 65536);
         let defaults = Config::load_with_env(None, env(&[])).unwrap();
         assert_eq!(defaults.log.embedded.segment_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn working_set_and_search_writer_settings_are_bounded() {
+        let keys = |pairs: &[(&str, &str)]| -> Vec<String> {
+            match Config::load_with_env(None, env(pairs)) {
+                Ok(_) => Vec::new(),
+                Err(error) => error.problems.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__CACHE_MIB", "70000")]),
+            ["projections.cache_mib"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__BATCH_MAX_MS", "60001")]),
+            ["projections.batch_max_ms"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__BATCH_SIZE", "1000001")]),
+            ["projections.batch_size"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "0")]),
+            ["projections.search_writer_threads"]
+        );
+        // 15 MB per thread at least: 4 threads need more than 32 MiB.
+        assert_eq!(
+            keys(&[
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "4"),
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_MIB", "32"),
+            ]),
+            ["projections.search_writer_mib"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__SEARCH_WRITER_MIB", "4096")]),
+            ["projections.search_writer_mib"]
+        );
+        assert!(
+            keys(&[
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "2"),
+                ("CQRSD__PROJECTIONS__SEARCH_WRITER_MIB", "64"),
+                ("CQRSD__PROJECTIONS__CACHE_MIB", "0"),
+            ])
+            .is_empty()
+        );
+        let settings = ProjectionsConfig::default().engine_settings();
+        assert_eq!(settings.cache_bytes, 128 << 20);
+        assert_eq!(
+            (settings.search_writer_bytes, settings.search_writer_threads),
+            (64 << 20, 1)
+        );
     }
 
     #[test]

@@ -150,10 +150,9 @@ impl Daemon {
                 PoolOptions {
                     workers: config.projections.workers,
                     batch_size: config.projections.batch_size,
-                    search_commit_interval: Duration::from_millis(
-                        config.projections.search_commit_interval_ms,
-                    ),
+                    batch_time: Duration::from_millis(config.projections.batch_max_ms),
                     nice: config.projections.nice,
+                    engine: config.projections.engine_settings(),
                 },
                 domain.clone(),
                 log.clone(),
@@ -479,6 +478,7 @@ pub fn rebuild_projection(
         &views,
         name,
         config.projections.batch_size,
+        &config.projections.engine_settings(),
         |read, total, events| {
             let bar = bar.get_or_insert_with(|| match make.take() {
                 Some(make) => make(total),

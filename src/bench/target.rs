@@ -227,7 +227,8 @@ pub fn fill_account(i: u64) -> String {
     format!("acc-{i:07}")
 }
 
-fn bench_event(id: &str, version: u64, event_type: &str, n: u64, data: Value) -> Event {
+/// An event of the bench's bank stream: the `n`th of the fill, at its time.
+pub fn bench_event(id: &str, version: u64, event_type: &str, n: u64, data: Value) -> Event {
     // A year of events in time order, so daily aggregations get many groups.
     let start = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
     Event {

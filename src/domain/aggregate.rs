@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 
 use super::error::{ApplyError, CommandError, Violation};
-use super::expr::{self, Expression, Vars};
+use super::expr::{self, EventVar, Expression, Vars};
 
 /// An aggregate type: its initial state, commands and event handlers.
 #[derive(Debug)]
@@ -255,22 +255,22 @@ impl Aggregate {
         ctx: &CommandContext,
     ) -> Result<Decision, CommandError> {
         let vars = Vars {
-            state: Some(expr::from_json(state)),
-            command: Some(expr::from_json(body)),
-            id: Some(cel::Value::String(std::sync::Arc::new(
-                ctx.aggregate_id.clone(),
-            ))),
-            meta: Some(expr::from_json(&ctx.meta)),
-            now: Some(expr::timestamp(ctx.now)),
+            state: Some(state),
+            command: Some(body),
+            id: Some(&ctx.aggregate_id),
+            meta: Some(&ctx.meta),
+            now: Some(ctx.now),
             ..Vars::default()
         };
-        let place = format!("aggregates.{}.commands.{}", self.name, cmd.name);
+        // Spelled out only for an error message: a decision allocates no
+        // place names.
+        let place = || format!("aggregates.{}.commands.{}", self.name, cmd.name);
         for (i, rule) in cmd.rules.iter().enumerate() {
             let allowed =
                 rule.require
                     .eval_bool(&vars)
                     .map_err(|reason| CommandError::Evaluation {
-                        place: format!("{place}.rules[{i}]"),
+                        place: format!("{}.rules[{i}]", place()),
                         reason,
                     })?;
             if !allowed {
@@ -279,14 +279,14 @@ impl Aggregate {
                 });
             }
         }
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(cmd.emit.len());
         for (i, emit) in cmd.emit.iter().enumerate() {
-            let here = format!("{place}.emit[{i}]");
+            let here = || format!("{}.emit[{i}]", place());
             if let Some(when) = &emit.when {
                 let wanted = when
                     .eval_bool(&vars)
                     .map_err(|reason| CommandError::Evaluation {
-                        place: format!("{here}.when"),
+                        place: format!("{}.when", here()),
                         reason,
                     })?;
                 if !wanted {
@@ -299,7 +299,7 @@ impl Aggregate {
                     expression
                         .eval_json(&vars)
                         .map_err(|reason| CommandError::Evaluation {
-                            place: format!("{here}.data.{field}"),
+                            place: format!("{}.data.{field}", here()),
                             reason,
                         })?;
                 data.insert(field.clone(), value);
@@ -318,44 +318,62 @@ impl Aggregate {
                 version: ctx.version.saturating_add(i as u64).saturating_add(1),
                 timestamp: ctx.now,
             };
-            new_state = self.apply(&new_state, &input).map_err(|e| match e {
-                ApplyError::UnknownEvent { event_type } => CommandError::Evaluation {
-                    place: place.clone(),
-                    reason: format!("no handler for event `{event_type}`"),
-                },
-                ApplyError::Evaluation { place, reason } => {
-                    CommandError::Evaluation { place, reason }
-                }
-            })?;
+            self.apply_in_place(&mut new_state, &input)
+                .map_err(|e| match e {
+                    ApplyError::UnknownEvent { event_type } => CommandError::Evaluation {
+                        place: place(),
+                        reason: format!("no handler for event `{event_type}`"),
+                    },
+                    ApplyError::Evaluation { place, reason } => {
+                        CommandError::Evaluation { place, reason }
+                    }
+                })?;
         }
         Ok(Decision { events, new_state })
     }
 
     /// Applies one recorded event to a state, as when replaying the log.
     pub fn apply(&self, state: &Json, event: &EventInput<'_>) -> Result<Json, ApplyError> {
+        let mut new_state = state.clone();
+        self.apply_in_place(&mut new_state, event)?;
+        Ok(new_state)
+    }
+
+    /// [`Aggregate::apply`] on the state where it is: the fields a handler
+    /// sets are replaced, the rest is not copied. On an error the state is
+    /// unchanged.
+    pub fn apply_in_place(
+        &self,
+        state: &mut Json,
+        event: &EventInput<'_>,
+    ) -> Result<(), ApplyError> {
         let handler =
             self.events
                 .get(event.event_type)
                 .ok_or_else(|| ApplyError::UnknownEvent {
                     event_type: event.event_type.to_owned(),
                 })?;
-        let place = format!("aggregates.{}.events.{}", self.name, event.event_type);
-        let Json::Object(fields) = state else {
+        let place = || format!("aggregates.{}.events.{}", self.name, event.event_type);
+        if !state.is_object() {
             return Err(ApplyError::Evaluation {
-                place,
+                place: place(),
                 reason: "the state is not a JSON object".to_owned(),
             });
-        };
+        }
         let vars = Vars {
-            state: Some(expr::from_json(state)),
-            event: Some(event.cel_variable(&self.name)),
-            id: Some(cel::Value::String(std::sync::Arc::new(
-                event.aggregate_id.to_owned(),
-            ))),
+            state: Some(state),
+            event: Some(EventVar {
+                input: *event,
+                aggregate_type: &self.name,
+            }),
+            id: Some(event.aggregate_id),
             ..Vars::default()
         };
-        let mut fields = fields.clone();
-        expr::apply_set(&handler.set, &vars, &place, &mut fields)?;
-        Ok(Json::Object(fields))
+        let values = expr::eval_set(&handler.set, &vars, &place)?;
+        drop(vars);
+        if let Json::Object(fields) = state {
+            expr::assign(fields, values);
+        }
+        Ok(())
     }
 }

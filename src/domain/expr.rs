@@ -12,6 +12,7 @@
 //! operand type back to cel's own operators. Comparisons already work across
 //! int, uint and double in cel 0.15, so they are left alone.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeSet, HashMap};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, OnceLock};
@@ -20,6 +21,10 @@ use cel::common::ast::{EntryExpr, Expr, IdedExpr, operators};
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Value};
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::Value as Json;
+
+use super::aggregate::EventInput;
+use super::compiled::{self, Node};
 
 /// Longest expression source accepted. Real rules are a line or two; the cap
 /// keeps parse time and AST size small whatever a domain file contains.
@@ -89,22 +94,64 @@ impl Var {
     }
 }
 
-/// The values of the variables for one evaluation; absent ones are not bound.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Vars {
-    pub state: Option<Value>,
-    pub command: Option<Value>,
-    pub event: Option<Value>,
-    pub doc: Option<Value>,
-    pub id: Option<Value>,
-    pub meta: Option<Value>,
-    pub now: Option<Value>,
+/// The values of the variables for one evaluation, borrowed as JSON; absent
+/// ones are not bound. Compiled expressions read them as they are; the same
+/// values as CEL values are made only when an expression that runs on cel
+/// needs them, once per evaluation context.
+#[derive(Debug, Default)]
+pub(crate) struct Vars<'a> {
+    pub state: Option<&'a Json>,
+    pub command: Option<&'a Json>,
+    pub event: Option<EventVar<'a>>,
+    pub doc: Option<&'a Json>,
+    pub id: Option<&'a str>,
+    pub meta: Option<&'a Json>,
+    pub now: Option<DateTime<Utc>>,
+    /// The variables converted for cel, filled on first use: leave it at its
+    /// default.
+    pub cel_cache: OnceCell<CelVars>,
 }
 
-/// A compiled expression, ready to be evaluated any number of times.
+/// The `event` variable: a recorded event and its aggregate type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EventVar<'a> {
+    pub input: EventInput<'a>,
+    pub aggregate_type: &'a str,
+}
+
+/// The variables as CEL values.
+#[derive(Debug, Default)]
+pub(crate) struct CelVars {
+    state: Option<Value>,
+    command: Option<Value>,
+    event: Option<Value>,
+    doc: Option<Value>,
+    id: Option<Value>,
+    meta: Option<Value>,
+    now: Option<Value>,
+}
+
+impl Vars<'_> {
+    fn cel(&self) -> &CelVars {
+        self.cel_cache.get_or_init(|| CelVars {
+            state: self.state.map(from_json),
+            command: self.command.map(from_json),
+            event: self.event.map(|e| e.input.cel_variable(e.aggregate_type)),
+            doc: self.doc.map(from_json),
+            id: self.id.map(|id| Value::String(Arc::new(id.to_owned()))),
+            meta: self.meta.map(from_json),
+            now: self.now.map(timestamp),
+        })
+    }
+}
+
+/// A compiled expression, ready to be evaluated any number of times: the
+/// cel AST, and the same expression for the compiled evaluator when it is in
+/// that evaluator's subset.
 #[derive(Debug, Clone)]
 pub(crate) struct Expression {
     ast: IdedExpr,
+    compiled: Option<Node>,
 }
 
 /// The standard CEL environment, shared by every evaluation: it holds no
@@ -186,11 +233,32 @@ impl Expression {
                 )
             });
         }
-        Ok(Expression { ast })
+        let compiled = compiled::compile(&ast);
+        Ok(Expression { ast, compiled })
     }
 
-    /// Evaluates the expression. Errors are messages for the caller to place.
-    pub(crate) fn eval(&self, vars: &Vars) -> Result<Value, String> {
+    /// Whether the compiled evaluator runs this expression (else cel does).
+    #[cfg(test)]
+    pub(crate) fn is_compiled(&self) -> bool {
+        self.compiled.is_some()
+    }
+
+    /// The compiled evaluator's own answer, with no fallback to cel: for the
+    /// differential test. `None` when the expression is not compiled.
+    #[cfg(test)]
+    pub(crate) fn eval_compiled(
+        &self,
+        vars: &Vars<'_>,
+    ) -> Option<Result<serde_json::Value, compiled::Miss>> {
+        self.compiled
+            .as_ref()
+            .map(|node| compiled::eval_json(node, vars))
+    }
+
+    /// Evaluates the expression with cel. Errors are messages for the caller
+    /// to place.
+    pub(crate) fn eval(&self, vars: &Vars<'_>) -> Result<Value, String> {
+        let vars = vars.cel();
         ROOT.with(|root| {
             let root = root.as_ref().map_err(Clone::clone)?;
             // Variables live in a child scope, so the root's functions are
@@ -221,8 +289,15 @@ impl Expression {
         })
     }
 
-    /// Evaluates the expression and requires a boolean.
-    pub(crate) fn eval_bool(&self, vars: &Vars) -> Result<bool, String> {
+    /// Evaluates the expression and requires a boolean. A compiled
+    /// expression that gives no value here is run again with cel, so an
+    /// error reads the same whichever evaluator ran.
+    pub(crate) fn eval_bool(&self, vars: &Vars<'_>) -> Result<bool, String> {
+        if let Some(node) = &self.compiled
+            && let Ok(b) = compiled::eval_bool(node, vars)
+        {
+            return Ok(b);
+        }
         match self.eval(vars)? {
             Value::Bool(b) => Ok(b),
             other => Err(format!(
@@ -232,8 +307,15 @@ impl Expression {
         }
     }
 
-    /// Evaluates the expression and converts the result to JSON.
-    pub(crate) fn eval_json(&self, vars: &Vars) -> Result<serde_json::Value, String> {
+    /// Evaluates the expression and converts the result to JSON; as with
+    /// [`Expression::eval_bool`], cel has the last word when the compiled
+    /// evaluator gives no value.
+    pub(crate) fn eval_json(&self, vars: &Vars<'_>) -> Result<Json, String> {
+        if let Some(node) = &self.compiled
+            && let Ok(value) = compiled::eval_json(node, vars)
+        {
+            return Ok(value);
+        }
         to_json(&self.eval(vars)?)
     }
 }
@@ -406,12 +488,10 @@ fn root_context() -> Result<Context<'static, 'static>, String> {
         Ok::<Value, ExecutionError>(range)
     })
     .map_err(declare)?;
-    ctx.add_function("hour", |ts: Value| bucket(&ts, "hour", "%Y-%m-%dT%H"))
-        .map_err(declare)?;
-    ctx.add_function("day", |ts: Value| bucket(&ts, "day", "%Y-%m-%d"))
-        .map_err(declare)?;
-    ctx.add_function("month", |ts: Value| bucket(&ts, "month", "%Y-%m"))
-        .map_err(declare)?;
+    for name in ["hour", "day", "month"] {
+        ctx.add_function(name, move |ts: Value| bucket(&ts, name))
+            .map_err(declare)?;
+    }
     Ok(ctx)
 }
 
@@ -437,8 +517,18 @@ fn charge(range: &Value) -> Result<(), ExecutionError> {
     Ok(())
 }
 
+/// The strftime format of a time helper's bucket.
+pub(crate) fn bucket_format(name: &str) -> &'static str {
+    match name {
+        "hour" => "%Y-%m-%dT%H",
+        "day" => "%Y-%m-%d",
+        _ => "%Y-%m",
+    }
+}
+
 /// A time bucket of a timestamp, or of an RFC 3339 string, in UTC.
-fn bucket(ts: &Value, name: &str, format: &str) -> Result<Value, ExecutionError> {
+fn bucket(ts: &Value, name: &str) -> Result<Value, ExecutionError> {
+    let format = bucket_format(name);
     let ts: DateTime<Utc> = match ts {
         Value::Timestamp(t) => t.with_timezone(&Utc),
         Value::String(s) => DateTime::parse_from_rfc3339(s)
@@ -457,7 +547,7 @@ fn bucket(ts: &Value, name: &str, format: &str) -> Result<Value, ExecutionError>
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Op {
+pub(crate) enum Op {
     Add,
     Sub,
     Mul,
@@ -466,6 +556,18 @@ enum Op {
 }
 
 impl Op {
+    /// The operator of one of our arithmetic functions (`@add`, ...).
+    pub(crate) fn from_function(name: &str) -> Option<Op> {
+        Some(match name {
+            "@add" => Op::Add,
+            "@sub" => Op::Sub,
+            "@mul" => Op::Mul,
+            "@div" => Op::Div,
+            "@rem" => Op::Rem,
+            _ => return None,
+        })
+    }
+
     fn name(self) -> &'static str {
         match self {
             Op::Add => "add",
@@ -508,43 +610,85 @@ fn arithmetic(op: Op, a: Value, b: Value) -> Result<Value, ExecutionError> {
 }
 
 fn numeric(op: Op, a: Value, b: Value) -> Result<Value, ExecutionError> {
-    let overflow = || ExecutionError::Overflow(op.name(), a.clone(), b.clone());
-    match (as_integer(&a), as_integer(&b)) {
+    let num = |v: &Value| match v {
+        Value::Int(i) => Num::Int(*i),
+        Value::UInt(u) => Num::UInt(*u),
+        _ => Num::Float(as_float(v)),
+    };
+    match numeric_core(op, num(&a), num(&b)) {
+        Ok(Num::Int(i)) => Ok(Value::Int(i)),
+        Ok(Num::UInt(u)) => Ok(Value::UInt(u)),
+        Ok(Num::Float(f)) => Ok(Value::Float(f)),
+        Err(NumError::Overflow) => Err(ExecutionError::Overflow(op.name(), a, b)),
+        Err(NumError::DivisionByZero) => Err(ExecutionError::DivisionByZero(a)),
+        Err(NumError::RemainderByZero) => Err(ExecutionError::RemainderByZero(a)),
+    }
+}
+
+/// A number of either evaluator: CEL's three kinds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Num {
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NumError {
+    Overflow,
+    DivisionByZero,
+    RemainderByZero,
+}
+
+/// cqrsd's number rules, shared by the cel functions and the compiled
+/// evaluator so that both compute alike.
+pub(crate) fn numeric_core(op: Op, a: Num, b: Num) -> Result<Num, NumError> {
+    let integer = |n: Num| match n {
+        Num::Int(i) => Some(i128::from(i)),
+        Num::UInt(u) => Some(i128::from(u)),
+        Num::Float(_) => None,
+    };
+    match (integer(a), integer(b)) {
         (Some(x), Some(y)) => {
             let result = match op {
                 Op::Add => x.checked_add(y),
                 Op::Sub => x.checked_sub(y),
                 Op::Mul => x.checked_mul(y),
-                Op::Div if y == 0 => return Err(ExecutionError::DivisionByZero(a.clone())),
-                Op::Rem if y == 0 => return Err(ExecutionError::RemainderByZero(a.clone())),
+                Op::Div if y == 0 => return Err(NumError::DivisionByZero),
+                Op::Rem if y == 0 => return Err(NumError::RemainderByZero),
                 Op::Div => x.checked_div(y),
                 Op::Rem => x.checked_rem(y),
             }
-            .ok_or_else(overflow)?;
+            .ok_or(NumError::Overflow)?;
             // Two ints give an int and two uints a uint, as in CEL, and
             // leaving their range is an overflow. A mix gives an int when it
             // fits, which is what a JSON integer becomes, else a uint.
-            match (&a, &b) {
-                (Value::Int(_), Value::Int(_)) => i64::try_from(result)
-                    .map(Value::Int)
-                    .map_err(|_| overflow()),
-                (Value::UInt(_), Value::UInt(_)) => u64::try_from(result)
-                    .map(Value::UInt)
-                    .map_err(|_| overflow()),
-                _ => i64::try_from(result).map(Value::Int).or_else(|_| {
+            match (a, b) {
+                (Num::Int(_), Num::Int(_)) => i64::try_from(result)
+                    .map(Num::Int)
+                    .map_err(|_| NumError::Overflow),
+                (Num::UInt(_), Num::UInt(_)) => u64::try_from(result)
+                    .map(Num::UInt)
+                    .map_err(|_| NumError::Overflow),
+                _ => i64::try_from(result).map(Num::Int).or_else(|_| {
                     u64::try_from(result)
-                        .map(Value::UInt)
-                        .map_err(|_| overflow())
+                        .map(Num::UInt)
+                        .map_err(|_| NumError::Overflow)
                 }),
             }
         }
         _ => {
-            let (x, y) = (as_float(&a), as_float(&b));
+            let float = |n: Num| match n {
+                Num::Int(i) => i as f64,
+                Num::UInt(u) => u as f64,
+                Num::Float(f) => f,
+            };
+            let (x, y) = (float(a), float(b));
             if matches!(op, Op::Div | Op::Rem) && y == 0.0 {
                 return Err(if matches!(op, Op::Div) {
-                    ExecutionError::DivisionByZero(a.clone())
+                    NumError::DivisionByZero
                 } else {
-                    ExecutionError::RemainderByZero(a.clone())
+                    NumError::RemainderByZero
                 });
             }
             let result = match op {
@@ -555,19 +699,11 @@ fn numeric(op: Op, a: Value, b: Value) -> Result<Value, ExecutionError> {
                 Op::Rem => x % y,
             };
             if result.is_finite() || !(x.is_finite() && y.is_finite()) {
-                Ok(Value::Float(result))
+                Ok(Num::Float(result))
             } else {
-                Err(overflow())
+                Err(NumError::Overflow)
             }
         }
-    }
-}
-
-fn as_integer(v: &Value) -> Option<i128> {
-    match v {
-        Value::Int(i) => Some(i128::from(*i)),
-        Value::UInt(u) => Some(i128::from(*u)),
-        _ => None,
     }
 }
 
@@ -580,29 +716,45 @@ fn as_float(v: &Value) -> f64 {
     }
 }
 
-/// JSON to CEL: integers that fit an i64 become ints, larger ones uints, all
-/// other numbers doubles.
-/// Runs a handler's `set` expressions over `vars` and writes each value into
-/// `fields`; an error names the field (`<place>.set.<field>`). Aggregate event
-/// handlers and view handlers share this, so both report alike.
-pub(crate) fn apply_set(
-    set: &[(String, Expression)],
-    vars: &Vars,
-    place: &str,
-    fields: &mut serde_json::Map<String, serde_json::Value>,
-) -> Result<(), super::ApplyError> {
-    for (field, expression) in set {
-        let value = expression
-            .eval_json(vars)
-            .map_err(|reason| super::ApplyError::Evaluation {
-                place: format!("{place}.set.{field}"),
-                reason,
-            })?;
-        fields.insert(field.clone(), value);
-    }
-    Ok(())
+/// Runs a handler's `set` expressions over `vars` and returns each field's
+/// new value; an error names the field (`<place>.set.<field>`). Aggregate
+/// event handlers and view handlers share this, so both report alike. Every
+/// expression sees the values as they were before the handler, and nothing
+/// is written until all of them succeeded, so a failed handler changes
+/// nothing. The place is only spelled out for an error: on the hot path it
+/// costs nothing.
+pub(crate) fn eval_set<'s>(
+    set: &'s [(String, Expression)],
+    vars: &Vars<'_>,
+    place: &dyn Fn() -> String,
+) -> Result<Vec<(&'s str, Json)>, super::ApplyError> {
+    set.iter()
+        .map(|(field, expression)| {
+            expression
+                .eval_json(vars)
+                .map(|value| (field.as_str(), value))
+                .map_err(|reason| super::ApplyError::Evaluation {
+                    place: format!("{}.set.{field}", place()),
+                    reason,
+                })
+        })
+        .collect()
 }
 
+/// Writes the values of [`eval_set`] into an object's fields.
+pub(crate) fn assign(fields: &mut serde_json::Map<String, Json>, values: Vec<(&str, Json)>) {
+    for (field, value) in values {
+        match fields.get_mut(field) {
+            Some(slot) => *slot = value,
+            None => {
+                fields.insert(field.to_owned(), value);
+            }
+        }
+    }
+}
+
+/// JSON to CEL: integers that fit an i64 become ints, larger ones uints, all
+/// other numbers doubles.
 pub(crate) fn from_json(value: &serde_json::Value) -> Value {
     match value {
         serde_json::Value::Null => Value::Null,

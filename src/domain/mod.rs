@@ -3,11 +3,14 @@
 //! here does IO, so every other module can rely on it from any thread.
 
 mod aggregate;
+mod compiled;
 mod error;
 mod expr;
 mod load;
 mod projection;
 
+#[cfg(test)]
+mod compiled_tests;
 #[cfg(test)]
 mod tests;
 

@@ -7,7 +7,7 @@ use serde_json::Value as Json;
 
 use super::aggregate::EventInput;
 use super::error::ApplyError;
-use super::expr::{self, Expression, Vars};
+use super::expr::{self, EventVar, Expression, Vars};
 
 /// A read model fed by the events of its source aggregates.
 #[derive(Debug)]
@@ -98,37 +98,75 @@ impl ViewDef {
         let Some(handler) = self.on.get(event.event_type) else {
             return Ok(ViewChange::Unchanged);
         };
-        let set = match handler {
-            ViewHandler::Delete if doc.is_some() => return Ok(ViewChange::Delete),
-            ViewHandler::Delete => return Ok(ViewChange::Unchanged),
-            ViewHandler::Set(set) => set,
-        };
-        let place = format!("projections.{}.on.{}", self.name, event.event_type);
-        let mut fields = match doc {
-            Some(Json::Object(fields)) => fields.clone(),
-            Some(_) => {
-                return Err(ApplyError::Evaluation {
-                    place,
-                    reason: "the current document is not a JSON object".to_owned(),
-                });
+        match handler {
+            ViewHandler::Delete if doc.is_some() => Ok(ViewChange::Delete),
+            ViewHandler::Delete => Ok(ViewChange::Unchanged),
+            ViewHandler::Set(set) => {
+                let values = self.eval_handler(set, doc, event, aggregate_type)?;
+                let mut fields = match doc {
+                    Some(Json::Object(fields)) => fields.clone(),
+                    _ => serde_json::Map::new(),
+                };
+                expr::assign(&mut fields, values);
+                Ok(ViewChange::Put(Json::Object(fields)))
             }
-            None => serde_json::Map::new(),
+        }
+    }
+
+    /// [`ViewDef::apply`] on the document where it is (`None`: absent): the
+    /// fields a handler sets are replaced, the rest is not copied. Returns
+    /// whether the document changed; on an error it is unchanged.
+    pub fn apply_in_place(
+        &self,
+        doc: &mut Option<Json>,
+        event: &EventInput<'_>,
+        aggregate_type: &str,
+    ) -> Result<bool, ApplyError> {
+        let Some(handler) = self.on.get(event.event_type) else {
+            return Ok(false);
         };
+        match handler {
+            ViewHandler::Delete => Ok(doc.take().is_some()),
+            ViewHandler::Set(set) => {
+                let values = self.eval_handler(set, doc.as_ref(), event, aggregate_type)?;
+                if let Json::Object(fields) =
+                    doc.get_or_insert_with(|| Json::Object(serde_json::Map::new()))
+                {
+                    expr::assign(fields, values);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// The new values of a `set` handler's fields.
+    fn eval_handler<'s>(
+        &self,
+        set: &'s [(String, Expression)],
+        doc: Option<&Json>,
+        event: &EventInput<'_>,
+        aggregate_type: &str,
+    ) -> Result<Vec<(&'s str, Json)>, ApplyError> {
+        let place = || format!("projections.{}.on.{}", self.name, event.event_type);
+        if doc.is_some_and(|doc| !doc.is_object()) {
+            return Err(ApplyError::Evaluation {
+                place: place(),
+                reason: "the current document is not a JSON object".to_owned(),
+            });
+        }
+        // The current document as it is, an empty one when there is none (an
+        // empty map does not allocate).
+        let empty = Json::Object(serde_json::Map::new());
         let vars = Vars {
-            // The current document as it is (an empty one when there is none),
-            // converted without another copy of its fields.
-            doc: Some(match doc {
-                Some(doc) => expr::from_json(doc),
-                None => expr::from_json(&Json::Object(serde_json::Map::new())),
+            doc: Some(doc.unwrap_or(&empty)),
+            event: Some(EventVar {
+                input: *event,
+                aggregate_type,
             }),
-            event: Some(event.cel_variable(aggregate_type)),
-            id: Some(cel::Value::String(std::sync::Arc::new(
-                event.aggregate_id.to_owned(),
-            ))),
+            id: Some(event.aggregate_id),
             ..Vars::default()
         };
-        expr::apply_set(set, &vars, &place, &mut fields)?;
-        Ok(ViewChange::Put(Json::Object(fields)))
+        expr::eval_set(set, &vars, &place)
     }
 }
 
@@ -198,12 +236,13 @@ impl AggregationDef {
         event: &EventInput<'_>,
         aggregate_type: &str,
     ) -> Result<AggregationInput, ApplyError> {
-        let place = format!("projections.{}", self.name);
+        let place = || format!("projections.{}", self.name);
         let vars = Vars {
-            event: Some(event.cel_variable(aggregate_type)),
-            id: Some(cel::Value::String(std::sync::Arc::new(
-                event.aggregate_id.to_owned(),
-            ))),
+            event: Some(EventVar {
+                input: *event,
+                aggregate_type,
+            }),
+            id: Some(event.aggregate_id),
             ..Vars::default()
         };
         let mut group = serde_json::Map::new();
@@ -211,7 +250,7 @@ impl AggregationDef {
             let value = expression
                 .eval_json(&vars)
                 .map_err(|reason| ApplyError::Evaluation {
-                    place: format!("{place}.group_by.{field}"),
+                    place: format!("{}.group_by.{field}", place()),
                     reason,
                 })?;
             group.insert(field.clone(), value);
@@ -222,18 +261,18 @@ impl AggregationDef {
                 inputs.push(None);
                 continue;
             };
-            let here = format!("{place}.measures.{}", measure.name);
+            let here = || format!("{}.measures.{}", place(), measure.name);
             match expression.eval_json(&vars) {
                 Ok(Json::Number(n)) => inputs.push(Some(n)),
                 Ok(other) => {
                     return Err(ApplyError::Evaluation {
-                        place: here,
+                        place: here(),
                         reason: format!("expected a number, got {other}"),
                     });
                 }
                 Err(reason) => {
                     return Err(ApplyError::Evaluation {
-                        place: here,
+                        place: here(),
                         reason,
                     });
                 }

@@ -4,7 +4,7 @@
 use chrono::{TimeZone, Utc};
 use serde_json::{Value as Json, json};
 
-use super::expr::{Expression, Var, Vars, from_json};
+use super::expr::{Expression, Var, Vars};
 use super::*;
 
 fn bank() -> Domain {
@@ -49,10 +49,9 @@ set = { n = "state.n + event.by" }
 "#;
 
 fn eval(source: &str) -> Result<Json, String> {
+    let state = json!({"balance": 5, "price": 2.5, "big": i64::MAX});
     let vars = Vars {
-        state: Some(from_json(
-            &json!({"balance": 5, "price": 2.5, "big": i64::MAX}),
-        )),
+        state: Some(&state),
         ..Vars::default()
     };
     Expression::compile(source, &[Var::State])?.eval_json(&vars)
@@ -269,7 +268,7 @@ fn arithmetic_errors_are_errors_not_panics_or_wraps() {
 fn time_helpers_bucket_timestamps_in_utc() {
     let t = Utc.with_ymd_and_hms(2026, 11, 26, 13, 5, 9).unwrap();
     let vars = Vars {
-        now: Some(expr::timestamp(t)),
+        now: Some(t),
         ..Vars::default()
     };
     let run = |s: &str| {
@@ -524,8 +523,9 @@ fn hostile_expressions_are_bounded_at_load_time() {
 #[test]
 fn costly_evaluations_are_stopped() {
     let big: Vec<i64> = (0..1000).collect();
+    let command = json!({"l": big, "s": "x".repeat(100_000)});
     let vars = Vars {
-        command: Some(from_json(&json!({"l": big, "s": "x".repeat(100_000)}))),
+        command: Some(&command),
         ..Vars::default()
     };
     let run = |s: &str| Expression::compile(s, &[Var::Command]).unwrap().eval(&vars);
@@ -619,6 +619,66 @@ fn views_set_and_delete_documents() {
             .unwrap(),
         ViewChange::Unchanged
     );
+}
+
+/// Applying in place gives what `apply` gives, and a failed handler leaves
+/// the document (or the state) as it was.
+#[test]
+fn handlers_applied_in_place_equal_apply_and_fail_without_a_trace() {
+    let domain = Domain::from_toml_str(&format!(
+        "{EXAMPLE_DOMAIN}\n[projections.open_accounts]\nkind = \"view\"\nsource = [\"account\"]\n[projections.open_accounts.on.AccountOpened]\nset = {{ owner = \"event.owner\" }}\n[projections.open_accounts.on.AccountClosed]\ndelete = true\n"
+    ))
+    .unwrap();
+    let opened = json!({"owner": "Ada"});
+    let deposit = json!({"amount": 7});
+    let bad = json!({"amount": "seven"});
+    let closed = json!({});
+    let events = [
+        event("AccountOpened", &opened, 1),
+        event("MoneyDeposited", &deposit, 2),
+        event("MoneyDeposited", &bad, 3),
+        event("AccountClosed", &closed, 4),
+        event("MoneyDeposited", &deposit, 5),
+    ];
+    for name in ["accounts", "open_accounts"] {
+        let ProjectionKind::View(view) = domain.projection(name).unwrap().kind() else {
+            panic!("not a view")
+        };
+        let mut in_place: Option<Json> = None;
+        let mut applied: Option<Json> = None;
+        for event in &events {
+            let before = in_place.clone();
+            let result = view.apply_in_place(&mut in_place, event, "account");
+            match view.apply(applied.as_ref(), event, "account") {
+                Ok(ViewChange::Put(doc)) => applied = Some(doc),
+                Ok(ViewChange::Delete) => applied = None,
+                Ok(ViewChange::Unchanged) => {}
+                Err(_) => {
+                    assert!(result.is_err(), "{name}: both fail");
+                    assert_eq!(in_place, before, "{name}: a failed handler changes nothing");
+                }
+            }
+            assert_eq!(in_place, applied, "{name} after {}", event.event_type);
+        }
+    }
+    let account = domain.aggregate("account").unwrap();
+    let mut state = account.initial_state().clone();
+    account
+        .apply_in_place(&mut state, &event("AccountOpened", &opened, 1))
+        .unwrap();
+    assert_eq!(
+        state,
+        account
+            .apply(account.initial_state(), &event("AccountOpened", &opened, 1))
+            .unwrap()
+    );
+    let before = state.clone();
+    assert!(
+        account
+            .apply_in_place(&mut state, &event("MoneyDeposited", &bad, 2))
+            .is_err()
+    );
+    assert_eq!(state, before);
 }
 
 #[test]

@@ -350,6 +350,27 @@ pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>,
     Ok(events)
 }
 
+/// A string field parsed where the decoder holds it (borrowed from the
+/// record, or in the decoder's scratch buffer), without an owned copy first:
+/// every event has three such fields, and their copies were a fair share of
+/// a record's decoding.
+struct ParseStr<T> {
+    what: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+}
+
+impl<T> serde::de::Visitor<'_> for ParseStr<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} as a string", self.what)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<T, E> {
+        (self.parse)(text).map_err(E::custom)
+    }
+}
+
 /// Serde adapter: RFC 3339 UTC with milliseconds (`2026-11-26T13:00:00.123Z`).
 mod timestamp_millis {
     use super::*;
@@ -360,12 +381,14 @@ mod timestamp_millis {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
-        let text = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| {
-                serde::de::Error::custom(format!("invalid RFC 3339 timestamp {text:?}: {e}"))
-            })
+        d.deserialize_str(ParseStr {
+            what: "an RFC 3339 timestamp",
+            parse: |text| {
+                DateTime::parse_from_rfc3339(text)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| format!("invalid RFC 3339 timestamp {text:?}: {e}"))
+            },
+        })
     }
 }
 
@@ -374,17 +397,20 @@ mod timestamp_millis {
 /// The uuid crate writes 16 raw bytes for non-human-readable formats such as MessagePack;
 /// a string keeps one schema for both encodings and is easier for other languages.
 mod uuid_string {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     use uuid::Uuid;
+
+    use super::ParseStr;
 
     pub fn serialize<S: Serializer>(id: &Uuid, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Uuid, D::Error> {
-        let text = String::deserialize(d)?;
-        Uuid::parse_str(&text)
-            .map_err(|e| serde::de::Error::custom(format!("invalid UUID {text:?}: {e}")))
+        d.deserialize_str(ParseStr {
+            what: "a UUID",
+            parse: |text| Uuid::parse_str(text).map_err(|e| format!("invalid UUID {text:?}: {e}")),
+        })
     }
 }
 

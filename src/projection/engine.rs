@@ -9,11 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::domain::{Domain, ProjectionKind, ViewChange};
+use crate::domain::{Domain, ProjectionKind};
 use crate::log::Event;
 use crate::store::views::{ChangeSet, Generation, Positions, Quarantined, encode_value};
 use crate::store::{StoreError, ViewStore};
 
+use super::cache::WorkingSet;
 use super::measures;
 
 /// One record read from a source partition, decoded or not.
@@ -74,25 +75,39 @@ pub trait Target: Send {
     fn promote(self: Box<Self>) -> Result<(), StoreError>;
 }
 
+/// How a projection's storage behaves; the same for every projection of a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    /// How often, at most, a search index commits.
+    pub search_commit_interval: Duration,
+    /// The bytes of documents and groups one view or aggregation keeps in
+    /// memory in front of sled (its working set).
+    pub cache_bytes: usize,
+    /// The memory a search index's writer buffers before it writes a segment.
+    pub search_writer_bytes: usize,
+    /// The indexing threads of a search index's writer.
+    pub search_writer_threads: usize,
+}
+
 /// The engine of a projection, or `None` when there is no such projection.
-/// Search indexes commit at most every `search_commit_interval`.
 pub fn engine_for(
     domain: &Arc<Domain>,
     store: &ViewStore,
     name: &str,
-    search_commit_interval: Duration,
+    settings: &EngineSettings,
 ) -> Option<Box<dyn Engine>> {
     match domain.projection(name)?.kind() {
         ProjectionKind::View(_) | ProjectionKind::Aggregation(_) => Some(Box::new(SledEngine {
             domain: domain.clone(),
             store: store.clone(),
             name: name.to_owned(),
+            cache_bytes: settings.cache_bytes,
         })),
         ProjectionKind::Search(_) => Some(Box::new(super::search::SearchEngine::new(
             domain.clone(),
             store.clone(),
             name,
-            search_commit_interval,
+            settings,
         ))),
     }
 }
@@ -102,6 +117,7 @@ pub struct SledEngine {
     domain: Arc<Domain>,
     store: ViewStore,
     name: String,
+    cache_bytes: usize,
 }
 
 impl Engine for SledEngine {
@@ -111,6 +127,7 @@ impl Engine for SledEngine {
             store: self.store.clone(),
             name: self.name.clone(),
             generation: self.store.live(&self.name)?,
+            cache: WorkingSet::new(self.cache_bytes),
         }))
     }
 
@@ -120,6 +137,7 @@ impl Engine for SledEngine {
             store: self.store.clone(),
             name: self.name.clone(),
             generation: self.store.new_generation(&self.name)?,
+            cache: WorkingSet::new(self.cache_bytes),
         }))
     }
 }
@@ -129,6 +147,8 @@ struct SledTarget {
     store: ViewStore,
     name: String,
     generation: Generation,
+    /// The committed documents and groups this generation touched lately.
+    cache: WorkingSet,
 }
 
 fn event_json(event: &Event) -> Option<serde_json::Value> {
@@ -199,36 +219,24 @@ impl Target for SledTarget {
                         // is; one seen first is loaded once and recorded as it
                         // was (the "before" that its old index entries follow).
                         if !changes.docs.contains_key(&event.aggregate_id) {
-                            let stored = self.generation.doc(&event.aggregate_id)?;
+                            let stored = match self.cache.take_doc(&event.aggregate_id) {
+                                Some(cached) => cached,
+                                None => self.generation.doc(&event.aggregate_id)?,
+                            };
                             changes
                                 .docs
                                 .insert(event.aggregate_id.clone(), (stored.clone(), stored));
                         }
-                        let current = changes
-                            .docs
-                            .get(&event.aggregate_id)
-                            .and_then(|(_, after)| after.as_ref());
-                        let change =
-                            match def.apply(current, &event.as_input(), &event.aggregate_type) {
-                                Ok(change) => change,
-                                Err(error) => {
-                                    quarantine(
-                                        &mut changes,
-                                        record,
-                                        index,
-                                        Some(event),
-                                        error.to_string(),
-                                    );
-                                    continue;
-                                }
-                            };
-                        let after = match change {
-                            ViewChange::Put(doc) => Some(doc),
-                            ViewChange::Delete => None,
-                            ViewChange::Unchanged => continue,
+                        // The handler changes the batch's copy of the document
+                        // where it is; the copy from before the batch stays.
+                        let applied = match changes.docs.get_mut(&event.aggregate_id) {
+                            Some((_, after)) => {
+                                def.apply_in_place(after, &event.as_input(), &event.aggregate_type)
+                            }
+                            None => Ok(false),
                         };
-                        if let Some(entry) = changes.docs.get_mut(&event.aggregate_id) {
-                            entry.1 = after;
+                        if let Err(error) = applied {
+                            quarantine(&mut changes, record, index, Some(event), error.to_string());
                         }
                     }
                     ProjectionKind::Aggregation(def) => {
@@ -256,9 +264,12 @@ impl Target for SledTarget {
                         }
                         let mut state = match changes.groups.get(&key) {
                             Some(state) => state.clone(),
-                            None => match self.generation.group(&key)? {
+                            None => match self.cache.take_group(&key) {
                                 Some(state) => state,
-                                None => measures::new_group(def, group),
+                                None => match self.generation.group(&key)? {
+                                    Some(state) => state,
+                                    None => measures::new_group(def, group),
+                                },
                             },
                         };
                         if let Err(reason) = measures::update(&mut state, &inputs) {
@@ -274,6 +285,15 @@ impl Target for SledTarget {
         stats.quarantined = changes.quarantined.len() as u64;
         changes.positions = positions.clone();
         self.generation.commit(&changes)?;
+        // Committed: the batch's values are what sled holds now. (Had the
+        // commit failed, they would be dropped here with `changes`, and the
+        // cache would not know them.)
+        for (id, (_, after)) in changes.docs {
+            self.cache.put_doc(id, after);
+        }
+        for (key, state) in changes.groups {
+            self.cache.put_group(key, state);
+        }
         Ok(stats)
     }
 
@@ -285,5 +305,123 @@ impl Target for SledTarget {
             ..
         } = *self;
         store.swap(&name, &generation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value as Json, json};
+
+    use super::*;
+    use crate::domain::EXAMPLE_DOMAIN;
+    use crate::store::views::GROUP;
+
+    fn event(id: &str, event_type: &str, data: Json, version: u64) -> Event {
+        crate::bench::target::bench_event(id, version, event_type, 0, data)
+    }
+
+    fn apply(target: &mut dyn Target, offset: u64, event: Event) -> BatchStats {
+        let record = SourceRecord {
+            topic: "t".to_owned(),
+            partition: 0,
+            offset,
+            events: Ok(vec![event]),
+        };
+        let positions = [(("t".to_owned(), 0), offset + 1)].into_iter().collect();
+        target.apply(&[record], &positions).unwrap()
+    }
+
+    fn target(store: &ViewStore, name: &str, cache_bytes: usize) -> Box<dyn Target> {
+        let domain = Arc::new(Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap());
+        let settings = EngineSettings {
+            search_commit_interval: Duration::from_secs(1),
+            cache_bytes,
+            search_writer_bytes: 64 << 20,
+            search_writer_threads: 1,
+        };
+        engine_for(&domain, store, name, &settings)
+            .unwrap()
+            .open_live()
+            .unwrap()
+    }
+
+    /// The working set is what a batch reads: a document changed in sled
+    /// behind the projection's back (which nothing but this test does) is not
+    /// read again while it is cached, and is read again without a cache.
+    #[test]
+    fn a_batch_reads_sled_only_for_documents_not_in_its_working_set() {
+        for cache_bytes in [1 << 20, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ViewStore::open(dir.path()).unwrap();
+            let mut accounts = target(&store, "accounts", cache_bytes);
+            let opened = event("acc-1", "AccountOpened", json!({"owner": "Ada"}), 1);
+            apply(accounts.as_mut(), 0, opened);
+            let generation = store.live("accounts").unwrap();
+            let doc = generation.doc("acc-1").unwrap();
+            assert!(doc.is_some());
+            generation
+                .commit(&ChangeSet {
+                    docs: [("acc-1".to_owned(), (doc, None))].into_iter().collect(),
+                    indexes: vec!["owner".to_owned(), "status".to_owned()],
+                    ..ChangeSet::default()
+                })
+                .unwrap();
+            let deposit = event("acc-1", "MoneyDeposited", json!({"amount": 25}), 2);
+            let stats = apply(accounts.as_mut(), 1, deposit);
+            let after = generation.doc("acc-1").unwrap();
+            if cache_bytes > 0 {
+                // Applied to the cached document, and committed.
+                assert_eq!(stats.quarantined, 0);
+                let after = after.unwrap();
+                assert_eq!(
+                    (&after["owner"], &after["balance"]),
+                    (&json!("Ada"), &json!(25))
+                );
+            } else {
+                // Read from sled: there is no document, so no balance to add to.
+                assert_eq!(stats.quarantined, 1);
+                assert_eq!(after, None);
+            }
+            assert_eq!(
+                generation.positions().unwrap(),
+                [(("t".to_owned(), 0), 2)].into_iter().collect()
+            );
+        }
+    }
+
+    /// The same for aggregation groups.
+    #[test]
+    fn a_batch_reads_sled_only_for_groups_not_in_its_working_set() {
+        for cache_bytes in [1 << 20, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ViewStore::open(dir.path()).unwrap();
+            let mut flows = target(&store, "daily_flows", cache_bytes);
+            let deposit = || event("acc-1", "MoneyDeposited", json!({"amount": 25}), 2);
+            apply(flows.as_mut(), 0, deposit());
+            let generation = store.live("daily_flows").unwrap();
+            let (key, _) = generation
+                .scan(&[GROUP], None, false)
+                .next()
+                .unwrap()
+                .unwrap();
+            let key = key[1..].to_vec();
+            let stored = generation.group(&key).unwrap().unwrap();
+            // Behind the projection's back, the group is set to other states.
+            let mut other = stored.clone();
+            other["measures"][0]["count"] = json!(100);
+            generation
+                .commit(&ChangeSet {
+                    groups: [(key.clone(), other)].into_iter().collect(),
+                    ..ChangeSet::default()
+                })
+                .unwrap();
+            apply(flows.as_mut(), 1, deposit());
+            let count = generation.group(&key).unwrap().unwrap()["measures"][0]["count"].clone();
+            assert_eq!(
+                count,
+                json!(if cache_bytes > 0 { 2 } else { 101 }),
+                "{stored}"
+            );
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! offset watches when there is nothing to read. Events that cannot be
 //! applied are quarantined with their reason, never dropped (guarantee 6).
 
+mod cache;
 mod engine;
 mod measures;
 mod priority;
@@ -24,7 +25,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use engine::{BatchStats, Engine, SourceRecord, Target, engine_for};
+pub use engine::{BatchStats, Engine, EngineSettings, SourceRecord, Target, engine_for};
 pub use query::{ListRequest, Page, QueryError, SortOrder, parse_value};
 pub(crate) use query::{hex, unhex};
 pub use worker::rebuild_offline;
@@ -39,11 +40,15 @@ use crate::store::{StoreError, ViewStore};
 #[derive(Debug, Clone, Copy)]
 pub struct PoolOptions {
     pub workers: usize,
+    /// Most events of one batch.
     pub batch_size: usize,
-    /// How often, at most, a search index commits.
-    pub search_commit_interval: std::time::Duration,
+    /// Longest a batch grows before it is applied and committed.
+    pub batch_time: std::time::Duration,
     /// The nice value of the workers and of the threads their targets start.
     pub nice: i32,
+    /// The projections' storage settings; `cache_bytes` is the working-set
+    /// budget of all views and aggregations together, shared out equally.
+    pub engine: EngineSettings,
 }
 
 /// The life cycle of a projection, as shown by the admin API.
@@ -189,10 +194,17 @@ impl ProjectionPool {
         let mut assignments: Vec<Vec<worker::Runner>> = (0..workers).map(|_| Vec::new()).collect();
         let wakes: Vec<Arc<Notify>> = (0..workers).map(|_| Arc::new(Notify::new())).collect();
         let mut next = 0;
+        let cached = domain
+            .projections()
+            .filter(|p| !matches!(p.kind(), ProjectionKind::Search(_)))
+            .count();
+        let settings = EngineSettings {
+            cache_bytes: options.engine.cache_bytes / cached.max(1),
+            ..options.engine
+        };
         for projection in domain.projections() {
             let name = projection.name();
-            let Some(engine) = engine_for(&domain, &store, name, options.search_commit_interval)
-            else {
+            let Some(engine) = engine_for(&domain, &store, name, &settings) else {
                 continue;
             };
             let kind = match projection.kind() {
@@ -273,6 +285,7 @@ impl ProjectionPool {
             let context = worker::WorkerContext {
                 log: read_models.log.clone(),
                 batch_size: options.batch_size.max(1),
+                batch_time: options.batch_time,
                 cancel: cancel.clone(),
                 wake,
                 readiness: readiness.clone(),

@@ -9,8 +9,9 @@
 //! a document that is newer than the batch is simply indexed early and
 //! indexed again when its later events come by.
 //!
-//! Tantivy commits are costly (fsync, new segments), so changes are buffered
-//! in the index writer and committed, with the positions in the commit
+//! Tantivy commits are costly (fsync, new segments), so the keys that changed
+//! are collected and their documents handed to the index writer together,
+//! once per key, right before a commit, with the positions in the commit
 //! payload (DESIGN.md §2 guarantee 5), at most every
 //! `[projections] search_commit_interval_ms`. Queries only ever see committed
 //! positions ([`Target::visible_positions`]), so `consistent_with` waits for
@@ -20,7 +21,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::engine::{BatchStats, Engine, SourceRecord, Target};
+use super::engine::{BatchStats, Engine, EngineSettings, SourceRecord, Target};
 use crate::domain::{Domain, ProjectionKind, SearchDef};
 use crate::store::views::Positions;
 use crate::store::{SearchIndex, StoreError, ViewStore};
@@ -31,6 +32,8 @@ pub struct SearchEngine {
     store: ViewStore,
     name: String,
     commit_interval: Duration,
+    writer_bytes: usize,
+    writer_threads: usize,
 }
 
 impl SearchEngine {
@@ -38,13 +41,15 @@ impl SearchEngine {
         domain: Arc<Domain>,
         store: ViewStore,
         name: &str,
-        commit_interval: Duration,
+        settings: &EngineSettings,
     ) -> Self {
         Self {
             domain,
             store,
             name: name.to_owned(),
-            commit_interval,
+            commit_interval: settings.search_commit_interval,
+            writer_bytes: settings.search_writer_bytes,
+            writer_threads: settings.search_writer_threads,
         }
     }
 
@@ -65,7 +70,8 @@ impl SearchEngine {
             // A rebuild starts from nothing, whatever an interrupted one left.
             SearchIndex::remove(&dir)?;
         }
-        let index = SearchIndex::open(&dir, def.fields())?;
+        let index =
+            SearchIndex::open_with(&dir, def.fields(), self.writer_bytes, self.writer_threads)?;
         let committed = index.positions()?;
         if live {
             self.store
@@ -82,6 +88,7 @@ impl SearchEngine {
             committed,
             dirty_since: None,
             commit_interval: self.commit_interval,
+            pending: BTreeSet::new(),
         })
     }
 }
@@ -113,11 +120,27 @@ struct SearchTarget {
     /// When the first change not yet committed was made.
     dirty_since: Option<Instant>,
     commit_interval: Duration,
+    /// The keys whose view documents changed since the last commit: they
+    /// reach the index writer together, once each, just before the commit.
+    pending: BTreeSet<String>,
 }
 
 impl SearchTarget {
+    /// Indexes the current view document of every pending key, then commits
+    /// the index with the applied positions. The documents are read now,
+    /// after the view's positions passed `applied` (the read limit), so each
+    /// includes at least the events below them. The keys stay pending until
+    /// the commit succeeds, so a retry indexes them again.
     fn commit(&mut self) -> Result<(), StoreError> {
+        if !self.pending.is_empty() {
+            let generation = self.store.live(&self.view)?;
+            for key in &self.pending {
+                let doc = generation.doc(key)?;
+                self.index.upsert(key, doc.as_ref())?;
+            }
+        }
         self.index.commit(&self.applied)?;
+        self.pending.clear();
         self.committed = self.applied.clone();
         self.dirty_since = None;
         Ok(())
@@ -154,8 +177,6 @@ impl Target for SearchTarget {
             }
         };
         let mut stats = BatchStats::default();
-        // A set, so a key changed many times in a batch is indexed once.
-        let mut keys = BTreeSet::new();
         for record in records {
             // A record that does not decode is quarantined by the view, which
             // has no document for it either: there is nothing to index.
@@ -165,17 +186,12 @@ impl Target for SearchTarget {
             for event in events {
                 if view.handles(&event.event_type) {
                     stats.events += 1;
-                    keys.insert(event.aggregate_id.as_str());
+                    // A set, so a key changed many times before a commit is
+                    // indexed once.
+                    if !self.pending.contains(&event.aggregate_id) {
+                        self.pending.insert(event.aggregate_id.clone());
+                    }
                 }
-            }
-        }
-        if !keys.is_empty() {
-            // Read after the caller read the view's positions (the read
-            // limit), so every document includes at least those events.
-            let generation = self.store.live(&self.view)?;
-            for key in keys {
-                let doc = generation.doc(key)?;
-                self.index.upsert(key, doc.as_ref())?;
             }
         }
         self.applied

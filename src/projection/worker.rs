@@ -1,6 +1,7 @@
 //! A projection worker: one std thread that owns some projections, reads their
 //! source partitions in batches, and commits each batch with its positions.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{Engine, SourceRecord, Target};
 use super::{ProjectionError, ProjectionHandle, ProjectionState, RebuildProgress};
 use crate::health::Readiness;
-use crate::log::{EventLog, decode};
+use crate::log::{EventLog, LogError, Record, decode};
 use crate::store::StoreError;
 use crate::store::views::Positions;
 
@@ -27,6 +28,8 @@ const OFFLINE_SEARCH_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
 pub(super) struct WorkerContext {
     pub log: EventLog,
     pub batch_size: usize,
+    /// How long a batch may grow (see [`Growth`]).
+    pub batch_time: Duration,
     pub cancel: CancellationToken,
     pub wake: Arc<Notify>,
     pub readiness: Readiness,
@@ -122,6 +125,188 @@ fn advance(
     Ok((events, quarantined, read))
 }
 
+/// Reads up to `max` records of a partition from an offset: the log's read,
+/// or a test's.
+type ReadFn<'a> = dyn FnMut(&str, u32, u64, usize) -> Result<Vec<(u64, Record)>, LogError> + 'a;
+
+/// How far one batch grows: up to `events` records, read in chunks of at
+/// most `chunk`, and no more chunks once reading and decoding have taken
+/// `time`. Larger batches write each changed document once for more events;
+/// the time bound keeps a batch's commit, and so what queries see, from
+/// waiting long behind a slow log.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Growth {
+    pub events: usize,
+    pub chunk: usize,
+    pub time: Duration,
+}
+
+/// Records read per call to the log while a batch grows.
+pub(super) const READ_CHUNK: usize = 1000;
+
+/// Where a batch is read: a partition from an offset, up to an end offset.
+struct Span<'a> {
+    topic: &'a str,
+    partition: u32,
+    from: u64,
+    end: u64,
+}
+
+/// Reads and decodes one growing batch of a partition (see [`Growth`]).
+fn read_batch(
+    read: &mut ReadFn<'_>,
+    span: Span<'_>,
+    grow: &Growth,
+) -> Result<Vec<SourceRecord>, LogError> {
+    let started = Instant::now();
+    let mut decoded: Vec<SourceRecord> = Vec::new();
+    let mut from = span.from;
+    loop {
+        let left = grow.events.saturating_sub(decoded.len());
+        let want = usize::try_from(span.end - from)
+            .map_or(left, |until_end| until_end.min(left))
+            .min(grow.chunk.max(1));
+        if want == 0 {
+            break;
+        }
+        let records = read(span.topic, span.partition, from, want)?;
+        let got = records.len();
+        decoded.extend(
+            records
+                .into_iter()
+                .filter(|(offset, _)| *offset < span.end)
+                .map(|(offset, record)| SourceRecord {
+                    topic: span.topic.to_owned(),
+                    partition: span.partition,
+                    offset,
+                    events: decode(&record.headers, &record.value).map_err(|e| e.to_string()),
+                }),
+        );
+        // A short read is the end of what the log has now.
+        let Some(last) = decoded.last() else { break };
+        from = last.offset + 1;
+        if got < want || from >= span.end || started.elapsed() >= grow.time {
+            break;
+        }
+    }
+    Ok(decoded)
+}
+
+/// What one projection's live generation did in a round.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Tally {
+    events: u64,
+    quarantined: u64,
+    /// Whether any record was read for it.
+    read: bool,
+}
+
+/// One round of the live generations of a worker's projections, with one
+/// read per source partition and position: the projections that are at the
+/// same offset of a partition share the read and the decoding of its next
+/// batch, and each applies it to its own storage and commits it with its
+/// own positions. A projection behind the others is alone at its offset, so
+/// it catches up on its own reads and joins the shared one once it gets
+/// there. A target that may not read as far as the others (a search index
+/// following its view) gets the part of the batch before its limit.
+///
+/// `outcomes` holds, per runner, `None` when it does not work this round,
+/// else its result so far, which this fills in.
+fn advance_live(
+    read: &mut ReadFn<'_>,
+    grow: &Growth,
+    runners: &mut [Runner],
+    outcomes: &mut [Option<Result<Tally, ProjectionError>>],
+) {
+    // The limit of each working runner, and the readers of each (partition, offset).
+    let mut limits: Vec<Option<Positions>> = vec![None; runners.len()];
+    let mut readers: BTreeMap<(String, u32, u64), Vec<(usize, u64)>> = BTreeMap::new();
+    for (i, runner) in runners.iter().enumerate() {
+        if !matches!(outcomes[i], Some(Ok(_))) {
+            continue;
+        }
+        let Some(live) = runner.live.as_ref() else {
+            continue;
+        };
+        match live.read_limit() {
+            Ok(limit) => limits[i] = limit,
+            Err(error) => {
+                outcomes[i] = Some(Err(error.into()));
+                continue;
+            }
+        }
+        for ((topic, partition), next) in &runner.positions {
+            let end = match &limits[i] {
+                None => u64::MAX,
+                Some(limit) => limit
+                    .get(&(topic.clone(), *partition))
+                    .copied()
+                    .unwrap_or(0),
+            };
+            if *next < end {
+                readers
+                    .entry((topic.clone(), *partition, *next))
+                    .or_default()
+                    .push((i, end));
+            }
+        }
+    }
+    for ((topic, partition, next), mut members) in readers {
+        // A projection whose commit failed for an earlier partition stops
+        // for this round; it retries from its stored positions.
+        members.retain(|(i, _)| matches!(outcomes[*i], Some(Ok(_))));
+        let Some(end) = members.iter().map(|(_, end)| *end).max() else {
+            continue;
+        };
+        let span = Span {
+            topic: &topic,
+            partition,
+            from: next,
+            end,
+        };
+        let decoded = match read_batch(read, span, grow) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                let reason = error.to_string();
+                for (i, _) in &members {
+                    outcomes[*i] = Some(Err(ProjectionError::Log(LogError::Unavailable(
+                        reason.clone(),
+                    ))));
+                }
+                continue;
+            }
+        };
+        for (i, end) in members {
+            // Offsets grow along the batch, so a limit cuts it in two.
+            let upto = decoded.partition_point(|record| record.offset < end);
+            let batch = &decoded[..upto];
+            let Some(last) = batch.last() else {
+                continue;
+            };
+            let new_next = last.offset + 1;
+            let runner = &mut runners[i];
+            let Some(live) = runner.live.as_mut() else {
+                continue;
+            };
+            let mut commit = Positions::new();
+            commit.insert((topic.clone(), partition), new_next);
+            match live.apply(batch, &commit) {
+                Ok(stats) => {
+                    runner
+                        .positions
+                        .insert((topic.clone(), partition), new_next);
+                    if let Some(Ok(tally)) = outcomes[i].as_mut() {
+                        tally.events += stats.events;
+                        tally.quarantined += stats.quarantined;
+                        tally.read = true;
+                    }
+                }
+                Err(error) => outcomes[i] = Some(Err(error.into())),
+            }
+        }
+    }
+}
+
 impl Runner {
     pub(super) fn new(
         handle: Arc<ProjectionHandle>,
@@ -182,12 +367,16 @@ impl Runner {
         }
     }
 
-    /// One round of work; returns whether anything was read.
-    fn step(&mut self, context: &WorkerContext) -> bool {
-        if self.retry_at.is_some_and(|at| Instant::now() < at) {
-            return false;
-        }
-        match self.try_step(context) {
+    /// Whether this projection may work now (it is not waiting to retry).
+    fn due(&self) -> bool {
+        self.retry_at.is_none_or(|at| Instant::now() >= at)
+    }
+
+    /// Settles the outcome of one round: a failure is reported and retried
+    /// later; a success after failures clears the failed state. Returns
+    /// whether anything was read.
+    fn settle(&mut self, outcome: Result<bool, ProjectionError>) -> bool {
+        match outcome {
             Ok(worked) => {
                 if self.retry_at.take().is_some() {
                     let state = if self.rebuild.is_some() {
@@ -216,7 +405,9 @@ impl Runner {
         }
     }
 
-    fn try_step(&mut self, context: &WorkerContext) -> Result<bool, ProjectionError> {
+    /// The first part of a round, before the live generation reads: starts a
+    /// requested rebuild, and checks that the live generation is open.
+    fn prepare(&mut self, context: &WorkerContext) -> Result<(), ProjectionError> {
         if self.rebuild.is_none()
             && self
                 .handle
@@ -236,19 +427,31 @@ impl Runner {
                 events: 0,
             });
         }
-        let Some(live) = self.live.as_mut() else {
+        if self.live.is_none() {
+            return Err(ProjectionError::Store(StoreError::Unavailable(
+                "the live generation is not open".to_owned(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// The rest of a round, after the live generation has applied what the
+    /// worker read for it (`live`): commits what is due, publishes the
+    /// positions, advances a rebuild (which reads on its own) and notes when
+    /// the projection has caught up.
+    fn conclude(&mut self, context: &WorkerContext, live: Tally) -> Result<bool, ProjectionError> {
+        let Tally {
+            events,
+            quarantined,
+            read: mut worked,
+        } = live;
+        let Some(target) = self.live.as_mut() else {
             return Err(ProjectionError::Store(StoreError::Unavailable(
                 "the live generation is not open".to_owned(),
             )));
         };
-        let (events, quarantined, mut worked) = advance(
-            &context.log,
-            context.batch_size,
-            live.as_mut(),
-            &mut self.positions,
-        )?;
-        self.flush_at = live.flush(false)?;
-        Self::publish(&self.handle, &self.positions, live.as_ref());
+        self.flush_at = target.flush(false)?;
+        Self::publish(&self.handle, &self.positions, target.as_ref());
         if worked {
             let mut status = self.handle.status();
             status.events_total += events;
@@ -383,12 +586,30 @@ pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
         for follow in &mut follows {
             follow.borrow_and_update();
         }
+        let mut outcomes: Vec<Option<Result<Tally, ProjectionError>>> = runners
+            .iter_mut()
+            .map(|runner| {
+                runner
+                    .due()
+                    .then(|| runner.prepare(&context).map(|()| Tally::default()))
+            })
+            .collect();
+        advance_live(
+            &mut |topic, partition, from, max| context.log.read(topic, partition, from, max),
+            &Growth {
+                events: context.batch_size,
+                chunk: READ_CHUNK,
+                time: context.batch_time,
+            },
+            &mut runners,
+            &mut outcomes,
+        );
         let mut worked = false;
-        for runner in &mut runners {
-            if context.cancel.is_cancelled() {
-                break;
+        for (runner, outcome) in runners.iter_mut().zip(outcomes) {
+            if let Some(outcome) = outcome {
+                let outcome = outcome.and_then(|live| runner.conclude(&context, live));
+                worked |= runner.settle(outcome);
             }
-            worked |= runner.step(&context);
             runner.refresh(&context.log);
         }
         if worked {
@@ -447,12 +668,17 @@ pub fn rebuild_offline(
     store: &crate::store::ViewStore,
     name: &str,
     batch_size: usize,
+    settings: &super::EngineSettings,
     mut progress: impl FnMut(u64, u64, u64),
 ) -> Result<u64, ProjectionError> {
     if domain.projection(name).is_none() {
         return Err(ProjectionError::Unknown(name.to_owned()));
     }
-    let engine = super::engine_for(domain, store, name, OFFLINE_SEARCH_COMMIT_INTERVAL)
+    let settings = super::EngineSettings {
+        search_commit_interval: OFFLINE_SEARCH_COMMIT_INTERVAL,
+        ..*settings
+    };
+    let engine = super::engine_for(domain, store, name, &settings)
         .ok_or_else(|| ProjectionError::NotRebuildable(name.to_owned()))?;
     let topics = super::topics_of(domain, log, name);
     let mut positions = full_positions(&Positions::new(), &topics, log.partitions());
@@ -472,4 +698,214 @@ pub fn rebuild_offline(
     }
     target.promote()?;
     Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::projection::engine::BatchStats;
+    use crate::projection::{ProjectionHandle, Status};
+
+    /// What a fake target was handed: (first offset, records, address of the
+    /// first record), one entry per batch.
+    type Seen = Arc<Mutex<Vec<(u64, usize, usize)>>>;
+
+    struct FakeTarget {
+        seen: Seen,
+        limit: Option<Positions>,
+    }
+
+    impl Target for FakeTarget {
+        fn positions(&self) -> Result<Positions, StoreError> {
+            Ok(Positions::new())
+        }
+        fn quarantine_count(&self) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        fn apply(
+            &mut self,
+            records: &[SourceRecord],
+            _positions: &Positions,
+        ) -> Result<BatchStats, StoreError> {
+            self.seen.lock().unwrap().push((
+                records[0].offset,
+                records.len(),
+                records.as_ptr() as usize,
+            ));
+            Ok(BatchStats {
+                events: records.len() as u64,
+                quarantined: 0,
+            })
+        }
+        fn read_limit(&self) -> Result<Option<Positions>, StoreError> {
+            Ok(self.limit.clone())
+        }
+        fn promote(self: Box<Self>) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    struct NoEngine;
+
+    impl Engine for NoEngine {
+        fn open_live(&self) -> Result<Box<dyn Target>, StoreError> {
+            Err(StoreError::Unavailable("not in this test".to_owned()))
+        }
+        fn open_rebuild(&self) -> Result<Box<dyn Target>, StoreError> {
+            Err(StoreError::Unavailable("not in this test".to_owned()))
+        }
+    }
+
+    fn runner(name: &str, next: u64, limit: Option<u64>) -> (Runner, Seen) {
+        let key = ("t".to_owned(), 0);
+        let positions: Positions = [(key.clone(), next)].into_iter().collect();
+        let handle = Arc::new(ProjectionHandle {
+            name: name.to_owned(),
+            kind: "view",
+            topics: vec!["t".to_owned()],
+            positions: watch::Sender::new(positions.clone()),
+            status: Mutex::new(Status {
+                state: ProjectionState::Starting,
+                events_total: 0,
+                events_per_sec: 0.0,
+                quarantined: 0,
+                error: None,
+                rebuild: None,
+            }),
+            rebuild_requested: std::sync::atomic::AtomicBool::new(false),
+            wake: Arc::new(Notify::new()),
+        });
+        let seen = Seen::default();
+        let target = FakeTarget {
+            seen: seen.clone(),
+            limit: limit.map(|end| [(key, end)].into_iter().collect()),
+        };
+        let runner = Runner::new(
+            handle,
+            Box::new(NoEngine),
+            Box::new(target),
+            positions.clone(),
+            positions,
+        );
+        (runner, seen)
+    }
+
+    /// Runs one round over `runners` against a log of `len` records and
+    /// returns how many reads it made.
+    fn round(runners: &mut [Runner], len: u64, batch: usize) -> usize {
+        let mut reads = Vec::new();
+        let mut outcomes: Vec<_> = runners.iter().map(|_| Some(Ok(Tally::default()))).collect();
+        let grow = Growth {
+            events: batch,
+            chunk: batch,
+            time: Duration::from_secs(60),
+        };
+        advance_live(&mut *serve(len, &mut reads), &grow, runners, &mut outcomes);
+        assert!(outcomes.iter().all(|o| matches!(o, Some(Ok(_)))));
+        reads.len()
+    }
+
+    #[test]
+    fn projections_at_one_offset_share_one_read_and_one_decoding() {
+        let (a, seen_a) = runner("a", 0, None);
+        let (b, seen_b) = runner("b", 0, None);
+        // A search index may read only as far as its view has committed.
+        let (c, seen_c) = runner("c", 0, Some(2));
+        let mut runners = vec![a, b, c];
+        assert_eq!(round(&mut runners, 10, 4), 1);
+        let (a0, b0, c0) = (
+            seen_a.lock().unwrap()[0],
+            seen_b.lock().unwrap()[0],
+            seen_c.lock().unwrap()[0],
+        );
+        assert_eq!((a0.0, a0.1), (0, 4));
+        // The same decoded records, not a copy.
+        assert_eq!(a0, b0);
+        assert_eq!((c0.0, c0.1, c0.2), (0, 2, a0.2));
+        assert_eq!(runners[0].positions.values().next(), Some(&4));
+        assert_eq!(runners[2].positions.values().next(), Some(&2));
+        // The limited one waits at its limit; the others read on together.
+        assert_eq!(round(&mut runners, 10, 4), 1);
+        assert_eq!(seen_a.lock().unwrap()[1], seen_b.lock().unwrap()[1]);
+        assert_eq!(seen_c.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_projection_behind_catches_up_alone_then_joins_the_shared_read() {
+        let (ahead, seen_ahead) = runner("ahead", 8, None);
+        let (behind, seen_behind) = runner("behind", 0, None);
+        let mut runners = vec![ahead, behind];
+        // Each reads where it is: the one ahead is not held back.
+        assert_eq!(round(&mut runners, 10, 4), 2);
+        assert_eq!(seen_ahead.lock().unwrap()[0].0, 8);
+        assert_eq!(seen_behind.lock().unwrap()[0].0, 0);
+        assert_eq!(round(&mut runners, 10, 4), 2);
+        assert_eq!(round(&mut runners, 10, 4), 2);
+        assert_eq!(runners[1].positions.values().next(), Some(&10));
+        // Both at the end: new records are read once for both.
+        assert_eq!(round(&mut runners, 14, 4), 1);
+        let last_ahead = *seen_ahead.lock().unwrap().last().unwrap();
+        let last_behind = *seen_behind.lock().unwrap().last().unwrap();
+        assert_eq!(last_ahead, last_behind);
+        assert_eq!((last_ahead.0, last_ahead.1), (10, 4));
+    }
+
+    /// A log of `len` empty records, noting every read (from, max).
+    fn serve(len: u64, reads: &mut Vec<(u64, usize)>) -> Box<ReadFn<'_>> {
+        Box::new(move |_, _, from, max| {
+            reads.push((from, max));
+            Ok((from..len.min(from + max as u64))
+                .map(|offset| {
+                    let record = Record {
+                        key: "k".to_owned(),
+                        headers: Vec::new(),
+                        value: Vec::new(),
+                        timestamp_ms: 0,
+                    };
+                    (offset, record)
+                })
+                .collect())
+        })
+    }
+
+    #[test]
+    fn a_batch_grows_by_chunks_up_to_its_events_its_end_and_its_time() {
+        let span = |from, end| Span {
+            topic: "t",
+            partition: 0,
+            from,
+            end,
+        };
+        let grow = Growth {
+            events: 10,
+            chunk: 4,
+            time: Duration::from_secs(60),
+        };
+        // Up to the event bound, in chunks.
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(100, &mut reads), span(0, u64::MAX), &grow).unwrap();
+        assert_eq!(batch.len(), 10);
+        assert_eq!(reads, [(0, 4), (4, 4), (8, 2)]);
+        // Up to the end offset (a read limit).
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(100, &mut reads), span(0, 6), &grow).unwrap();
+        assert_eq!(batch.last().map(|r| r.offset), Some(5));
+        assert_eq!(reads, [(0, 4), (4, 2)]);
+        // Up to the end of the log: a short read stops it.
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(5, &mut reads), span(0, u64::MAX), &grow).unwrap();
+        assert_eq!(batch.len(), 5);
+        assert_eq!(reads, [(0, 4), (4, 4)]);
+        // Out of time: one chunk only.
+        let hurried = Growth {
+            time: Duration::ZERO,
+            ..grow
+        };
+        let mut reads = Vec::new();
+        let batch = read_batch(&mut *serve(100, &mut reads), span(0, u64::MAX), &hurried).unwrap();
+        assert_eq!(batch.len(), 4);
+        assert_eq!(reads, [(0, 4)]);
+    }
 }

@@ -36,11 +36,15 @@ use crate::domain::SearchFieldKind;
 const KEY_FIELD: &str = "_key";
 /// The schema field holding the whole document as JSON.
 const DOC_FIELD: &str = "_doc";
-/// Memory the writer buffers before it flushes a segment on its own.
-const WRITER_MEMORY_BYTES: usize = 64 * 1024 * 1024;
-/// One indexing thread per index: projections already run in parallel
-/// workers, so more threads per index would only oversubscribe the cores.
-const WRITER_THREADS: usize = 1;
+/// Memory the writer buffers before it flushes a segment on its own, by
+/// default (`[projections] search_writer_mib`).
+pub const WRITER_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+/// One indexing thread per index by default (`[projections]
+/// search_writer_threads`): projections already run in parallel workers, so
+/// more threads per index would only oversubscribe a small machine's cores.
+pub const WRITER_THREADS: usize = 1;
+/// The least memory tantivy accepts per indexing thread.
+pub const WRITER_MEMORY_PER_THREAD_MIN: usize = 15_000_000;
 /// The most hits one page may ask for.
 pub const MAX_LIMIT: usize = 1000;
 /// How deep paging may go: each page costs its offset in collected hits, so
@@ -140,6 +144,18 @@ impl SearchIndex {
     /// key, the declared fields, and the stored JSON document). Fails if the
     /// directory holds an index built for other fields: it must be rebuilt.
     pub fn open(dir: &Path, fields: &[(String, SearchFieldKind)]) -> Result<Self, StoreError> {
+        Self::open_with(dir, fields, WRITER_MEMORY_BYTES, WRITER_THREADS)
+    }
+
+    /// [`SearchIndex::open`] with a writer of `writer_threads` indexing
+    /// threads sharing `writer_bytes` of buffer: the more buffer, the larger
+    /// the segments one commit interval's documents go into.
+    pub fn open_with(
+        dir: &Path,
+        fields: &[(String, SearchFieldKind)],
+        writer_bytes: usize,
+        writer_threads: usize,
+    ) -> Result<Self, StoreError> {
         let mut builder = Schema::builder();
         let key = builder.add_text_field(KEY_FIELD, STRING | STORED);
         let doc = builder.add_text_field(DOC_FIELD, TextOptions::default().set_stored());
@@ -173,7 +189,7 @@ impl SearchIndex {
             )),
             other => other.into(),
         })?;
-        let writer = index.writer_with_num_threads(WRITER_THREADS, WRITER_MEMORY_BYTES)?;
+        let writer = index.writer_with_num_threads(writer_threads, writer_bytes)?;
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
