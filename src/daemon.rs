@@ -28,7 +28,6 @@ use crate::security::LiveSettings;
 use crate::store::CommandStore;
 use crate::store::EmbeddedSettings;
 use crate::store::ViewStore;
-use axum::Router;
 
 /// How often idle rate-limit buckets (full again) are forgotten.
 const RATE_LIMIT_HOUSEKEEPING: Duration = Duration::from_secs(60);
@@ -198,9 +197,8 @@ impl Daemon {
             let (command_routes, command_api) = http::commands::routes(commands);
             routes.merge(ApiRoutes {
                 command: command_routes,
-                query: Router::new(),
                 openapi: Some(command_api),
-                domain: None,
+                ..ApiRoutes::default()
             });
         }
         if let Some(projections) = &projections {

@@ -69,10 +69,9 @@ pub fn query_routes(models: ReadModels, consistency_timeout: Duration) -> ApiRou
         )
         .with_state(state);
     ApiRoutes {
-        command: Router::new(),
         query,
         openapi: Some(openapi()),
-        domain: None,
+        ..ApiRoutes::default()
     }
 }
 
