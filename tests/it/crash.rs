@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{Backend, Process, ProcessOptions, client, command, get_json};
+use crate::harness::{
+    Backend, Process, ProcessOptions, assert_dense_versions, client, command, get_json,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded() {
@@ -113,15 +115,7 @@ async fn acknowledged_commands_survive_sigkill_exactly_once(backend: Backend) {
         )
         .await;
         let events = history["events"].as_array().unwrap();
-        let versions: Vec<u64> = events
-            .iter()
-            .map(|e| e["version"].as_u64().unwrap())
-            .collect();
-        assert_eq!(
-            versions,
-            (1..=events.len() as u64).collect::<Vec<_>>(),
-            "gap or duplicate"
-        );
+        assert_dense_versions(events, &format!("acc{account}"));
         let deposits = events
             .iter()
             .filter(|e| e["type"] == "MoneyDeposited")

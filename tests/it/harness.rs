@@ -751,3 +751,17 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
     assert_eq!(response.status(), 200, "GET {url}");
     response.json().await.unwrap()
 }
+
+/// Asserts that a history's versions are exactly 1, 2, 3, ...: no gap and no
+/// version claimed twice. `what` names the history in the failure message.
+pub fn assert_dense_versions(events: &[serde_json::Value], what: &str) {
+    let versions: Vec<u64> = events
+        .iter()
+        .map(|e| e["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "gap or duplicate in the history of {what}"
+    );
+}

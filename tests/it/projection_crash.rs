@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Backend, Process, ProcessOptions, client, command};
+use crate::harness::{Backend, Process, ProcessOptions, assert_dense_versions, client, command};
 use crate::readside::{all_pages, wait_caught_up};
 
 const ACCOUNTS: usize = 20;
@@ -60,15 +60,7 @@ fn fold(histories: &BTreeMap<String, Vec<Value>>) -> (BTreeMap<String, Value>, F
     let mut docs = BTreeMap::new();
     let mut flows = Flows::new();
     for (id, events) in histories {
-        let versions: Vec<u64> = events
-            .iter()
-            .map(|e| e["version"].as_u64().unwrap())
-            .collect();
-        assert_eq!(
-            versions,
-            (1..=events.len() as u64).collect::<Vec<_>>(),
-            "gap or duplicate in the history of {id}"
-        );
+        assert_dense_versions(events, id);
         let (mut owner, mut status, mut balance) = (Value::Null, "none", 0i64);
         for event in events {
             let kind = event["type"].as_str().unwrap();

@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::crash::deposit_until_killed;
-use crate::harness::{Process, ProcessOptions, client, command, cqrsd_bin, get_json};
+use crate::harness::{
+    Process, ProcessOptions, assert_dense_versions, client, command, cqrsd_bin, get_json,
+};
 
 const ACCOUNTS: usize = 4;
 const CLIENTS: usize = 16;
@@ -50,15 +52,7 @@ async fn logged_keys(http: &reqwest::Client, base: &str) -> HashSet<String> {
         )
         .await;
         let events = history["events"].as_array().unwrap();
-        let versions: Vec<u64> = events
-            .iter()
-            .map(|e| e["version"].as_u64().unwrap())
-            .collect();
-        assert_eq!(
-            versions,
-            (1..=events.len() as u64).collect::<Vec<_>>(),
-            "gap or duplicate"
-        );
+        assert_dense_versions(events, &format!("acc{account}"));
         for event in events {
             if let Some(key) = event["idempotency_key"].as_str() {
                 assert!(keys.insert(key.to_owned()), "{key} applied twice");
