@@ -68,7 +68,10 @@ fn producer(brokers: &str, transactional_id: Option<&str>) -> FutureProducer {
 /// Sends `payload` to partition 0 and waits for its delivery report: the
 /// offset it landed at, or the error.
 fn send(producer: &FutureProducer, topic: &str, payload: &str) -> Result<i64, String> {
-    let record = FutureRecord::to(topic).partition(0).key("k").payload(payload);
+    let record = FutureRecord::to(topic)
+        .partition(0)
+        .key("k")
+        .payload(payload);
     match futures::executor::block_on(producer.send(record, TIMEOUT)) {
         Ok(delivery) => Ok(delivery.offset),
         Err((error, _)) => Err(error.to_string()),
@@ -172,13 +175,19 @@ fn main() {
 
     // 6. An idempotent producer without a transactional.id.
     let plain = producer(brokers, None);
-    println!("idempotent producer sends i0: {:?}", send(&plain, &topic, "i0"));
+    println!(
+        "idempotent producer sends i0: {:?}",
+        send(&plain, &topic, "i0")
+    );
 
     // 7. An open transaction: does read_committed stop before it (at the
     // last stable offset)? Then commit it, so the partition ends with a
     // control record.
     b.begin_transaction().unwrap();
-    println!("B sends b2 (left open for a read): {:?}", send(&b, &topic, "b2"));
+    println!(
+        "B sends b2 (left open for a read): {:?}",
+        send(&b, &topic, "b2")
+    );
     let (open, _) = read_back(brokers, &topic, "read_committed");
     println!(
         "read_committed while b2's transaction is open: b2 {}",

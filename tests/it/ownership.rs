@@ -1,0 +1,262 @@
+//! Partition ownership on Kafka: the fence. Two event logs on the shared
+//! test broker stand for two command nodes; a third, without ownership, for
+//! a query node. The fence lives in `KafkaLog` (src/kafka/owner.rs); the
+//! command-owners group that decides who takes what is not built yet.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cqrsd::kafka::{KafkaLog, KafkaSettings};
+use cqrsd::log::{LogError, Record};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::harness::{kafka_brokers, skip_kafka};
+
+/// How long a test waits for something to become true before it fails.
+const BOUND: Duration = Duration::from_secs(30);
+
+fn settings(brokers: &str, transactional_id_prefix: Option<&str>) -> KafkaSettings {
+    KafkaSettings {
+        brokers: brokers.to_owned(),
+        partitions: 2,
+        replication_factor: 1,
+        linger_ms: 1,
+        batch_size: 1_000_000,
+        produce_timeout: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(3),
+        producer: BTreeMap::new(),
+        consumer: BTreeMap::new(),
+        transactional_id_prefix: transactional_id_prefix.map(str::to_owned),
+    }
+}
+
+fn unique_prefix() -> String {
+    format!(
+        "own{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn record(payload: &str) -> Record {
+    Record {
+        key: "acc-1".to_owned(),
+        headers: Vec::new(),
+        value: payload.as_bytes().to_vec(),
+        timestamp_ms: 0,
+    }
+}
+
+/// Opens a log off the async worker threads (opening and reading block).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn payloads(records: &[(u64, Record)]) -> Vec<String> {
+    records
+        .iter()
+        .map(|(_, r)| String::from_utf8(r.value.clone()).unwrap())
+        .collect()
+}
+
+/// Every payload in a partition as a bare `read_uncommitted` consumer sees
+/// it: data of aborted transactions included, whatever the broker hides.
+fn everything_in(brokers: &str, topic: &str, partition: i32) -> Vec<String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ownership-audit")
+        .set("isolation.level", "read_uncommitted")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    let mut found = Vec::new();
+    let deadline = Instant::now() + BOUND;
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(2) {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            found.push(String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned());
+            quiet_since = Instant::now();
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_owner_fences_the_earlier_one_and_every_reader_ends_at_the_last_record() {
+    if skip_kafka() {
+        return;
+    }
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.account");
+    let open = |with_prefix: bool| {
+        let brokers = brokers.clone();
+        let prefix = prefix.clone();
+        let topic = topic.clone();
+        blocking(move || {
+            let log = KafkaLog::open(settings(&brokers, with_prefix.then_some(&*prefix))).unwrap();
+            log.ensure_topic(&topic).unwrap();
+            log
+        })
+    };
+    let a = open(true).await;
+    let b = open(true).await;
+
+    // No append before the partition is taken.
+    assert!(matches!(
+        a.append(&topic, 0, vec![record("early")]).await,
+        Err(LogError::NotOwned(_))
+    ));
+    let taking = a.clone();
+    let t = topic.clone();
+    blocking(move || taking.take_partition(&t, 0))
+        .await
+        .unwrap();
+    assert_eq!(a.owned_partitions(), vec![(topic.clone(), 0)]);
+    // The other partition is not A's.
+    assert!(matches!(
+        a.append(&topic, 1, vec![record("elsewhere")]).await,
+        Err(LogError::NotOwned(_))
+    ));
+    let mut acknowledged = Vec::new();
+    for n in 0..3 {
+        let batch = vec![record(&format!("a{n}-x")), record(&format!("a{n}-y"))];
+        let offsets = a.append(&topic, 0, batch).await.unwrap();
+        assert_eq!(offsets.len(), 2);
+        assert_eq!(offsets[1], offsets[0] + 1, "a batch's records are adjacent");
+        acknowledged.extend(offsets);
+    }
+    let a_last = *acknowledged.last().unwrap();
+
+    // B takes the partition: A is fenced, and nothing A sends lands.
+    let taking = b.clone();
+    let t = topic.clone();
+    blocking(move || taking.take_partition(&t, 0))
+        .await
+        .unwrap();
+    for n in 0..2 {
+        let refused = a
+            .append(&topic, 0, vec![record(&format!("zombie{n}"))])
+            .await;
+        assert!(
+            matches!(refused, Err(LogError::NotOwned(_))),
+            "a fenced owner's append must be refused: {refused:?}"
+        );
+    }
+    assert!(
+        a.owned_partitions().is_empty(),
+        "a fenced owner owns nothing"
+    );
+
+    // The taker's restore reads what the previous owner left, and stops at
+    // its last record although a commit marker follows it.
+    let reader = b.clone();
+    let t = topic.clone();
+    let (end, records) = blocking(move || {
+        let end = reader.end_offset(&t, 0).unwrap();
+        (end, reader.read(&t, 0, 0, 100).unwrap())
+    })
+    .await;
+    assert_eq!(
+        end,
+        a_last + 1,
+        "the end is after the last record, not the marker"
+    );
+    assert_eq!(
+        payloads(&records),
+        ["a0-x", "a0-y", "a1-x", "a1-y", "a2-x", "a2-y"]
+    );
+    assert_eq!(
+        records.iter().map(|(o, _)| *o).collect::<Vec<_>>(),
+        acknowledged,
+        "every acknowledged record at its acknowledged offset"
+    );
+    let b_offsets = b.append(&topic, 0, vec![record("b0")]).await.unwrap();
+    assert!(b_offsets[0] > a_last);
+
+    // A query node (no ownership) learns the new end from its refresher and
+    // reads everything, ending at B's record.
+    let query = open(false).await;
+    let reader = query.clone();
+    let t = topic.clone();
+    let want = b_offsets[0] + 1;
+    let (end, records) = blocking(move || {
+        let deadline = Instant::now() + BOUND;
+        let mut end = reader.end_offset(&t, 0).unwrap();
+        while end < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            end = reader.end_offset(&t, 0).unwrap();
+        }
+        (end, reader.read(&t, 0, 0, 100).unwrap())
+    })
+    .await;
+    assert_eq!(end, want);
+    assert_eq!(
+        payloads(&records),
+        ["a0-x", "a0-y", "a1-x", "a1-y", "a2-x", "a2-y", "b0"]
+    );
+    // A reader positioned after the last record is at the end: nothing to
+    // read, and no wait for offsets that only markers hold.
+    let reader = query.clone();
+    let t = topic.clone();
+    let tail = blocking(move || reader.read(&t, 0, want, 100))
+        .await
+        .unwrap();
+    assert!(tail.is_empty());
+
+    // Nothing of the zombie is in the partition at all, aborted or not.
+    let audit_brokers = brokers.clone();
+    let t = topic.clone();
+    let all = blocking(move || everything_in(&audit_brokers, &t, 0)).await;
+    assert!(
+        all.iter().all(|p| !p.starts_with("zombie")),
+        "a fenced owner's record landed: {all:?}"
+    );
+    assert_eq!(all.len(), 7);
+
+    // Given up, a partition takes no appends; taken again, it does.
+    assert!(b.release_partition(&topic, 0));
+    assert!(matches!(
+        b.append(&topic, 0, vec![record("released")]).await,
+        Err(LogError::NotOwned(_))
+    ));
+    let taking = a.clone();
+    let t = topic.clone();
+    blocking(move || taking.take_partition(&t, 0))
+        .await
+        .unwrap();
+    let again = a.append(&topic, 0, vec![record("a-again")]).await.unwrap();
+    assert!(again[0] > b_offsets[0]);
+    for log in [a, b, query] {
+        blocking(move || log.close()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_are_taken_only_in_ownership_mode() {
+    if skip_kafka() {
+        return;
+    }
+    let brokers = kafka_brokers();
+    let topic = format!("{}.account", unique_prefix());
+    let log = blocking(move || KafkaLog::open(settings(&brokers, None)).unwrap()).await;
+    assert_eq!(log.transactional_id(&topic, 0), None);
+    let t = topic.clone();
+    let taking = log.clone();
+    assert!(matches!(
+        blocking(move || taking.take_partition(&t, 0)).await,
+        Err(LogError::Invalid(_))
+    ));
+    blocking(move || log.close()).await.unwrap();
+}
