@@ -45,6 +45,9 @@ use rdkafka::producer::{FutureProducer, Producer};
 use super::{Context, KafkaLog, ms, unavailable};
 use crate::log::{LogError, Record};
 
+/// The pause between looks at librdkafka's outstanding count before a commit.
+const COMMIT_SETTLE_STEP: Duration = Duration::from_millis(1);
+
 /// One partition this node owns.
 pub(super) struct Owned {
     producer: FutureProducer<Context>,
@@ -222,6 +225,16 @@ impl KafkaLog {
                 return Err(self.abort_after(owned, topic, partition, error).await);
             }
         };
+        // rdkafka's commit first flushes, and while librdkafka still counts
+        // anything outstanding (delivery events not yet served by the
+        // producer's polling thread, the partition's registration) that
+        // flush waits in polls of up to 100 ms that the polling thread wins:
+        // a commit took about 100 ms that way. Every record is delivered by
+        // now, so wait here, briefly and off any thread, until nothing is.
+        let settle_until = Instant::now() + self.inner.settings.produce_timeout;
+        while owned.producer.in_flight_count() > 0 && Instant::now() < settle_until {
+            tokio::time::sleep(COMMIT_SETTLE_STEP).await;
+        }
         let committing = Arc::clone(owned);
         let timeout = self.inner.settings.produce_timeout;
         let committed =
