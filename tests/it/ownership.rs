@@ -3,7 +3,7 @@
 //! a query node. The fence lives in `KafkaLog` (src/kafka/owner.rs); the
 //! command-owners group that decides who takes what is not built yet.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use cqrsd::kafka::{KafkaLog, KafkaSettings};
@@ -13,7 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::harness::{kafka_brokers, skip_kafka};
+use crate::harness::{Broker, kafka_brokers, skip_kafka, tansu_bin};
 
 /// How long a test waits for something to become true before it fails.
 const BOUND: Duration = Duration::from_secs(30);
@@ -259,4 +259,155 @@ async fn partitions_are_taken_only_in_ownership_mode() {
         Err(LogError::Invalid(_))
     ));
     blocking(move || log.close()).await.unwrap();
+}
+
+/// Appends `payload` as a batch of one, taking the partition again when the
+/// log says it is no longer owned (as whoever decides ownership would, still
+/// holding it), until it is acknowledged or `BOUND` passes. Each attempt
+/// has a payload of its own. Returns the acknowledged attempt (offset and
+/// payload) and the payloads of the attempts that failed.
+async fn append_until_acknowledged(
+    log: &KafkaLog,
+    topic: &str,
+    payload: &str,
+) -> ((u64, String), Vec<String>) {
+    let deadline = Instant::now() + BOUND;
+    let mut failed = Vec::new();
+    for attempt in 0.. {
+        assert!(Instant::now() < deadline, "{payload} never acknowledged");
+        let payload = format!("{payload}-try{attempt}");
+        match log.append(topic, 0, vec![record(&payload)]).await {
+            Ok(offsets) => return ((offsets[0], payload), failed),
+            Err(LogError::NotOwned(_)) => {
+                failed.push(payload);
+                let (log, topic) = (log.clone(), topic.to_owned());
+                // The broker may still be resuming: retried by the loop.
+                let _ = blocking(move || log.take_partition(&topic, 0)).await;
+            }
+            Err(_) => failed.push(payload),
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_in_an_outage_is_decided_before_the_next_one_and_never_lands_later() {
+    if skip_kafka() {
+        return;
+    }
+    if tansu_bin().is_none() {
+        // Only reachable with KAFKA_BROKERS: an external cluster cannot be paused.
+        eprintln!(
+            "\n!!!!! SKIPPING the broker-pause ownership test: it needs the Tansu binary !!!!!\n"
+        );
+        return;
+    }
+    // A broker of its own: pausing the shared one would stall other tests.
+    let broker = Broker::start();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.account");
+    let log = {
+        let (addr, prefix, topic) = (broker.addr.clone(), prefix.clone(), topic.clone());
+        blocking(move || {
+            let log = KafkaLog::open(settings(&addr, Some(&prefix))).unwrap();
+            log.ensure_topic(&topic).unwrap();
+            log.take_partition(&topic, 0).unwrap();
+            log
+        })
+        .await
+    };
+    let mut acknowledged: Vec<(u64, String)> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    for n in 0..10 {
+        let (acked, refused) = append_until_acknowledged(&log, &topic, &format!("before{n}")).await;
+        assert!(refused.is_empty(), "{refused:?} failed with the broker up");
+        acknowledged.push(acked);
+    }
+
+    // The broker stops mid-append: the batch fails within the produce
+    // timeout, and its transaction cannot be decided until the broker is back.
+    broker.signal("STOP");
+    let outage = log.append(&topic, 0, vec![record("outage")]).await;
+    broker.signal("CONT");
+    eprintln!("the append during the outage: {outage:?}");
+    assert!(
+        outage.is_err(),
+        "an append to a stopped broker was acknowledged"
+    );
+    failed.push("outage".to_owned());
+
+    // The next append is acknowledged only once the failed one is decided
+    // (aborted, or fenced by taking the partition again); what of it is
+    // visible then is all that ever will be.
+    let ((first_after, payload), refused) = append_until_acknowledged(&log, &topic, "after0").await;
+    eprintln!("attempts refused after the outage: {refused:?}");
+    failed.extend(refused);
+    acknowledged.push((first_after, payload));
+    let reader = log.clone();
+    let t = topic.clone();
+    let visible_then: BTreeSet<String> = blocking(move || {
+        let end = reader.end_offset(&t, 0).unwrap();
+        payloads(
+            &reader
+                .read(&t, 0, 0, usize::try_from(end).unwrap())
+                .unwrap(),
+        )
+    })
+    .await
+    .into_iter()
+    .collect();
+    for n in 1..10 {
+        let (acked, refused) = append_until_acknowledged(&log, &topic, &format!("after{n}")).await;
+        failed.extend(refused);
+        acknowledged.push(acked);
+    }
+
+    // A fresh reader (no cached ends) sees every acknowledged record once,
+    // at its offset, and of the failed ones only those that were visible
+    // right after the failure, all before the first record appended after it.
+    let fresh = {
+        let (addr, prefix, topic) = (broker.addr.clone(), prefix.clone(), topic.clone());
+        blocking(move || {
+            let log = KafkaLog::open(settings(&addr, Some(&prefix))).unwrap();
+            log.ensure_topic(&topic).unwrap();
+            log
+        })
+        .await
+    };
+    let reader = fresh.clone();
+    let t = topic.clone();
+    let all = blocking(move || reader.read(&t, 0, 0, 10_000).unwrap()).await;
+    let mut by_payload: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (offset, r) in &all {
+        by_payload
+            .entry(String::from_utf8(r.value.clone()).unwrap())
+            .or_default()
+            .push(*offset);
+    }
+    assert!(
+        by_payload.values().all(|offsets| offsets.len() == 1),
+        "a record is in the log twice: {by_payload:?}"
+    );
+    for (offset, payload) in &acknowledged {
+        assert_eq!(
+            by_payload.get(payload),
+            Some(&vec![*offset]),
+            "acknowledged {payload}"
+        );
+    }
+    for payload in &failed {
+        if let Some(offsets) = by_payload.get(payload) {
+            assert!(
+                visible_then.contains(payload),
+                "the failed {payload} landed after the append that followed it"
+            );
+            assert!(
+                offsets[0] < first_after,
+                "{payload} lies after later records"
+            );
+        }
+    }
+    for log in [log, fresh] {
+        blocking(move || log.close()).await.unwrap();
+    }
 }
