@@ -58,6 +58,20 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
+/// Takes partition `partition` of `topic` for `log`, off the async workers.
+async fn take(log: &KafkaLog, topic: &str, partition: u32) -> Result<Duration, LogError> {
+    let (log, topic) = (log.clone(), topic.to_owned());
+    blocking(move || log.take_partition(&topic, partition)).await
+}
+
+/// Whether appending `payload` is refused because the partition is not owned.
+async fn not_owned(log: &KafkaLog, topic: &str, partition: u32, payload: &str) -> bool {
+    matches!(
+        log.append(topic, partition, vec![record(payload)]).await,
+        Err(LogError::NotOwned(_))
+    )
+}
+
 fn payloads(records: &[(u64, Record)]) -> Vec<String> {
     records
         .iter()
@@ -114,21 +128,11 @@ async fn a_later_owner_fences_the_earlier_one_and_every_reader_ends_at_the_last_
     let b = open(true).await;
 
     // No append before the partition is taken.
-    assert!(matches!(
-        a.append(&topic, 0, vec![record("early")]).await,
-        Err(LogError::NotOwned(_))
-    ));
-    let taking = a.clone();
-    let t = topic.clone();
-    blocking(move || taking.take_partition(&t, 0))
-        .await
-        .unwrap();
+    assert!(not_owned(&a, &topic, 0, "early").await);
+    take(&a, &topic, 0).await.unwrap();
     assert_eq!(a.owned_partitions(), vec![(topic.clone(), 0)]);
     // The other partition is not A's.
-    assert!(matches!(
-        a.append(&topic, 1, vec![record("elsewhere")]).await,
-        Err(LogError::NotOwned(_))
-    ));
+    assert!(not_owned(&a, &topic, 1, "elsewhere").await);
     let mut acknowledged = Vec::new();
     for n in 0..3 {
         let batch = vec![record(&format!("a{n}-x")), record(&format!("a{n}-y"))];
@@ -140,11 +144,7 @@ async fn a_later_owner_fences_the_earlier_one_and_every_reader_ends_at_the_last_
     let a_last = *acknowledged.last().unwrap();
 
     // B takes the partition: A is fenced, and nothing A sends lands.
-    let taking = b.clone();
-    let t = topic.clone();
-    blocking(move || taking.take_partition(&t, 0))
-        .await
-        .unwrap();
+    take(&b, &topic, 0).await.unwrap();
     for n in 0..2 {
         let refused = a
             .append(&topic, 0, vec![record(&format!("zombie{n}"))])
@@ -227,15 +227,8 @@ async fn a_later_owner_fences_the_earlier_one_and_every_reader_ends_at_the_last_
 
     // Given up, a partition takes no appends; taken again, it does.
     assert!(b.release_partition(&topic, 0));
-    assert!(matches!(
-        b.append(&topic, 0, vec![record("released")]).await,
-        Err(LogError::NotOwned(_))
-    ));
-    let taking = a.clone();
-    let t = topic.clone();
-    blocking(move || taking.take_partition(&t, 0))
-        .await
-        .unwrap();
+    assert!(not_owned(&b, &topic, 0, "released").await);
+    take(&a, &topic, 0).await.unwrap();
     let again = a.append(&topic, 0, vec![record("a-again")]).await.unwrap();
     assert!(again[0] > b_offsets[0]);
     for log in [a, b, query] {
@@ -252,10 +245,8 @@ async fn partitions_are_taken_only_in_ownership_mode() {
     let topic = format!("{}.account", unique_prefix());
     let log = blocking(move || KafkaLog::open(settings(&brokers, None)).unwrap()).await;
     assert_eq!(log.transactional_id(&topic, 0), None);
-    let t = topic.clone();
-    let taking = log.clone();
     assert!(matches!(
-        blocking(move || taking.take_partition(&t, 0)).await,
+        take(&log, &topic, 0).await,
         Err(LogError::Invalid(_))
     ));
     blocking(move || log.close()).await.unwrap();
@@ -280,9 +271,8 @@ async fn append_until_acknowledged(
             Ok(offsets) => return ((offsets[0], payload), failed),
             Err(LogError::NotOwned(_)) => {
                 failed.push(payload);
-                let (log, topic) = (log.clone(), topic.to_owned());
                 // The broker may still be resuming: retried by the loop.
-                let _ = blocking(move || log.take_partition(&topic, 0)).await;
+                let _ = take(log, topic, 0).await;
             }
             Err(_) => failed.push(payload),
         }
