@@ -1219,6 +1219,23 @@ mod tests {
     }
 
     #[test]
+    fn producer_settings_cqrsd_owns_cannot_be_passed_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "config.toml",
+            "[log]\nbackend = \"kafka\"\n[log.kafka.producer]\n\"transactional.id\" = \"mine\"\n\"acks\" = \"1\"\n",
+        );
+        let error = Config::load_with_env(Some(&file), env(&[])).unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(
+            keys.contains(&"log.kafka.producer.transactional.id"),
+            "{error}"
+        );
+        assert!(keys.contains(&"log.kafka.producer.acks"), "{error}");
+    }
+
+    #[test]
     fn projection_nice_values_outside_0_to_19_are_refused() {
         for bad in ["-5", "20"] {
             let error =

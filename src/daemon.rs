@@ -446,6 +446,8 @@ pub fn kafka_settings(kafka: &crate::config::KafkaConfig) -> KafkaSettings {
         request_timeout: Duration::from_millis(kafka.request_timeout_ms),
         producer: kafka.producer.clone(),
         consumer: kafka.consumer.clone(),
+        // One writer per partition on this node: the idempotent producer.
+        transactional_id_prefix: None,
     }
 }
 

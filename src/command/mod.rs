@@ -139,7 +139,9 @@ impl From<LogError> for CommandFailure {
     fn from(error: LogError) -> Self {
         match error {
             LogError::Closed => CommandFailure::ShuttingDown,
-            LogError::Unavailable(reason) => CommandFailure::Unavailable(reason),
+            LogError::Unavailable(reason) | LogError::NotOwned(reason) => {
+                CommandFailure::Unavailable(reason)
+            }
             LogError::Corrupt(reason) | LogError::Invalid(reason) => {
                 CommandFailure::Internal(reason)
             }

@@ -9,14 +9,17 @@
 //!   (`assign`, no group, no commits): the consumer offsets of cqrsd live
 //!   beside its data, never in Kafka.
 //! - End offsets are cached per partition in a `watch`: own appends advance
-//!   them at once, a background thread refreshes them from the high
-//!   watermark, and a partition that is unknown or whose append failed is
-//!   asked again on its next read. That authoritative answer does not trust
-//!   the high watermark alone: it also reads on past it until the partition
-//!   stays quiet (`probe_end`), because a broker may report a watermark
-//!   behind records it has already acknowledged (Tansu does; see
-//!   `examples/tansu_stale_end_offset.rs`), and a restore that stops there
-//!   would lose acknowledged commands.
+//!   them at once, a background thread reads past them for records other
+//!   nodes appended, and a partition that is unknown or whose append failed
+//!   is asked again on its next read. An end is always the offset after the
+//!   last record a reader gets, never the high watermark alone: a broker may
+//!   report a watermark behind records it has already acknowledged (Tansu
+//!   does; see `examples/tansu_stale_end_offset.rs`), and a restore that
+//!   stops there would lose acknowledged commands; and with transactions
+//!   (partition ownership, `owner.rs`) the watermark also counts the commit
+//!   markers, which no reader gets, so a reader after the last record would
+//!   never reach it. The authoritative answer reads from just before the
+//!   watermark until the partition stays quiet (`readable_end`).
 //! - Kafka has no per-aggregate index: `aggregate_records` uses the lazy
 //!   in-memory one of `log::history`, as the embedded log does. The write
 //!   side does not need it (its command store holds every aggregate's latest
@@ -40,6 +43,7 @@ use tokio::sync::watch;
 use crate::log::history::HistoryIndex;
 use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record, partition_for};
 
+mod owner;
 mod raw;
 pub use raw::RawProducer;
 
@@ -51,6 +55,7 @@ pub const ENFORCED_PRODUCER_KEYS: &[&str] = &[
     "message.timeout.ms",
     "linger.ms",
     "batch.size",
+    "transactional.id",
 ];
 /// Consumer settings cqrsd sets itself.
 pub const ENFORCED_CONSUMER_KEYS: &[&str] =
@@ -67,6 +72,10 @@ const PROBE_QUIET: Duration = Duration::from_millis(300);
 /// How long the refresher's peek past the known ends waits for a record
 /// (see [`KafkaLog::peek_past_ends`]): a few fetch round trips.
 const PEEK_QUIET: Duration = Duration::from_millis(60);
+/// How far before the reported end `authoritative_end` starts to look for
+/// the last readable record: a transaction's commit marker takes the last
+/// offset, so its last record is one before.
+const TAIL_LOOKBACK: u64 = 2;
 /// Wait between retries while librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(5);
 /// Idle consumers kept for reads.
@@ -84,6 +93,12 @@ pub struct KafkaSettings {
     pub request_timeout: Duration,
     pub producer: BTreeMap<String, String>,
     pub consumer: BTreeMap<String, String>,
+    /// With a prefix, appends go only to partitions this node has taken
+    /// ([`KafkaLog::take_partition`]), each through a transactional producer
+    /// of its own whose `transactional.id` is `<prefix>.<topic>.<partition>`,
+    /// so a later owner fences this one (see `owner.rs`). Without one, every
+    /// partition is appended to through the one idempotent producer.
+    pub transactional_id_prefix: Option<String>,
 }
 
 /// librdkafka's logs and errors, into tracing and metrics.
@@ -139,6 +154,9 @@ struct Inner {
     /// Set when a delivery failed on the producer's idempotence state
     /// (fenced, bad epoch or sequence): only a new producer gets past it.
     producer_broken: AtomicBool,
+    /// The partitions this node has taken, with their transactional
+    /// producers (only with `transactional_id_prefix`).
+    owners: Mutex<HashMap<Key, Arc<owner::Owned>>>,
 }
 
 /// A handle on the Kafka backend; cheap to clone.
@@ -208,6 +226,7 @@ impl KafkaLog {
             in_flight: AtomicI64::new(0),
             closed: AtomicBool::new(false),
             producer_broken: AtomicBool::new(false),
+            owners: Mutex::new(HashMap::new()),
         });
         // Fail at startup, with a clear message, when no broker answers.
         inner
@@ -354,12 +373,18 @@ impl KafkaLog {
         Ok(u64::try_from(high).unwrap_or(0))
     }
 
-    /// Where a partition really ends: its high watermark, or further when
-    /// records are readable past it. Blocking; takes at least `PROBE_QUIET`.
+    /// Where a partition really ends: after the last record a reader gets,
+    /// found by reading from just before the high watermark until the
+    /// partition stays quiet (further back when nothing is there). Never the
+    /// watermark alone: it may lag acknowledged records, and it counts
+    /// offsets no reader gets (transaction markers, and on Kafka aborted
+    /// records), while every reader takes the offset after the last record it
+    /// got as its position, which must then count as the end. Blocking;
+    /// takes at least `PROBE_QUIET`.
     fn authoritative_end(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
         let reported = self.fetch_end(topic, partition)?;
         let consumer = self.pooled_consumer()?;
-        let result = self.probe_end(&consumer, topic, partition, reported);
+        let result = self.readable_end(&consumer, topic, partition, reported);
         self.return_consumer(consumer);
         let end = result?;
         if end > reported {
@@ -375,19 +400,42 @@ impl KafkaLog {
         Ok(end)
     }
 
+    /// The offset after the last record readable at or before about
+    /// `reported` (or past it): looks back from `reported` in growing
+    /// windows until a window holds a record; 0 when none is readable.
+    fn readable_end(
+        &self,
+        consumer: &BaseConsumer<Context>,
+        topic: &str,
+        partition: u32,
+        reported: u64,
+    ) -> Result<u64, LogError> {
+        let mut back = TAIL_LOOKBACK;
+        loop {
+            let from = reported.saturating_sub(back);
+            if let Some(end) = self.probe_end(consumer, topic, partition, from)? {
+                return Ok(end);
+            }
+            if from == 0 {
+                return Ok(0);
+            }
+            back = back.saturating_mul(16);
+        }
+    }
+
     /// Reads from `from` until no record arrives for `PROBE_QUIET`, and
-    /// returns the offset after the last record seen (`from` when none).
+    /// returns the offset after the last record seen (`None` when none).
     fn probe_end(
         &self,
         consumer: &BaseConsumer<Context>,
         topic: &str,
         partition: u32,
         from: u64,
-    ) -> Result<u64, LogError> {
+    ) -> Result<Option<u64>, LogError> {
         assign_at(consumer, topic, partition, from)?;
         let deadline = Instant::now() + self.inner.settings.request_timeout;
         let mut quiet_until = Instant::now() + PROBE_QUIET;
-        let mut next = from;
+        let mut next = None;
         loop {
             let now = Instant::now();
             if now >= quiet_until {
@@ -412,9 +460,9 @@ impl KafkaLog {
                     let offset = u64::try_from(message.offset()).unwrap_or(0);
                     if message.topic() == topic
                         && message.partition() == partition as i32
-                        && offset >= next
+                        && offset >= next.unwrap_or(from)
                     {
-                        next = offset + 1;
+                        next = Some(offset + 1);
                         quiet_until = Instant::now() + PROBE_QUIET;
                     }
                 }
@@ -424,10 +472,12 @@ impl KafkaLog {
 
     /// Reads every partition of `keys` from its known end, all at once on one
     /// consumer, until no record arrives for `PEEK_QUIET`, and moves each end
-    /// past the records found there. On a broker whose watermark is current
-    /// (Apache Kafka) a fetch at the end returns nothing and this costs one
-    /// quiet wait. Blocking.
-    fn peek_past_ends(&self, keys: &[Key]) -> Result<(), LogError> {
+    /// past the records found there as they come. This is how a node learns
+    /// of records it did not append: the high watermarks (`reported`) are
+    /// not taken as ends, since they count offsets no reader gets (see
+    /// `authoritative_end`); an end found past its watermark counts as a
+    /// stale watermark. Blocking.
+    fn peek_past_ends(&self, keys: &[Key], reported: &HashMap<Key, u64>) -> Result<(), LogError> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -468,6 +518,7 @@ impl KafkaLog {
                     let key = (message.topic().to_owned(), partition);
                     let offset = u64::try_from(message.offset()).unwrap_or(0);
                     if known.get(&key).is_some_and(|end| offset >= *end) {
+                        self.observe_end(&key.0, partition, offset + 1, false);
                         let next = found.entry(key).or_insert(0);
                         *next = (*next).max(offset + 1);
                         quiet_until = Instant::now() + PEEK_QUIET;
@@ -476,15 +527,16 @@ impl KafkaLog {
             }
         }
         self.return_consumer(consumer);
-        for ((topic, partition), end) in found {
-            metrics::counter!("cqrsd_kafka_stale_end_offsets_total").increment(1);
-            tracing::debug!(
-                topic,
-                partition,
-                end,
-                "records found past the known end offset"
-            );
-            self.observe_end(&topic, partition, end, false);
+        for (key, end) in found {
+            if reported.get(&key).is_some_and(|high| end > *high) {
+                metrics::counter!("cqrsd_kafka_stale_end_offsets_total").increment(1);
+                tracing::debug!(
+                    topic = key.0,
+                    partition = key.1,
+                    end,
+                    "records found past the reported end offset"
+                );
+            }
         }
         result
     }
@@ -612,6 +664,9 @@ impl KafkaLog {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        if self.inner.settings.transactional_id_prefix.is_some() {
+            return self.append_owned(topic, partition, &records).await;
+        }
         let result = self.produce(topic, partition, &records).await;
         if let Err(error) = &result {
             // A failed record may still land: whoever reads this partition
@@ -663,13 +718,40 @@ impl KafkaLog {
         partition: u32,
         records: &[Record],
     ) -> Result<Vec<u64>, LogError> {
+        let producer = self.inner.producer.read().unwrap().clone();
+        let offsets = self
+            .send_batch(
+                &producer,
+                &self.inner.producer_broken,
+                topic,
+                partition,
+                records,
+            )
+            .await?;
+        if let Some(last) = offsets.last() {
+            self.observe_end(topic, partition, last + 1, false);
+        }
+        Ok(offsets)
+    }
+
+    /// Hands every record to `producer`, then waits for all delivery
+    /// reports; sets `epoch_refused` when the brokers refused the producer's
+    /// idempotence state. Publishes no end offset: a transactional caller
+    /// may only do so once its transaction is committed.
+    async fn send_batch(
+        &self,
+        producer: &FutureProducer<Context>,
+        epoch_refused: &AtomicBool,
+        topic: &str,
+        partition: u32,
+        records: &[Record],
+    ) -> Result<Vec<u64>, LogError> {
         let started = Instant::now();
         // librdkafka fails every record by message.timeout.ms; this bound
         // only guards against a lost delivery report.
         let deadline = started + self.inner.settings.produce_timeout + Duration::from_secs(1);
         let count = records.len() as i64;
         let in_flight = InFlight::new(&self.inner.in_flight, count);
-        let producer = self.inner.producer.read().unwrap().clone();
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
             let headers = record.headers.iter().fold(
@@ -738,7 +820,7 @@ impl KafkaLog {
                                 | RDKafkaErrorCode::InvalidProducerIdMapping
                         )
                     ) {
-                        self.inner.producer_broken.store(true, Ordering::Release);
+                        epoch_refused.store(true, Ordering::Release);
                     }
                     return Err(unavailable("produce", error));
                 }
@@ -746,9 +828,6 @@ impl KafkaLog {
             }
         }
         metrics::histogram!("cqrsd_kafka_produce_seconds").record(started.elapsed().as_secs_f64());
-        if let Some(last) = offsets.last() {
-            self.observe_end(topic, partition, last + 1, false);
-        }
         Ok(offsets)
     }
 
@@ -999,12 +1078,13 @@ fn refresh_ends(weak: Weak<Inner>) {
         let log = KafkaLog { inner };
         let keys: Vec<Key> = log.inner.ends.lock().unwrap().keys().cloned().collect();
         let mut reachable = true;
+        let mut reported = HashMap::with_capacity(keys.len());
         for (topic, partition) in &keys {
             match log.fetch_end(topic, *partition) {
                 Ok(end) => {
-                    // Never marks a partition fresh: after a failed append only
-                    // `end_offset`'s own settled answer does.
-                    log.observe_end(topic, *partition, end, false);
+                    // Not an end to publish (it counts transaction markers
+                    // no reader gets): the peek below moves the ends.
+                    reported.insert((topic.clone(), *partition), end);
                     metrics::gauge!("cqrsd_kafka_end_offset", "topic" => topic.clone(), "partition" => partition.to_string())
                         .set(end as f64);
                 }
@@ -1015,7 +1095,7 @@ fn refresh_ends(weak: Weak<Inner>) {
                 }
             }
         }
-        if reachable && let Err(error) = log.peek_past_ends(&keys) {
+        if reachable && let Err(error) = log.peek_past_ends(&keys, &reported) {
             tracing::debug!(%error, "peek past the end offsets failed");
         }
     }

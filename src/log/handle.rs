@@ -31,6 +31,11 @@ pub enum LogError {
     /// A request for a topic or partition that does not exist.
     #[error("invalid event log request: {0}")]
     Invalid(String),
+    /// An append to a partition this node does not own: never taken, given
+    /// up, or taken by another node, which fenced this one. Nothing of it
+    /// was written; commands answer 503 until the partition is taken again.
+    #[error("this node does not own the partition: {0}")]
+    NotOwned(String),
 }
 
 /// What a log backend provides. Blocking methods are called from blocking
