@@ -72,7 +72,9 @@ fn policy(
             Role::Query,
             query_param("aggregate").map_or(Target::EveryAggregate, Target::Aggregate),
         ),
-        "/admin/projections/{name}/rebuild" => need(Role::Admin, named("name", Target::Projection)),
+        "/admin/projections/{name}/rebuild" | "/admin/projections/{name}/position" => {
+            need(Role::Admin, named("name", Target::Projection))
+        }
         // The node's role, peers and forwards: operators only.
         "/admin/node" => need(Role::Admin, Target::Any),
         _ => need(Role::Admin, Target::Any),

@@ -71,6 +71,13 @@ pub trait Target: Send {
     fn flush(&mut self, _force: bool) -> Result<Option<Instant>, StoreError> {
         Ok(None)
     }
+    /// Moves the stored positions forward without applying what lies
+    /// between: only policies allow it (an operator's explicit skip).
+    fn move_positions(&mut self, _positions: &Positions) -> Result<(), StoreError> {
+        Err(StoreError::InvalidRequest(
+            "only a policy's position can be moved".to_owned(),
+        ))
+    }
     /// Makes this (rebuilt) generation the live one and drops the old one.
     fn promote(self: Box<Self>) -> Result<(), StoreError>;
 }

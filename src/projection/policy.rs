@@ -1,0 +1,483 @@
+//! Policies at run time (DESIGN.md §3.2): a policy is a projection whose
+//! "storage" is the write side. It runs in the projection pool like any
+//! projection — same workers, same shared reads, same positions — and its
+//! [`PolicyTarget`] turns each batch into commands, sends them through the
+//! write side's own entry point (behind [`CommandSender`]), waits for every
+//! answer, and only then commits its new positions (with what it had to
+//! quarantine) in one sled batch.
+//!
+//! Exactly once: every command carries the Idempotency-Key
+//! `policy:<name>:<event id>:<n>`, so a batch sent again after a crash is
+//! answered with the first answers and changes nothing twice. The write side
+//! does not remember rejections (a retry of a rejected command runs again),
+//! so a policy that compensates a rejection first writes the rejection
+//! durably into its own tree; after a crash it reads it back instead of
+//! sending the rejected command again, which could now succeed and leave
+//! both the effect and its compensation behind.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{BatchStats, Engine, SourceRecord, Target};
+use crate::domain::{Domain, PlannedCommand};
+use crate::log::Event;
+use crate::store::views::{ChangeSet, Generation, Positions, Quarantined};
+use crate::store::{StoreError, ViewStore};
+
+/// A command as a policy sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyCommand {
+    pub aggregate: String,
+    pub id: String,
+    pub command: String,
+    pub body: Json,
+    pub idempotency_key: String,
+    /// The correlation id of the event that caused the command, so a chain
+    /// of policies can be followed through the log.
+    pub correlation_id: Option<String>,
+    /// `policy:<name>`, recorded as the events' principal.
+    pub principal: String,
+}
+
+/// The write side's answer to one command, as a policy acts on it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendAnswer {
+    Accepted,
+    /// An answer no retry changes: the status the write side gives a client
+    /// (422 runs `on_rejected`; 400, 404 and the rest are quarantined).
+    Refused { status: u16, detail: String },
+    /// Not now: the log is unavailable, the queue full, no answer in time.
+    Retry { detail: String },
+}
+
+/// The write side's entry point as the read side reaches it: implemented
+/// where command failures get their statuses (`http`), so this module
+/// knows neither the command side nor HTTP.
+pub trait CommandSender: Send + Sync {
+    fn send(&self, command: PolicyCommand) -> Pin<Box<dyn Future<Output = SendAnswer> + Send>>;
+}
+
+/// The sender of every policy, set once the write side runs (it starts
+/// after the projection pool); until then policies wait as for a 503.
+#[derive(Clone, Default)]
+pub struct PolicySender(Arc<OnceLock<Arc<dyn CommandSender>>>);
+
+impl fmt::Debug for PolicySender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicySender")
+            .field("set", &self.0.get().is_some())
+            .finish()
+    }
+}
+
+impl PolicySender {
+    pub fn set(&self, sender: Arc<dyn CommandSender>) {
+        if self.0.set(sender).is_err() {
+            tracing::warn!("the policies' command sender was set twice; the first stays");
+        }
+    }
+
+    fn get(&self) -> Option<&Arc<dyn CommandSender>> {
+        self.0.get()
+    }
+}
+
+/// How policies retry.
+#[derive(Debug, Clone)]
+pub struct PolicyOptions {
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub sender: PolicySender,
+}
+
+impl Default for PolicyOptions {
+    fn default() -> Self {
+        PolicyOptions {
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+            sender: PolicySender::default(),
+        }
+    }
+}
+
+/// The storage of a policy: its positions, quarantine and remembered
+/// rejections in a view-store generation (documents keyed `rejected:<key>`).
+pub(super) struct PolicyEngine {
+    pub domain: Arc<Domain>,
+    pub store: ViewStore,
+    pub name: String,
+    pub options: PolicyOptions,
+    pub cancel: CancellationToken,
+}
+
+impl Engine for PolicyEngine {
+    fn open_live(&self) -> Result<Box<dyn Target>, StoreError> {
+        Ok(Box::new(PolicyTarget {
+            domain: self.domain.clone(),
+            store: self.store.clone(),
+            name: self.name.clone(),
+            generation: self.store.live(&self.name)?,
+            options: self.options.clone(),
+            cancel: self.cancel.clone(),
+        }))
+    }
+
+    fn open_rebuild(&self) -> Result<Box<dyn Target>, StoreError> {
+        Err(StoreError::InvalidRequest(format!(
+            "{} is a policy: a rebuild would send every command again",
+            self.name
+        )))
+    }
+}
+
+struct PolicyTarget {
+    domain: Arc<Domain>,
+    store: ViewStore,
+    name: String,
+    generation: Generation,
+    options: PolicyOptions,
+    cancel: CancellationToken,
+}
+
+/// A command waiting to be sent, and what it answers for.
+struct Pending {
+    /// The index of its event among the batch's matching events.
+    item: usize,
+    command: PolicyCommand,
+    /// For a `send`: its index, so a rejection can run `on_rejected`
+    /// (numbered after it); `None` for an `on_rejected` command.
+    send: Option<usize>,
+}
+
+/// One matching event of a batch.
+struct Item<'r> {
+    record: &'r SourceRecord,
+    index: usize,
+    event: &'r Event,
+    /// Why the event is quarantined, when it is.
+    failure: Option<String>,
+}
+
+fn rejection_key(idempotency_key: &str) -> String {
+    format!("rejected:{idempotency_key}")
+}
+
+impl PolicyTarget {
+    fn key(&self, event: &Event, n: usize) -> String {
+        format!("policy:{}:{}:{n}", self.name, event.event_id)
+    }
+
+    fn command(&self, event: &Event, n: usize, planned: PlannedCommand) -> PolicyCommand {
+        PolicyCommand {
+            aggregate: planned.aggregate,
+            id: planned.id,
+            command: planned.command,
+            body: planned.body,
+            idempotency_key: self.key(event, n),
+            correlation_id: event
+                .metadata
+                .correlation_id
+                .clone()
+                .or_else(|| Some(event.event_id.to_string())),
+            principal: format!("policy:{}", self.name),
+        }
+    }
+
+    fn counter(&self, outcome: &'static str, by: u64) {
+        if by > 0 {
+            metrics::counter!("cqrsd_policy_commands_total", "policy" => self.name.clone(), "outcome" => outcome)
+                .increment(by);
+        }
+    }
+
+    /// Sends a wave of commands at once and waits for every answer, sending
+    /// again (same keys) those the write side could not take, with
+    /// exponential backoff. Rejections remembered from an earlier try are
+    /// answered from the store. Fails only when the pool stops meanwhile:
+    /// nothing is committed then, and the next start sends the batch again.
+    fn send_wave(&self, wave: &[Pending]) -> Result<Vec<SendAnswer>, StoreError> {
+        let mut answers: Vec<Option<SendAnswer>> = Vec::with_capacity(wave.len());
+        for pending in wave {
+            let remembered = match pending.send {
+                Some(_) => self
+                    .generation
+                    .doc(&rejection_key(&pending.command.idempotency_key))?,
+                None => None,
+            };
+            answers.push(remembered.map(|rejection| SendAnswer::Refused {
+                status: rejection["status"]
+                    .as_u64()
+                    .and_then(|s| u16::try_from(s).ok())
+                    .unwrap_or(422),
+                detail: rejection["detail"].as_str().unwrap_or_default().to_owned(),
+            }));
+        }
+        let mut backoff = self.options.retry_min;
+        loop {
+            let todo: Vec<usize> = (0..wave.len()).filter(|i| answers[*i].is_none()).collect();
+            if todo.is_empty() {
+                break;
+            }
+            let mut last_reason = String::new();
+            match self.options.sender.get() {
+                None => last_reason = "the write side is not running yet".to_owned(),
+                Some(sender) => {
+                    let sends = futures::future::join_all(
+                        todo.iter().map(|i| sender.send(wave[*i].command.clone())),
+                    );
+                    let stopping = std::pin::pin!(self.cancel.cancelled());
+                    let outcome =
+                        futures::executor::block_on(futures::future::select(sends, stopping));
+                    let futures::future::Either::Left((results, _)) = outcome else {
+                        return Err(StoreError::Unavailable(
+                            "the projection pool is stopping".to_owned(),
+                        ));
+                    };
+                    let mut retried = 0;
+                    for (i, answer) in todo.iter().zip(results) {
+                        match answer {
+                            SendAnswer::Retry { detail } => {
+                                retried += 1;
+                                last_reason = detail;
+                            }
+                            answer => answers[*i] = Some(answer),
+                        }
+                    }
+                    self.counter("retried", retried);
+                    if retried == 0 {
+                        break;
+                    }
+                }
+            }
+            tracing::warn!(policy = %self.name, reason = %last_reason, wait_ms = backoff.as_millis() as u64,
+                "the write side cannot take the policy's commands now; sending them again");
+            if self.sleep(backoff) {
+                return Err(StoreError::Unavailable(
+                    "the projection pool is stopping".to_owned(),
+                ));
+            }
+            backoff = (backoff * 2).min(self.options.retry_max);
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or(SendAnswer::Accepted))
+            .collect())
+    }
+
+    /// Sleeps for `wait` on this (worker) thread, waking early at shutdown.
+    /// Returns whether the pool is stopping.
+    fn sleep(&self, wait: Duration) -> bool {
+        let until = std::time::Instant::now() + wait;
+        const SLICE: Duration = Duration::from_millis(20);
+        loop {
+            if self.cancel.is_cancelled() {
+                return true;
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::sleep(left.min(SLICE));
+        }
+    }
+}
+
+impl Target for PolicyTarget {
+    fn positions(&self) -> Result<Positions, StoreError> {
+        self.generation.positions()
+    }
+
+    fn quarantine_count(&self) -> Result<u64, StoreError> {
+        self.generation.quarantine_count()
+    }
+
+    fn apply(
+        &mut self,
+        records: &[SourceRecord],
+        positions: &Positions,
+    ) -> Result<BatchStats, StoreError> {
+        let domain = self.domain.clone();
+        let policy = domain
+            .policy(&self.name)
+            .ok_or_else(|| StoreError::InvalidRequest(format!("no policy {}", self.name)))?;
+        let mut stats = BatchStats::default();
+        let mut quarantined: Vec<Quarantined> = Vec::new();
+        let quarantine = |quarantined: &mut Vec<Quarantined>,
+                          record: &SourceRecord,
+                          index: usize,
+                          event: Option<&Event>,
+                          reason: String| {
+            tracing::warn!(policy = %self.name, topic = %record.topic, partition = record.partition,
+                offset = record.offset, index, %reason, "event quarantined");
+            quarantined.push(Quarantined {
+                topic: record.topic.clone(),
+                partition: record.partition,
+                offset: record.offset,
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                event: event.and_then(|e| serde_json::to_value(e).ok()),
+                reason,
+            });
+        };
+        let mut items: Vec<Item<'_>> = Vec::new();
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        for record in records {
+            let events = match &record.events {
+                Ok(events) => events,
+                Err(reason) => {
+                    stats.events += 1;
+                    quarantine(&mut quarantined, record, 0, None, reason.clone());
+                    continue;
+                }
+            };
+            for (index, event) in events.iter().enumerate() {
+                if !policy.handles(&event.event_type) {
+                    continue;
+                }
+                stats.events += 1;
+                match policy.plan(&event.as_input(), &event.aggregate_type) {
+                    Ok(commands) => {
+                        let item = items.len();
+                        items.push(Item {
+                            record,
+                            index,
+                            event,
+                            failure: None,
+                        });
+                        for (n, planned) in commands.into_iter().enumerate() {
+                            pending.push_back(Pending {
+                                item,
+                                command: self.command(event, n, planned),
+                                send: Some(n),
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        quarantine(&mut quarantined, record, index, Some(event), error.to_string());
+                    }
+                }
+            }
+        }
+        while !pending.is_empty() {
+            // A wave is the longest run of commands to distinct aggregates:
+            // they go out together, while commands to one aggregate keep the
+            // order of their events.
+            let mut targets = HashSet::new();
+            let mut wave = Vec::new();
+            while let Some(front) = pending.front() {
+                if !targets.insert((front.command.aggregate.clone(), front.command.id.clone())) {
+                    break;
+                }
+                wave.extend(pending.pop_front());
+            }
+            let answers = self.send_wave(&wave)?;
+            let mut remember = ChangeSet::default();
+            let mut compensations: Vec<Pending> = Vec::new();
+            let (mut sent, mut rejected) = (0, 0);
+            for (done, answer) in wave.into_iter().zip(answers) {
+                let item = &mut items[done.item];
+                let c = &done.command;
+                match answer {
+                    SendAnswer::Accepted => sent += 1,
+                    SendAnswer::Refused { status, detail } => {
+                        rejected += 1;
+                        match done.send {
+                            Some(i) if status == 422 && policy.has_on_rejected() => {
+                                let rejection = json!({
+                                    "status": status,
+                                    "detail": detail,
+                                    "aggregate": c.aggregate,
+                                    "id": c.id,
+                                    "command": c.command,
+                                });
+                                match policy.plan_rejected(
+                                    &item.event.as_input(),
+                                    &item.event.aggregate_type,
+                                    &rejection,
+                                ) {
+                                    Ok(commands) => {
+                                        let base = policy.sends() + i * policy.rejected_sends();
+                                        for (j, planned) in commands.into_iter().enumerate() {
+                                            compensations.push(Pending {
+                                                item: done.item,
+                                                command: self.command(item.event, base + j, planned),
+                                                send: None,
+                                            });
+                                        }
+                                    }
+                                    Err(error) => {
+                                        item.failure.get_or_insert(error.to_string());
+                                    }
+                                }
+                                remember.docs.insert(
+                                    rejection_key(&c.idempotency_key),
+                                    (None, Some(rejection)),
+                                );
+                            }
+                            _ => {
+                                item.failure.get_or_insert(format!(
+                                    "{} {}/{} was refused with {status}: {detail}",
+                                    c.command, c.aggregate, c.id
+                                ));
+                            }
+                        }
+                    }
+                    SendAnswer::Retry { .. } => {}
+                }
+            }
+            self.counter("sent", sent);
+            self.counter("rejected", rejected);
+            if !remember.docs.is_empty() {
+                // Durable before any compensation is sent (see the module doc).
+                self.generation.commit(&remember)?;
+                self.store.flush()?;
+            }
+            // A compensation goes before the commands of later events.
+            for compensation in compensations.into_iter().rev() {
+                pending.push_front(compensation);
+            }
+        }
+        for item in items {
+            if let Some(reason) = item.failure {
+                quarantine(
+                    &mut quarantined,
+                    item.record,
+                    item.index,
+                    Some(item.event),
+                    reason,
+                );
+            }
+        }
+        stats.quarantined = quarantined.len() as u64;
+        self.counter("quarantined", stats.quarantined);
+        let changes = ChangeSet {
+            quarantined,
+            positions: positions.clone(),
+            ..ChangeSet::default()
+        };
+        self.generation.commit(&changes)?;
+        Ok(stats)
+    }
+
+    fn move_positions(&mut self, positions: &Positions) -> Result<(), StoreError> {
+        self.generation.commit(&ChangeSet {
+            positions: positions.clone(),
+            ..ChangeSet::default()
+        })?;
+        // An operator's skip is meant to hold across a crash.
+        self.store.flush()
+    }
+
+    fn promote(self: Box<Self>) -> Result<(), StoreError> {
+        Err(StoreError::InvalidRequest(format!(
+            "{} is a policy: it is never rebuilt",
+            self.name
+        )))
+    }
+}
