@@ -108,8 +108,12 @@ pub struct ProjectionHandle {
     wake: Arc<Notify>,
     /// An operator's request to move a policy's positions forward, for its
     /// worker to carry out between batches.
-    moves: Mutex<Option<MoveRequest>>,
+    moves: PendingMove,
 }
+
+/// Where a move request waits; shared with a policy's target, whose retries
+/// give way to it.
+pub(crate) type PendingMove = Arc<Mutex<Option<MoveRequest>>>;
 
 /// A request to move a policy's positions forward, and where to answer.
 #[derive(Debug)]
@@ -243,8 +247,12 @@ impl ProjectionPool {
             };
             engines.push((name, kind, engine));
         }
+        let mut pending_moves: BTreeMap<String, PendingMove> = BTreeMap::new();
         for policy in domain.policies() {
+            let moves = PendingMove::default();
+            pending_moves.insert(policy.name().to_owned(), moves.clone());
             let engine = policy::PolicyEngine {
+                moves,
                 domain: domain.clone(),
                 store: store.clone(),
                 name: policy.name().to_owned(),
@@ -279,7 +287,7 @@ impl ProjectionPool {
                 }),
                 rebuild_requested: AtomicBool::new(false),
                 wake: wakes[next].clone(),
-                moves: Mutex::new(None),
+                moves: pending_moves.remove(name).unwrap_or_default(),
             });
             // Readiness waits for the ends seen now: catching up with events
             // appended later is the ordinary lag, shown by metrics.

@@ -115,6 +115,8 @@ pub(super) struct PolicyEngine {
     pub name: String,
     pub options: PolicyOptions,
     pub cancel: CancellationToken,
+    /// An operator's request to move the position: retries give way to it.
+    pub moves: super::PendingMove,
 }
 
 impl Engine for PolicyEngine {
@@ -126,6 +128,7 @@ impl Engine for PolicyEngine {
             generation: self.store.live(&self.name)?,
             options: self.options.clone(),
             cancel: self.cancel.clone(),
+            moves: self.moves.clone(),
         }))
     }
 
@@ -144,6 +147,7 @@ struct PolicyTarget {
     generation: Generation,
     options: PolicyOptions,
     cancel: CancellationToken,
+    moves: super::PendingMove,
 }
 
 /// A command waiting to be sent, and what it answers for.
@@ -258,10 +262,8 @@ impl PolicyTarget {
             }
             tracing::warn!(policy = %self.name, reason = %last_reason, wait_ms = backoff.as_millis() as u64,
                 "the write side cannot take the policy's commands now; sending them again");
-            if self.sleep(backoff) {
-                return Err(StoreError::Unavailable(
-                    "the projection pool is stopping".to_owned(),
-                ));
+            if let Some(reason) = self.sleep(backoff) {
+                return Err(StoreError::Unavailable(reason.to_owned()));
             }
             backoff = (backoff * 2).min(self.options.retry_max);
         }
@@ -271,18 +273,28 @@ impl PolicyTarget {
             .collect())
     }
 
-    /// Sleeps for `wait` on this (worker) thread, waking early at shutdown.
-    /// Returns whether the pool is stopping.
-    fn sleep(&self, wait: Duration) -> bool {
+    /// Sleeps for `wait` on this (worker) thread, waking early at shutdown
+    /// or when an operator asks to move the position (the batch is given up
+    /// uncommitted, so the worker can carry the move out: a policy stuck on
+    /// an event is what a move is for). Returns why it woke early.
+    fn sleep(&self, wait: Duration) -> Option<&'static str> {
         let until = std::time::Instant::now() + wait;
         const SLICE: Duration = Duration::from_millis(20);
         loop {
             if self.cancel.is_cancelled() {
-                return true;
+                return Some("the projection pool is stopping");
+            }
+            let move_waiting = self
+                .moves
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .is_some();
+            if move_waiting {
+                return Some("retries given up for a request to move the position");
             }
             let left = until.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return false;
+                return None;
             }
             std::thread::sleep(left.min(SLICE));
         }

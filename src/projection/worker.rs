@@ -831,7 +831,7 @@ mod tests {
             }),
             rebuild_requested: std::sync::atomic::AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
-            moves: Mutex::new(None),
+            moves: Default::default(),
         });
         let seen = Seen::default();
         let target = FakeTarget {

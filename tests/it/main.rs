@@ -17,6 +17,7 @@ mod dispatch;
 mod kafka;
 mod openapi_contract;
 mod operations;
+mod policies;
 mod priority;
 mod projection_admin;
 mod projection_crash;
