@@ -229,7 +229,8 @@ fn check(config_path: Option<&Path>) -> ExitCode {
     };
     match Domain::from_toml_str(&source) {
         Ok(domain) => {
-            if let Err(message) = crate::daemon::check_policies_fit_role(&domain, config.node.role) {
+            if let Err(message) = crate::daemon::check_policies_fit_role(&domain, config.node.role)
+            {
                 eprintln!("invalid configuration for domain {domain_name}: {message}");
                 return ExitCode::from(2);
             }

@@ -138,7 +138,11 @@ impl Problems {
     }
 
     /// Deserializes one item, recording serde's complaint at its place.
-    pub(crate) fn item<T: DeserializeOwned>(&mut self, place: &str, value: toml::Value) -> Option<T> {
+    pub(crate) fn item<T: DeserializeOwned>(
+        &mut self,
+        place: &str,
+        value: toml::Value,
+    ) -> Option<T> {
         match value.try_into::<T>() {
             Ok(item) => Some(item),
             Err(error) => {
@@ -173,7 +177,12 @@ impl Problems {
         }
     }
 
-    pub(crate) fn expr(&mut self, place: &str, source: &str, allowed: &[Var]) -> Option<Expression> {
+    pub(crate) fn expr(
+        &mut self,
+        place: &str,
+        source: &str,
+        allowed: &[Var],
+    ) -> Option<Expression> {
         match Expression::compile(source, allowed) {
             Ok(e) => Some(e),
             Err(reason) => {
@@ -294,7 +303,8 @@ pub(crate) fn load(source: &str) -> Result<Loaded, Vec<DomainError>> {
             search.sources = sources;
         }
     }
-    let policies = super::policy_load::load_policies(&mut p, file.policies, &aggregates, &projections);
+    let policies =
+        super::policy_load::load_policies(&mut p, file.policies, &aggregates, &projections);
     if p.0.is_empty() {
         Ok((aggregates, projections, policies))
     } else {

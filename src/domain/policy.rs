@@ -90,10 +90,12 @@ impl Policy {
             ..Vars::default()
         };
         if let Some(when) = &self.when {
-            let go = when.eval_bool(&vars).map_err(|reason| ApplyError::Evaluation {
-                place: format!("policies.{}.when", self.name),
-                reason,
-            })?;
+            let go = when
+                .eval_bool(&vars)
+                .map_err(|reason| ApplyError::Evaluation {
+                    place: format!("policies.{}.when", self.name),
+                    reason,
+                })?;
             if !go {
                 return Ok(Vec::new());
             }

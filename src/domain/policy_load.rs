@@ -174,7 +174,12 @@ fn load_sends(
     out
 }
 
-fn load_body(p: &mut Problems, place: &str, table: toml::Table, vars: &[Var]) -> Vec<(String, Body)> {
+fn load_body(
+    p: &mut Problems,
+    place: &str,
+    table: toml::Table,
+    vars: &[Var],
+) -> Vec<(String, Body)> {
     let mut out = Vec::new();
     for (field, value) in table {
         let at = format!("{place}.{field}");

@@ -68,13 +68,22 @@ fn a_policy_plans_its_sends_and_its_compensation() {
     );
     // `when` says no: nothing is sent.
     let none = json!({"item": "apple", "qty": 0, "customer": "ada"});
-    let event = EventInput { data: &none, ..event };
+    let event = EventInput {
+        data: &none,
+        ..event
+    };
     assert_eq!(policy.plan(&event, "order").unwrap(), []);
     // An id that is not a string or an integer is an error with its place.
     let odd = json!({"item": ["apple"], "qty": 1, "customer": "ada"});
-    let event = EventInput { data: &odd, ..event };
+    let event = EventInput {
+        data: &odd,
+        ..event
+    };
     let error = policy.plan(&event, "order").unwrap_err().to_string();
-    assert!(error.starts_with("policies.reserve_stock.send[0].id"), "{error}");
+    assert!(
+        error.starts_with("policies.reserve_stock.send[0].id"),
+        "{error}"
+    );
 }
 
 #[test]

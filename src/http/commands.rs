@@ -364,9 +364,9 @@ impl crate::projection::CommandSender for PolicyCommands {
         };
         let commands = self.commands.clone();
         let timeout = self.timeout;
-        let task = self.runtime.spawn(async move {
-            tokio::time::timeout(timeout, commands.execute(request)).await
-        });
+        let task = self
+            .runtime
+            .spawn(async move { tokio::time::timeout(timeout, commands.execute(request)).await });
         Box::pin(async move {
             match task.await {
                 Ok(Ok(Ok(_reply))) => SendAnswer::Accepted,

@@ -242,6 +242,14 @@ mod tests {
             need(Role::Admin, Target::Any)
         );
         assert_eq!(
+            policy_of(
+                "/admin/projections/{name}/position",
+                &[("name", "reserve_stock")],
+                &[]
+            ),
+            need(Role::Admin, Target::Projection("reserve_stock".into()))
+        );
+        assert_eq!(
             policy_of("/some/new/route", &[], &[]),
             need(Role::Admin, Target::Any)
         );

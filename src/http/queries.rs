@@ -462,9 +462,9 @@ async fn move_policy_position(
     })?;
     let mut positions = crate::store::views::Positions::new();
     for (key, offset) in request.positions {
-        let parsed = key
-            .rsplit_once(':')
-            .and_then(|(topic, partition)| Some((topic.to_owned(), partition.parse::<u32>().ok()?)));
+        let parsed = key.rsplit_once(':').and_then(|(topic, partition)| {
+            Some((topic.to_owned(), partition.parse::<u32>().ok()?))
+        });
         let Some(key) = parsed else {
             return Err(QueryError::BadParameter(format!(
                 "{key:?} is not \"<topic>:<partition>\""

@@ -52,9 +52,14 @@ pub enum SendAnswer {
     Accepted,
     /// An answer no retry changes: the status the write side gives a client
     /// (422 runs `on_rejected`; 400, 404 and the rest are quarantined).
-    Refused { status: u16, detail: String },
+    Refused {
+        status: u16,
+        detail: String,
+    },
     /// Not now: the log is unavailable, the queue full, no answer in time.
-    Retry { detail: String },
+    Retry {
+        detail: String,
+    },
 }
 
 /// The write side's entry point as the read side reaches it: implemented
@@ -215,12 +220,14 @@ impl PolicyTarget {
                     .doc(&rejection_key(&pending.command.idempotency_key))?,
                 None => None,
             };
-            answers.push(remembered.map(|rejection| SendAnswer::Refused {
-                status: rejection["status"]
-                    .as_u64()
-                    .and_then(|s| u16::try_from(s).ok())
-                    .unwrap_or(422),
-                detail: rejection["detail"].as_str().unwrap_or_default().to_owned(),
+            answers.push(remembered.map(|rejection| {
+                SendAnswer::Refused {
+                    status: rejection["status"]
+                        .as_u64()
+                        .and_then(|s| u16::try_from(s).ok())
+                        .unwrap_or(422),
+                    detail: rejection["detail"].as_str().unwrap_or_default().to_owned(),
+                }
             }));
         }
         let mut backoff = self.options.retry_min;
@@ -371,7 +378,13 @@ impl Target for PolicyTarget {
                         }
                     }
                     Err(error) => {
-                        quarantine(&mut quarantined, record, index, Some(event), error.to_string());
+                        quarantine(
+                            &mut quarantined,
+                            record,
+                            index,
+                            Some(event),
+                            error.to_string(),
+                        );
                     }
                 }
             }
@@ -418,7 +431,11 @@ impl Target for PolicyTarget {
                                         for (j, planned) in commands.into_iter().enumerate() {
                                             compensations.push(Pending {
                                                 item: done.item,
-                                                command: self.command(item.event, base + j, planned),
+                                                command: self.command(
+                                                    item.event,
+                                                    base + j,
+                                                    planned,
+                                                ),
                                                 send: None,
                                             });
                                         }

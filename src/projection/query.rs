@@ -59,7 +59,9 @@ pub enum QueryError {
         "{0:?} is a policy: a rebuild would read its sources from the start and send every command again; move its position forward instead (POST /admin/projections/{0}/position)"
     )]
     PolicyNotRebuildable(String),
-    #[error("{0:?} is not a policy: only a policy's position can be moved (a projection would miss the events it skips)")]
+    #[error(
+        "{0:?} is not a policy: only a policy's position can be moved (a projection would miss the events it skips)"
+    )]
     NotAPolicy(String),
     #[error("the read models are unavailable: {0}")]
     Unavailable(String),

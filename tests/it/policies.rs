@@ -61,11 +61,7 @@ async fn ok(http: &reqwest::Client, base: &str, path: &str, body: Value) -> Valu
 
 /// Waits until every listed order has left `placed`: the chain (or its
 /// compensation) has run for each. Returns their final states.
-async fn settled(
-    http: &reqwest::Client,
-    base: &str,
-    orders: &[String],
-) -> BTreeMap<String, Value> {
+async fn settled(http: &reqwest::Client, base: &str, orders: &[String]) -> BTreeMap<String, Value> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let mut states = BTreeMap::new();
@@ -170,17 +166,26 @@ async fn check_balances(
         }
     }
     for (item, restock) in restocked {
-        let (state, _) = aggregate(http, base, &format!("item/{item}")).await.unwrap();
+        let (state, _) = aggregate(http, base, &format!("item/{item}"))
+            .await
+            .unwrap();
         let reserved = confirmed_qty.get(item).copied().unwrap_or(0);
         assert_eq!(
             state["reserved"].as_i64().unwrap(),
             reserved,
             "{item}: reserved stock differs from the confirmed orders' quantities"
         );
-        assert_eq!(state["stock"].as_i64().unwrap(), restock - reserved, "{item}");
+        assert_eq!(
+            state["stock"].as_i64().unwrap(),
+            restock - reserved,
+            "{item}"
+        );
         let events = history(http, base, &format!("item/{item}")).await;
         assert_dense_versions(&events, item);
-        let reserved_events = events.iter().filter(|e| e["type"] == "StockReserved").count();
+        let reserved_events = events
+            .iter()
+            .filter(|e| e["type"] == "StockReserved")
+            .count();
         assert_eq!(
             reserved_events,
             reservations.get(item).copied().unwrap_or(0),
@@ -197,7 +202,13 @@ async fn the_chain_completes_and_a_short_reservation_cancels_its_order(backend: 
         .into_iter()
         .collect();
     for (item, qty) in &restocked {
-        ok(&http, &base, &format!("item/{item}/restock"), json!({"qty": qty})).await;
+        ok(
+            &http,
+            &base,
+            &format!("item/{item}/restock"),
+            json!({"qty": qty}),
+        )
+        .await;
     }
     let mut orders = Vec::new();
     for n in 0..10 {
@@ -272,14 +283,18 @@ async fn the_chain_completes_and_a_short_reservation_cancels_its_order(backend: 
         .await
         .unwrap();
     assert!(
-        metrics.lines().any(|l| l.starts_with("cqrsd_policy_commands_total")
-            && l.contains("policy=\"reserve_stock\"")
-            && l.contains("outcome=\"rejected\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cqrsd_policy_commands_total")
+                && l.contains("policy=\"reserve_stock\"")
+                && l.contains("outcome=\"rejected\"")),
         "no rejected counter in the metrics"
     );
     assert!(
-        metrics.lines().any(|l| l.starts_with("cqrsd_projection_lag")
-            && l.contains("projection=\"confirm_order\"")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cqrsd_projection_lag")
+                && l.contains("projection=\"confirm_order\"")),
         "no lag gauge for a policy"
     );
 }
@@ -301,7 +316,13 @@ async fn policies_survive_sigkill_mid_batch_exactly_once(backend: Backend) {
     let mut restocked = BTreeMap::new();
     for n in 0..CRASH_ITEMS {
         let item = format!("item{n}");
-        ok(&http, &base, &format!("item/{item}/restock"), json!({"qty": 1_000_000})).await;
+        ok(
+            &http,
+            &base,
+            &format!("item/{item}/restock"),
+            json!({"qty": 1_000_000}),
+        )
+        .await;
         restocked.insert(item, 1_000_000i64);
     }
     // Clients place orders until the daemon dies under them.
@@ -338,7 +359,10 @@ async fn policies_survive_sigkill_mid_batch_exactly_once(backend: Backend) {
     loop {
         let report = get_json(&http, &format!("{base}/admin/projections")).await;
         if lag(&report, "reserve_stock") > 0
-            && entry(&report, "confirm_order")["events_total"].as_u64().unwrap() > 0
+            && entry(&report, "confirm_order")["events_total"]
+                .as_u64()
+                .unwrap()
+                > 0
         {
             break;
         }
@@ -364,7 +388,10 @@ async fn policies_survive_sigkill_mid_batch_exactly_once(backend: Backend) {
     for (c, tried) in tried.iter().enumerate() {
         for n in 0..=*tried {
             let id = format!("o{c}-{n}");
-            if aggregate(&http, &base, &format!("order/{id}")).await.is_some() {
+            if aggregate(&http, &base, &format!("order/{id}"))
+                .await
+                .is_some()
+            {
                 orders.push(id);
             }
         }
@@ -386,7 +413,13 @@ async fn a_policy_is_never_rebuilt_and_its_position_moves_only_forward(backend: 
     let daemon = start(backend, "\n[projections]\nbatch_size = 1\n");
     daemon.ready().await;
     let (http, base) = (client(), daemon.url(""));
-    ok(&http, &base, "item/apple/restock", json!({"qty": 1_000_000})).await;
+    ok(
+        &http,
+        &base,
+        "item/apple/restock",
+        json!({"qty": 1_000_000}),
+    )
+    .await;
 
     let rebuild = http
         .post(format!("{base}/admin/projections/reserve_stock/rebuild"))
@@ -449,12 +482,20 @@ async fn a_policy_is_never_rebuilt_and_its_position_moves_only_forward(backend: 
         assert_eq!(moved["positions"][partition], json!(next), "{moved}");
     }
     // The skipped orders were never reserved: they stay placed for good.
-    ok(&http, &base, "order/after/place", json!({"item": "apple", "qty": 1, "customer": "c"})).await;
+    ok(
+        &http,
+        &base,
+        "order/after/place",
+        json!({"item": "apple", "qty": 1, "customer": "c"}),
+    )
+    .await;
     settled(&http, &base, &["after".to_owned()]).await;
     policies_caught_up(&http, &base).await;
     let mut skipped = 0;
     for id in &placed {
-        let (state, _) = aggregate(&http, &base, &format!("order/{id}")).await.unwrap();
+        let (state, _) = aggregate(&http, &base, &format!("order/{id}"))
+            .await
+            .unwrap();
         match state["status"].as_str().unwrap() {
             "placed" => skipped += 1,
             "confirmed" => {}
@@ -468,7 +509,10 @@ async fn a_policy_is_never_rebuilt_and_its_position_moves_only_forward(backend: 
         "only the orders the policy did not skip reserved stock"
     );
     eprintln!("{skipped} of {} orders skipped", placed.len());
-    assert!(skipped > 0, "the policy had passed every order before the move");
+    assert!(
+        skipped > 0,
+        "the policy had passed every order before the move"
+    );
 
     // Backwards, an unknown partition, past the end, a malformed body: 400,
     // and nothing moves.
@@ -495,7 +539,7 @@ async fn a_policy_is_never_rebuilt_and_its_position_moves_only_forward(backend: 
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["topic"] == topic && p["partition"].to_string() == number)
+        .find(|p| p["topic"] == topic && p["partition"].as_u64() == number.parse().ok())
         .unwrap();
     assert!(position["position"].as_u64().unwrap() >= *next, "{policy}");
     // SIGTERM still stops it cleanly (exit 0, asserted by restart).
@@ -527,4 +571,32 @@ async fn policies_survive_sigkill_mid_batch_exactly_once_kafka() {
         return;
     }
     policies_survive_sigkill_mid_batch_exactly_once(Backend::Kafka).await
+}
+
+/// A query node has no write side to send through: `cqrsd check` (and
+/// `serve`) refuse a domain with policies there, and say why; the same
+/// domain checks fine on an `all` node.
+#[test]
+fn policies_are_refused_on_a_query_node() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.toml"), shop()).unwrap();
+    let config = dir.path().join("config.toml");
+    let all = "[domain]\npath = \"shop.toml\"\n";
+    std::fs::write(&config, all).unwrap();
+    let check = ["check", "--config", crate::harness::path_str(&config)];
+    let (code, stdout, stderr) = crate::harness::run_cli(&check, dir.path());
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("3 policies"), "{stdout}");
+    let query = format!(
+        "{all}{}[node]\nrole = \"query\"\nadvertise_url = \"http://127.0.0.1:9\"\npeers = [\"http://127.0.0.1:10\"]\n",
+        crate::harness::kafka_config("127.0.0.1:9")
+    );
+    std::fs::write(&config, query).unwrap();
+    let (code, stdout, stderr) = crate::harness::run_cli(&check, dir.path());
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("confirm_order, request_payment, reserve_stock")
+            && stderr.contains("role = \"query\""),
+        "{stderr}"
+    );
 }
