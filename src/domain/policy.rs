@@ -81,14 +81,7 @@ impl Policy {
         event: &EventInput<'_>,
         aggregate_type: &str,
     ) -> Result<Vec<PlannedCommand>, ApplyError> {
-        let vars = Vars {
-            event: Some(EventVar {
-                input: *event,
-                aggregate_type,
-            }),
-            id: Some(event.aggregate_id),
-            ..Vars::default()
-        };
+        let vars = event_vars(event, aggregate_type, None);
         if let Some(when) = &self.when {
             let go = when
                 .eval_bool(&vars)
@@ -112,15 +105,7 @@ impl Policy {
         aggregate_type: &str,
         rejection: &Json,
     ) -> Result<Vec<PlannedCommand>, ApplyError> {
-        let vars = Vars {
-            event: Some(EventVar {
-                input: *event,
-                aggregate_type,
-            }),
-            id: Some(event.aggregate_id),
-            rejection: Some(rejection),
-            ..Vars::default()
-        };
+        let vars = event_vars(event, aggregate_type, Some(rejection));
         self.evaluate("on_rejected", &self.on_rejected, &vars)
     }
 
@@ -161,6 +146,24 @@ impl Policy {
                 })
             })
             .collect()
+    }
+}
+
+/// A policy's variables: the event (with its aggregate id as `id`) and, in
+/// `on_rejected`, the rejection.
+fn event_vars<'a>(
+    event: &EventInput<'a>,
+    aggregate_type: &'a str,
+    rejection: Option<&'a Json>,
+) -> Vars<'a> {
+    Vars {
+        event: Some(EventVar {
+            input: *event,
+            aggregate_type,
+        }),
+        id: Some(event.aggregate_id),
+        rejection,
+        ..Vars::default()
     }
 }
 

@@ -328,21 +328,15 @@ impl Target for PolicyTarget {
             .ok_or_else(|| StoreError::InvalidRequest(format!("no policy {}", self.name)))?;
         let mut stats = BatchStats::default();
         let mut quarantined: Vec<Quarantined> = Vec::new();
+        let name = self.name.clone();
         let quarantine = |quarantined: &mut Vec<Quarantined>,
                           record: &SourceRecord,
                           index: usize,
                           event: Option<&Event>,
                           reason: String| {
-            tracing::warn!(policy = %self.name, topic = %record.topic, partition = record.partition,
-                offset = record.offset, index, %reason, "event quarantined");
-            quarantined.push(Quarantined {
-                topic: record.topic.clone(),
-                partition: record.partition,
-                offset: record.offset,
-                index: u32::try_from(index).unwrap_or(u32::MAX),
-                event: event.and_then(|e| serde_json::to_value(e).ok()),
-                reason,
-            });
+            quarantined.push(super::engine::quarantined(
+                &name, record, index, event, reason,
+            ));
         };
         let mut items: Vec<Item<'_>> = Vec::new();
         let mut pending: VecDeque<Pending> = VecDeque::new();

@@ -16,6 +16,7 @@ use crate::harness::{
     Backend, Process, ProcessOptions, assert_dense_versions, client, command, expect_problem,
     get_json, repo_file,
 };
+use crate::projection_crash::{projection as entry, total_lag as lag};
 
 fn shop() -> String {
     std::fs::read_to_string(repo_file("examples/shop.toml")).unwrap()
@@ -85,24 +86,6 @@ async fn settled(http: &reqwest::Client, base: &str, orders: &[String]) -> BTree
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn entry<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["projections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap_or_else(|| panic!("{name} missing from {report}"))
-}
-
-fn lag(report: &Value, name: &str) -> u64 {
-    entry(report, name)["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["lag"].as_u64().unwrap())
-        .sum()
 }
 
 /// Waits until no policy lags (once the chain has settled, nothing new is
