@@ -211,14 +211,19 @@ impl PolicyTarget {
     /// exponential backoff. Rejections remembered from an earlier try are
     /// answered from the store. Fails only when the pool stops meanwhile:
     /// nothing is committed then, and the next start sends the batch again.
-    fn send_wave(&self, wave: &[Pending]) -> Result<Vec<SendAnswer>, StoreError> {
+    fn send_wave(
+        &self,
+        wave: &[Pending],
+        compensates: bool,
+    ) -> Result<Vec<SendAnswer>, StoreError> {
         let mut answers: Vec<Option<SendAnswer>> = Vec::with_capacity(wave.len());
         for pending in wave {
+            // Only a policy with `on_rejected` stores rejections.
             let remembered = match pending.send {
-                Some(_) => self
+                Some(_) if compensates => self
                     .generation
                     .doc(&rejection_key(&pending.command.idempotency_key))?,
-                None => None,
+                _ => None,
             };
             answers.push(remembered.map(|rejection| {
                 SendAnswer::Refused {
@@ -395,7 +400,7 @@ impl Target for PolicyTarget {
                 }
                 wave.extend(pending.pop_front());
             }
-            let answers = self.send_wave(&wave)?;
+            let answers = self.send_wave(&wave, policy.has_on_rejected())?;
             let mut remember = ChangeSet::default();
             let mut compensations: Vec<Pending> = Vec::new();
             let (mut sent, mut rejected) = (0, 0);
@@ -502,5 +507,207 @@ impl Target for PolicyTarget {
             "{} is a policy: it is never rebuilt",
             self.name
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    const SHOP: &str = include_str!("../../examples/shop.toml");
+
+    /// A write side that answers from a script (per command name, in turn;
+    /// then `Accepted`) and notes every command it is sent.
+    #[derive(Default)]
+    struct Scripted {
+        answers: Mutex<Vec<(String, SendAnswer)>>,
+        sent: Mutex<Vec<PolicyCommand>>,
+    }
+
+    impl CommandSender for Scripted {
+        fn send(&self, command: PolicyCommand) -> Pin<Box<dyn Future<Output = SendAnswer> + Send>> {
+            let mut answers = self.answers.lock().unwrap();
+            let answer = match answers
+                .iter()
+                .position(|(name, _)| *name == command.command)
+            {
+                Some(i) => answers.remove(i).1,
+                None => SendAnswer::Accepted,
+            };
+            self.sent.lock().unwrap().push(command);
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn placed(order: &str) -> SourceRecord {
+        let mut event = crate::bench::target::bench_event(
+            order,
+            1,
+            "OrderPlaced",
+            0,
+            json!({"item": "apple", "qty": 2, "customer": "c"}),
+        );
+        event.aggregate_type = "order".to_owned();
+        SourceRecord {
+            topic: "cqrsd.order".to_owned(),
+            partition: 0,
+            offset: 0,
+            events: Ok(vec![event]),
+        }
+    }
+
+    fn target(
+        store: &ViewStore,
+        sender: Arc<Scripted>,
+        cancel: &CancellationToken,
+    ) -> Box<dyn Target> {
+        let options = PolicyOptions {
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(4),
+            sender: PolicySender::default(),
+        };
+        options.sender.set(sender);
+        PolicyEngine {
+            domain: Arc::new(Domain::from_toml_str(SHOP).unwrap()),
+            store: store.clone(),
+            name: "reserve_stock".to_owned(),
+            options,
+            cancel: cancel.clone(),
+            moves: Default::default(),
+        }
+        .open_live()
+        .unwrap()
+    }
+
+    fn positions(next: u64) -> Positions {
+        [(("cqrsd.order".to_owned(), 0), next)]
+            .into_iter()
+            .collect()
+    }
+
+    fn commands(sender: &Scripted) -> Vec<(String, String)> {
+        sender
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| (c.command.clone(), c.idempotency_key.clone()))
+            .collect()
+    }
+
+    /// A rejection runs `on_rejected` and is remembered: the same batch
+    /// applied again (a crash before the commit, here a second generation
+    /// handle on the same store) does not send the rejected command again,
+    /// though the write side would now accept it, and sends the
+    /// compensation again with its same key.
+    #[test]
+    fn a_compensated_rejection_is_remembered_across_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ViewStore::open(dir.path()).unwrap();
+        let cancel = CancellationToken::new();
+        let sender = Arc::new(Scripted::default());
+        sender.answers.lock().unwrap().push((
+            "reserve".to_owned(),
+            SendAnswer::Refused {
+                status: 422,
+                detail: "not enough stock".to_owned(),
+            },
+        ));
+        let record = placed("o-1");
+        let mut first = target(&store, sender.clone(), &cancel);
+        let stats = first
+            .apply(std::slice::from_ref(&record), &positions(1))
+            .unwrap();
+        assert_eq!((stats.events, stats.quarantined), (1, 0));
+        let sent = commands(&sender);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert_eq!(sent[0].0, "reserve");
+        assert!(sent[0].1.ends_with(":0"), "{sent:?}");
+        assert_eq!(sent[1].0, "cancel");
+        assert!(sent[1].1.ends_with(":1"), "{sent:?}");
+        let cancel_body = sender.sent.lock().unwrap()[1].body.clone();
+        assert_eq!(cancel_body, json!({"reason": "not enough stock"}));
+
+        let mut replay = target(&store, sender.clone(), &cancel);
+        replay
+            .apply(std::slice::from_ref(&record), &positions(1))
+            .unwrap();
+        let sent = commands(&sender);
+        assert_eq!(sent.len(), 3, "{sent:?}");
+        assert_eq!(sent[2], sent[1], "only the compensation is sent again");
+        assert_eq!(replay.positions().unwrap(), positions(1));
+    }
+
+    /// A 503 is sent again (same key) until it is answered; a 404 is
+    /// quarantined with its reason; the position moves in both cases only
+    /// after the answers.
+    #[test]
+    fn unavailable_is_retried_and_a_refusal_without_compensation_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ViewStore::open(dir.path()).unwrap();
+        let cancel = CancellationToken::new();
+        let sender = Arc::new(Scripted::default());
+        for _ in 0..3 {
+            sender.answers.lock().unwrap().push((
+                "reserve".to_owned(),
+                SendAnswer::Retry {
+                    detail: "the event log is unavailable".to_owned(),
+                },
+            ));
+        }
+        let mut policy = target(&store, sender.clone(), &cancel);
+        let stats = policy.apply(&[placed("o-1")], &positions(1)).unwrap();
+        assert_eq!(stats.quarantined, 0);
+        let sent = commands(&sender);
+        assert_eq!(sent.len(), 4, "three tries refused, the fourth answered");
+        assert!(sent.iter().all(|c| c == &sent[0]), "same key every time");
+
+        sender.answers.lock().unwrap().push((
+            "reserve".to_owned(),
+            SendAnswer::Refused {
+                status: 404,
+                detail: "no such aggregate".to_owned(),
+            },
+        ));
+        // reserve_stock has on_rejected, but only a 422 runs it.
+        let stats = policy.apply(&[placed("o-2")], &positions(2)).unwrap();
+        assert_eq!(stats.quarantined, 1);
+        assert_eq!(policy.quarantine_count().unwrap(), 1);
+        assert_eq!(policy.positions().unwrap(), positions(2));
+    }
+
+    /// Shutdown while retrying gives the batch up: nothing is committed,
+    /// so the next start sends it again.
+    #[test]
+    fn shutdown_while_retrying_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ViewStore::open(dir.path()).unwrap();
+        let cancel = CancellationToken::new();
+        let sender = Arc::new(Scripted::default());
+        for _ in 0..1000 {
+            sender.answers.lock().unwrap().push((
+                "reserve".to_owned(),
+                SendAnswer::Retry {
+                    detail: "full".to_owned(),
+                },
+            ));
+        }
+        let mut policy = target(&store, sender.clone(), &cancel);
+        let stopper = {
+            let cancel = cancel.clone();
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                while sender.sent.lock().unwrap().len() < 3 {
+                    std::thread::yield_now();
+                }
+                cancel.cancel();
+            })
+        };
+        let result = policy.apply(&[placed("o-1")], &positions(1));
+        stopper.join().unwrap();
+        assert!(result.is_err());
+        assert_eq!(policy.positions().unwrap(), Positions::new());
     }
 }
