@@ -583,3 +583,34 @@ fn policies_are_refused_on_a_query_node() {
         "{stderr}"
     );
 }
+
+/// The offline rebuild refuses a policy too, and says what to do instead.
+#[test]
+fn the_offline_rebuild_refuses_a_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("shop.toml"), shop()).unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[domain]\npath = \"shop.toml\"\n[storage]\ndata_dir = \"{}\"\n",
+            crate::harness::path_str(&dir.path().join("data"))
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = crate::harness::run_cli(
+        &[
+            "projections",
+            "rebuild",
+            "reserve_stock",
+            "--config",
+            crate::harness::path_str(&config),
+        ],
+        dir.path(),
+    );
+    assert_ne!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("is a policy") && stderr.contains("/position"),
+        "{stderr}"
+    );
+}
