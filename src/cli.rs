@@ -229,10 +229,16 @@ fn check(config_path: Option<&Path>) -> ExitCode {
     };
     match Domain::from_toml_str(&source) {
         Ok(domain) => {
+            if let Err(message) = crate::daemon::check_policies_fit_role(&domain, config.node.role)
+            {
+                eprintln!("invalid configuration for domain {domain_name}: {message}");
+                return ExitCode::from(2);
+            }
             println!(
-                "configuration OK; domain {domain_name}: {} aggregate(s), {} projection(s)",
+                "configuration OK; domain {domain_name}: {} aggregate(s), {} projection(s), {} policies",
                 domain.aggregates().count(),
-                domain.projections().count()
+                domain.projections().count(),
+                domain.policies().count()
             );
             ExitCode::SUCCESS
         }

@@ -281,6 +281,15 @@ pub struct ProjectionsConfig {
     pub search_writer_mib: usize,
     /// Indexing threads of each search index's writer.
     pub search_writer_threads: usize,
+    /// The first wait, in milliseconds, before a policy sends again a
+    /// command the write side could not take (503, a full queue, a timeout);
+    /// each further try waits twice as long, up to `policy_retry_max_ms`.
+    pub policy_retry_min_ms: u64,
+    /// The longest wait between two tries of a policy's command.
+    pub policy_retry_max_ms: u64,
+    /// Longest a policy waits for the answer to one command before it
+    /// counts as a timeout (and is sent again, with the same key).
+    pub policy_send_timeout_ms: u64,
 }
 
 impl ProjectionsConfig {
@@ -308,6 +317,9 @@ impl Default for ProjectionsConfig {
             cache_mib: 128,
             search_writer_mib: 64,
             search_writer_threads: 1,
+            policy_retry_min_ms: 100,
+            policy_retry_max_ms: 10_000,
+            policy_send_timeout_ms: 10_000,
         }
     }
 }
@@ -593,6 +605,33 @@ impl Config {
                 format!(
                     "{} ms is more than the limit of 60000 (one minute)",
                     self.projections.batch_max_ms
+                ),
+            );
+        }
+        // A policy's backoff doubles from its minimum to its maximum; zero
+        // would retry in a busy loop, and beyond ten minutes the lag of a
+        // waiting policy would look like a stall.
+        let (retry_min, retry_max) = (
+            self.projections.policy_retry_min_ms,
+            self.projections.policy_retry_max_ms,
+        );
+        if !(1..=600_000).contains(&retry_min) {
+            problem(
+                "projections.policy_retry_min_ms",
+                format!("{retry_min} ms is not from 1 to 600000"),
+            );
+        } else if !(retry_min..=600_000).contains(&retry_max) {
+            problem(
+                "projections.policy_retry_max_ms",
+                format!("{retry_max} ms is not from policy_retry_min_ms ({retry_min}) to 600000"),
+            );
+        }
+        if !(1..=600_000).contains(&self.projections.policy_send_timeout_ms) {
+            problem(
+                "projections.policy_send_timeout_ms",
+                format!(
+                    "{} ms is not from 1 to 600000",
+                    self.projections.policy_send_timeout_ms
                 ),
             );
         }
@@ -1298,6 +1337,21 @@ mod tests {
         assert_eq!(
             keys(&[("CQRSD__PROJECTIONS__SEARCH_WRITER_THREADS", "0")]),
             ["projections.search_writer_threads"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__POLICY_RETRY_MIN_MS", "0")]),
+            ["projections.policy_retry_min_ms"]
+        );
+        assert_eq!(
+            keys(&[
+                ("CQRSD__PROJECTIONS__POLICY_RETRY_MIN_MS", "500"),
+                ("CQRSD__PROJECTIONS__POLICY_RETRY_MAX_MS", "100"),
+            ]),
+            ["projections.policy_retry_max_ms"]
+        );
+        assert_eq!(
+            keys(&[("CQRSD__PROJECTIONS__POLICY_SEND_TIMEOUT_MS", "0")]),
+            ["projections.policy_send_timeout_ms"]
         );
         // 15 MB per thread at least: 4 threads need more than 32 MiB.
         assert_eq!(

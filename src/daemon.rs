@@ -138,6 +138,10 @@ impl Daemon {
         tracing::info!(%role, peers = config.node.peers.len(), "node role");
         // A command node opens no view store and no search index: its read
         // side is its peers' (DESIGN.md §7).
+        check_policies_fit_role(&domain, role).map_err(|message| anyhow::anyhow!(message))?;
+        // Policies send through the write side, which starts after the pool:
+        // they wait (as for a 503) until it is set below.
+        let policy_sender = crate::projection::PolicySender::default();
         let projections = if role.runs(Side::Query) {
             let views = ViewStore::open(data_dir).with_context(|| {
                 format!(
@@ -152,6 +156,11 @@ impl Daemon {
                     batch_time: Duration::from_millis(config.projections.batch_max_ms),
                     nice: config.projections.nice,
                     engine: config.projections.engine_settings(),
+                    policies: crate::projection::PolicyOptions {
+                        retry_min: Duration::from_millis(config.projections.policy_retry_min_ms),
+                        retry_max: Duration::from_millis(config.projections.policy_retry_max_ms),
+                        sender: policy_sender.clone(),
+                    },
                 },
                 domain.clone(),
                 log.clone(),
@@ -194,6 +203,11 @@ impl Daemon {
                 tracker: &tracker,
                 health: &health,
             });
+            policy_sender.set(Arc::new(http::commands::PolicyCommands::new(
+                commands.clone(),
+                command.handle().clone(),
+                Duration::from_millis(config.projections.policy_send_timeout_ms),
+            )));
             let (command_routes, command_api) = http::commands::routes(commands);
             routes.merge(ApiRoutes {
                 command: command_routes,
@@ -498,6 +512,22 @@ pub fn rebuild_projection(
 
 /// Loads and compiles the configured domain; every problem is reported at
 /// once, here at startup, never at the first request.
+/// Policies run on the read side and send through the local write side, so
+/// they need a node that runs both (`all`); a command node runs no read
+/// side and so no policies. A query node would have to send its policies'
+/// commands over the edge, which is not built: refused here, with a clear
+/// message, by `cqrsd check` and at startup.
+pub fn check_policies_fit_role(domain: &Domain, role: crate::node::Role) -> Result<(), String> {
+    let policies: Vec<&str> = domain.policies().map(|p| p.name()).collect();
+    if !policies.is_empty() && role.runs(Side::Query) && !role.runs(Side::Command) {
+        return Err(format!(
+            "the domain declares policies ({}), which send commands through this node's own write side; a node with [node] role = \"{role}\" has none. Run the policies on a node with role \"all\"",
+            policies.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 pub fn load_domain(config: &Config) -> anyhow::Result<Domain> {
     let source = config.domain_source()?;
     Domain::from_toml_str(&source)

@@ -10,6 +10,7 @@
 //! front end uses `anyhow` as `cli` and `daemon` do.
 
 pub mod load;
+mod policy;
 mod scenarios;
 pub mod target;
 
@@ -37,6 +38,9 @@ pub enum Scenario {
     Rebuild,
     /// Commands/s on Kafka next to a raw librdkafka producer on the same broker.
     Kafka,
+    /// Orders/s through the shop's policy chain next to orders/s without
+    /// policies (not part of `all`).
+    Policy,
     /// Every scenario above, in that order.
     All,
 }
@@ -52,6 +56,7 @@ impl Scenario {
             Scenario::Restart => "restart",
             Scenario::Rebuild => "rebuild",
             Scenario::Kafka => "kafka",
+            Scenario::Policy => "policy",
             Scenario::All => "all",
         }
     }

@@ -53,16 +53,19 @@ fn generator_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Where a command-side scenario runs: the daemon given by `--url`, or a
 /// fresh in-process one on a temporary directory.
-struct Setup {
-    http: Http,
+pub(super) struct Setup {
+    pub(super) http: Http,
     local: Option<Local>,
     _dir: Option<tempfile::TempDir>,
     /// Unique per run, so accounts of earlier runs on a `--url` daemon never collide.
-    prefix: String,
+    pub(super) prefix: String,
 }
 
 impl Setup {
-    fn start(options: &Options, adjust: impl FnOnce(&mut Config)) -> anyhow::Result<Setup> {
+    pub(super) fn start(
+        options: &Options,
+        adjust: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Setup> {
         let prefix = format!(
             "b{}",
             std::time::SystemTime::now()
@@ -118,10 +121,19 @@ impl Setup {
         }
     }
 
+    /// Stops an in-process daemon, measuring nothing (for domains other
+    /// than the bank, whose `account` topic the footprint reads).
+    pub(super) fn stop(self) -> anyhow::Result<()> {
+        if let Some(local) = self.local {
+            local.stop()?;
+        }
+        Ok(())
+    }
+
     /// Stops an in-process daemon and adds its footprint to `report`:
     /// peak and current RSS of this process, and the data directory's
     /// allocated bytes per byte of event payload in the log.
-    fn finish(self, report: &mut Report) -> anyhow::Result<()> {
+    pub(super) fn finish(self, report: &mut Report) -> anyhow::Result<()> {
         if let Some(local) = self.local {
             let topic = local.log.topic("account");
             let log = local.log.clone();
@@ -396,6 +408,7 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
             Ok(report)
         }
         Scenario::Kafka => kafka(options, &runtime),
+        Scenario::Policy => super::policy::run(options, &runtime),
         Scenario::Projection | Scenario::Restart | Scenario::Rebuild | Scenario::All => {
             bail!("{} is not a single command-side scenario", scenario.name())
         }

@@ -270,6 +270,7 @@ fn eval<'a>(node: &'a Node, vars: &'a Vars<'_>) -> Eval<'a> {
             Var::Command => from_ref(vars.command.ok_or(Miss::Error)?),
             Var::Doc => from_ref(vars.doc.ok_or(Miss::Error)?),
             Var::Meta => from_ref(vars.meta.ok_or(Miss::Error)?),
+            Var::Rejection => from_ref(vars.rejection.ok_or(Miss::Error)?),
             Var::Event => V::Event(vars.event.as_ref().ok_or(Miss::Error)?),
             Var::Id => V::Str(Cow::Borrowed(vars.id.ok_or(Miss::Error)?)),
             Var::Now => V::Ts(vars.now.ok_or(Miss::Error)?.fixed_offset()),

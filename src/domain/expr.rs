@@ -68,10 +68,12 @@ pub(crate) enum Var {
     Id,
     Meta,
     Now,
+    /// A policy's answer to a rejected send (`on_rejected` only).
+    Rejection,
 }
 
 impl Var {
-    pub(crate) const ALL: [Var; 7] = [
+    pub(crate) const ALL: [Var; 8] = [
         Var::State,
         Var::Command,
         Var::Event,
@@ -79,6 +81,7 @@ impl Var {
         Var::Id,
         Var::Meta,
         Var::Now,
+        Var::Rejection,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -90,6 +93,7 @@ impl Var {
             Var::Id => "id",
             Var::Meta => "meta",
             Var::Now => "now",
+            Var::Rejection => "rejection",
         }
     }
 }
@@ -107,6 +111,7 @@ pub(crate) struct Vars<'a> {
     pub id: Option<&'a str>,
     pub meta: Option<&'a Json>,
     pub now: Option<DateTime<Utc>>,
+    pub rejection: Option<&'a Json>,
     /// The variables converted for cel, filled on first use: leave it at its
     /// default.
     pub cel_cache: OnceCell<CelVars>,
@@ -129,6 +134,7 @@ pub(crate) struct CelVars {
     id: Option<Value>,
     meta: Option<Value>,
     now: Option<Value>,
+    rejection: Option<Value>,
 }
 
 impl Vars<'_> {
@@ -141,6 +147,7 @@ impl Vars<'_> {
             id: self.id.map(|id| Value::String(Arc::new(id.to_owned()))),
             meta: self.meta.map(from_json),
             now: self.now.map(timestamp),
+            rejection: self.rejection.map(from_json),
         })
     }
 }
@@ -273,6 +280,7 @@ impl Expression {
                 (Var::Id, &vars.id),
                 (Var::Meta, &vars.meta),
                 (Var::Now, &vars.now),
+                (Var::Rejection, &vars.rejection),
             ];
             for (var, value) in bindings {
                 if let Some(value) = value {

@@ -11,6 +11,7 @@ use serde_json::Value as Json;
 use super::aggregate::{Aggregate, Command, EVENT_META_FIELDS, Emit, EventHandler, Rule};
 use super::error::DomainError;
 use super::expr::{Expression, Var};
+use super::policy::Policy;
 use super::projection::{
     AggregationDef, Measure, MeasureKind, Projection, ProjectionKind, SearchDef, SearchFieldKind,
     ViewDef, ViewHandler,
@@ -31,6 +32,8 @@ struct RawFile {
     aggregates: toml::Table,
     #[serde(default)]
     projections: toml::Table,
+    #[serde(default)]
+    policies: toml::Table,
 }
 
 #[derive(Deserialize)]
@@ -130,12 +133,16 @@ struct RawSearch {
 pub(crate) struct Problems(pub(crate) Vec<DomainError>);
 
 impl Problems {
-    fn add(&mut self, place: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn add(&mut self, place: impl Into<String>, reason: impl Into<String>) {
         self.0.push(DomainError::new(place, reason));
     }
 
     /// Deserializes one item, recording serde's complaint at its place.
-    fn item<T: DeserializeOwned>(&mut self, place: &str, value: toml::Value) -> Option<T> {
+    pub(crate) fn item<T: DeserializeOwned>(
+        &mut self,
+        place: &str,
+        value: toml::Value,
+    ) -> Option<T> {
         match value.try_into::<T>() {
             Ok(item) => Some(item),
             Err(error) => {
@@ -158,7 +165,7 @@ impl Problems {
         }
     }
 
-    fn name(&mut self, place: &str, name: &str) -> bool {
+    pub(crate) fn name(&mut self, place: &str, name: &str) -> bool {
         if is_name(name) {
             true
         } else {
@@ -170,7 +177,12 @@ impl Problems {
         }
     }
 
-    fn expr(&mut self, place: &str, source: &str, allowed: &[Var]) -> Option<Expression> {
+    pub(crate) fn expr(
+        &mut self,
+        place: &str,
+        source: &str,
+        allowed: &[Var],
+    ) -> Option<Expression> {
         match Expression::compile(source, allowed) {
             Ok(e) => Some(e),
             Err(reason) => {
@@ -197,7 +209,11 @@ fn line_col(source: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-pub(crate) type Loaded = (BTreeMap<String, Aggregate>, BTreeMap<String, Projection>);
+pub(crate) type Loaded = (
+    BTreeMap<String, Aggregate>,
+    BTreeMap<String, Projection>,
+    BTreeMap<String, Policy>,
+);
 
 pub(crate) fn load(source: &str) -> Result<Loaded, Vec<DomainError>> {
     let mut p = Problems::default();
@@ -287,8 +303,10 @@ pub(crate) fn load(source: &str) -> Result<Loaded, Vec<DomainError>> {
             search.sources = sources;
         }
     }
+    let policies =
+        super::policy_load::load_policies(&mut p, file.policies, &aggregates, &projections);
     if p.0.is_empty() {
-        Ok((aggregates, projections))
+        Ok((aggregates, projections, policies))
     } else {
         Err(p.0)
     }
@@ -457,7 +475,7 @@ fn load_aggregate(
 }
 
 /// Checks `source` and returns the events the source aggregates emit.
-fn sources_events(
+pub(crate) fn sources_events(
     p: &mut Problems,
     place: &str,
     sources: &[String],

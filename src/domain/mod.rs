@@ -7,10 +7,14 @@ mod compiled;
 mod error;
 mod expr;
 mod load;
+mod policy;
+mod policy_load;
 mod projection;
 
 #[cfg(test)]
 mod compiled_tests;
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;
 
@@ -24,6 +28,7 @@ pub use expr::{
     MAX_AST_DEPTH, MAX_BRACKET_DEPTH, MAX_CONCAT_LEN, MAX_EXPRESSION_LEN, MAX_ITERATIONS,
     MAX_RESULT_BYTES,
 };
+pub use policy::{PlannedCommand, Policy};
 pub use projection::{
     AggregationDef, AggregationInput, Measure, MeasureKind, Projection, ProjectionKind, SearchDef,
     SearchFieldKind, ViewChange, ViewDef,
@@ -38,16 +43,18 @@ pub const EXAMPLE_DOMAIN: &str = include_str!("../../examples/bank.toml");
 pub struct Domain {
     aggregates: BTreeMap<String, Aggregate>,
     projections: BTreeMap<String, Projection>,
+    policies: BTreeMap<String, Policy>,
 }
 
 impl Domain {
     /// Parses, validates and compiles a domain file. Returns all problems at
     /// once, each with its place.
     pub fn from_toml_str(source: &str) -> Result<Domain, DomainErrors> {
-        let (aggregates, projections) = load::load(source).map_err(DomainErrors)?;
+        let (aggregates, projections, policies) = load::load(source).map_err(DomainErrors)?;
         Ok(Domain {
             aggregates,
             projections,
+            policies,
         })
     }
 
@@ -65,5 +72,13 @@ impl Domain {
 
     pub fn projections(&self) -> impl Iterator<Item = &Projection> {
         self.projections.values()
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.get(name)
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values()
     }
 }

@@ -319,3 +319,75 @@ async fn get_events(
         next_from_version: history.next_from_version,
     }))
 }
+
+/// The write side's entry point for policies (`projection::CommandSender`):
+/// the same `CommandSide::execute` the command route calls, so a policy's
+/// command goes through the same validation, rules and idempotency as a
+/// client's; run on the command runtime, its failure given the status a
+/// client would see.
+pub struct PolicyCommands {
+    commands: CommandSide,
+    runtime: tokio::runtime::Handle,
+    timeout: std::time::Duration,
+}
+
+impl PolicyCommands {
+    pub fn new(
+        commands: CommandSide,
+        runtime: tokio::runtime::Handle,
+        timeout: std::time::Duration,
+    ) -> Self {
+        PolicyCommands {
+            commands,
+            runtime,
+            timeout,
+        }
+    }
+}
+
+impl crate::projection::CommandSender for PolicyCommands {
+    fn send(
+        &self,
+        command: crate::projection::PolicyCommand,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = crate::projection::SendAnswer> + Send>>
+    {
+        use crate::projection::SendAnswer;
+        let request = CommandRequest {
+            aggregate: command.aggregate,
+            id: command.id,
+            command: command.command,
+            body: command.body,
+            idempotency_key: Some(command.idempotency_key),
+            expected: None,
+            correlation_id: command.correlation_id,
+            principal: Some(command.principal),
+        };
+        let commands = self.commands.clone();
+        let timeout = self.timeout;
+        let task = self
+            .runtime
+            .spawn(async move { tokio::time::timeout(timeout, commands.execute(request)).await });
+        Box::pin(async move {
+            match task.await {
+                Ok(Ok(Ok(_reply))) => SendAnswer::Accepted,
+                Ok(Ok(Err(failure))) => {
+                    let status = super::problem::command_status(&failure);
+                    let detail = failure.to_string();
+                    // The write side's own trouble (503, 500) may pass; the
+                    // rest is the command's and stays.
+                    if status >= 500 {
+                        SendAnswer::Retry { detail }
+                    } else {
+                        SendAnswer::Refused { status, detail }
+                    }
+                }
+                Ok(Err(_elapsed)) => SendAnswer::Retry {
+                    detail: format!("no answer within {} ms", timeout.as_millis()),
+                },
+                Err(join) => SendAnswer::Retry {
+                    detail: format!("the command task ended early: {join}"),
+                },
+            }
+        })
+    }
+}

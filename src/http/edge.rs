@@ -71,7 +71,7 @@ const COMMAND_ROUTES: [(MethodFilter, &str); 3] = [
     (MethodFilter::GET, "/aggregates/{aggregate}/{id}"),
     (MethodFilter::GET, "/aggregates/{aggregate}/{id}/events"),
 ];
-const QUERY_ROUTES: [(MethodFilter, &str); 7] = [
+const QUERY_ROUTES: [(MethodFilter, &str); 8] = [
     (MethodFilter::GET, "/views/{view}"),
     (MethodFilter::GET, "/views/{view}/{key}"),
     (MethodFilter::GET, "/aggregations/{name}"),
@@ -79,6 +79,7 @@ const QUERY_ROUTES: [(MethodFilter, &str); 7] = [
     (MethodFilter::GET, "/events/stream"),
     (MethodFilter::GET, "/admin/projections"),
     (MethodFilter::POST, "/admin/projections/{name}/rebuild"),
+    (MethodFilter::POST, "/admin/projections/{name}/position"),
 ];
 
 /// Why a request could not be forwarded.

@@ -72,7 +72,9 @@ fn policy(
             Role::Query,
             query_param("aggregate").map_or(Target::EveryAggregate, Target::Aggregate),
         ),
-        "/admin/projections/{name}/rebuild" => need(Role::Admin, named("name", Target::Projection)),
+        "/admin/projections/{name}/rebuild" | "/admin/projections/{name}/position" => {
+            need(Role::Admin, named("name", Target::Projection))
+        }
         // The node's role, peers and forwards: operators only.
         "/admin/node" => need(Role::Admin, Target::Any),
         _ => need(Role::Admin, Target::Any),
@@ -238,6 +240,14 @@ mod tests {
         assert_eq!(
             policy_of("/admin/node", &[], &[]),
             need(Role::Admin, Target::Any)
+        );
+        assert_eq!(
+            policy_of(
+                "/admin/projections/{name}/position",
+                &[("name", "reserve_stock")],
+                &[]
+            ),
+            need(Role::Admin, Target::Projection("reserve_stock".into()))
         );
         assert_eq!(
             policy_of("/some/new/route", &[], &[]),

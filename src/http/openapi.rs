@@ -27,6 +27,7 @@ const AGGREGATION: &str = "/aggregations/{name}";
 const SEARCH: &str = "/search/{name}";
 const STREAM: &str = "/events/stream";
 const REBUILD: &str = "/admin/projections/{name}/rebuild";
+const MOVE_POSITION: &str = "/admin/projections/{name}/position";
 
 /// Query parameters the search route reads itself: a search field of one of
 /// these names cannot be used as a filter, so it gets no parameter.
@@ -84,6 +85,16 @@ pub(crate) fn describe_domain(document: &mut Value, domain: &Domain) {
             let names: Vec<&str> = domain.projections().map(|p| p.name()).collect();
             if !names.is_empty() {
                 set_parameter_schema(rebuild, "name", json!({"type": "string", "enum": names}));
+            }
+        }
+        // Only a policy's position moves.
+        if let Some(moves) = paths
+            .get_mut(MOVE_POSITION)
+            .and_then(|item| item.get_mut("post"))
+        {
+            let names: Vec<&str> = domain.policies().map(|p| p.name()).collect();
+            if !names.is_empty() {
+                set_parameter_schema(moves, "name", json!({"type": "string", "enum": names}));
             }
         }
         paths.append(&mut out.paths);

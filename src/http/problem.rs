@@ -232,6 +232,13 @@ fn edge_problem(error: &super::edge::EdgeError, detail: String) -> Problem {
 }
 
 /// The statuses of the write side's failures (DESIGN.md §4).
+/// The status a client would get for a command failure: what a policy acts
+/// on (`rejection.status`, retry or quarantine), so policies and clients
+/// see the same answers.
+pub(crate) fn command_status(failure: &CommandFailure) -> u16 {
+    command_problem(failure, String::new()).status
+}
+
 fn command_problem(failure: &CommandFailure, detail: String) -> Problem {
     match failure {
         CommandFailure::UnknownAggregate(_)
@@ -338,7 +345,10 @@ fn query_problem(error: &crate::projection::QueryError, detail: String) -> Probl
                 })
                 .collect(),
         ),
-        Q::RebuildRunning(_) | Q::NotRebuildable(_) => {
+        Q::RebuildRunning(_)
+        | Q::NotRebuildable(_)
+        | Q::PolicyNotRebuildable(_)
+        | Q::NotAPolicy(_) => {
             Problem::from_status(StatusCode::CONFLICT, detail)
         }
         Q::Unavailable(_) => Problem::typed(

@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{OpenApi, ToSchema};
 
@@ -36,7 +36,8 @@ struct QueryState {
         list_view,
         get_aggregation,
         admin_projections,
-        rebuild_projection
+        rebuild_projection,
+        move_policy_position
     ),
     components(schemas(
         ViewDocument,
@@ -47,7 +48,8 @@ struct QueryState {
         PartitionInfo,
         QuarantinedEvent,
         RebuildInfo,
-        RebuildAccepted
+        RebuildAccepted,
+        PolicyPositions
     ))
 )]
 struct QueryApi;
@@ -66,6 +68,10 @@ pub fn query_routes(models: ReadModels, consistency_timeout: Duration) -> ApiRou
         .route(
             "/admin/projections/{name}/rebuild",
             post(rebuild_projection),
+        )
+        .route(
+            "/admin/projections/{name}/position",
+            post(move_policy_position),
         )
         .with_state(state);
     ApiRoutes {
@@ -412,4 +418,80 @@ async fn rebuild_projection(
         }),
     )
         .into_response())
+}
+
+/// Longest the position route waits for the policy's worker, which carries
+/// the move out between two batches (a batch may be waiting for the write
+/// side).
+const MOVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A policy's positions: `"<topic>:<partition>"` → the next offset to read,
+/// as `/admin/projections` reports them.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PolicyPositions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy: Option<String>,
+    #[schema(value_type = Object)]
+    positions: std::collections::BTreeMap<String, u64>,
+}
+
+/// Moves a policy's position forward: the events before the new position
+/// are skipped, their commands never sent. A policy is never rebuilt (that
+/// would send every command again); this is how an operator makes it pass
+/// events it should not act on. Partitions not named stay where they are.
+#[utoipa::path(post, path = "/admin/projections/{name}/position", tag = "admin", operation_id = "movePolicyPosition",
+    params(("name" = String, Path, description = "The policy")),
+    request_body(content = PolicyPositions, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The policy's positions after the move", body = PolicyPositions),
+        (status = 400, description = "Malformed body, an unknown partition, a position behind the policy's or past the end of the log", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such policy", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A projection, not a policy", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The policy's worker did not get to it in time", body = Problem, content_type = "application/problem+json")
+    ))]
+async fn move_policy_position(
+    State(state): State<QueryState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<PolicyPositions>, ApiError> {
+    let request: PolicyPositions = serde_json::from_slice(&body).map_err(|error| {
+        QueryError::BadParameter(format!(
+            "the body must be {{\"positions\": {{\"<topic>:<partition>\": <next offset>}}}}: {error}"
+        ))
+    })?;
+    let mut positions = crate::store::views::Positions::new();
+    for (key, offset) in request.positions {
+        let parsed = key.rsplit_once(':').and_then(|(topic, partition)| {
+            Some((topic.to_owned(), partition.parse::<u32>().ok()?))
+        });
+        let Some(key) = parsed else {
+            return Err(QueryError::BadParameter(format!(
+                "{key:?} is not \"<topic>:<partition>\""
+            ))
+            .into());
+        };
+        positions.insert(key, offset);
+    }
+    let receiver = state.models.request_move(&name, positions)?;
+    let moved = match tokio::time::timeout(MOVE_TIMEOUT, receiver).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(_)) => {
+            return Err(QueryError::Unavailable("the policy's worker stopped".to_owned()).into());
+        }
+        Err(_) => {
+            return Err(QueryError::Unavailable(format!(
+                "the policy's worker did not get to the request within {} s (it may be waiting for the write side); see GET /admin/projections before asking again",
+                MOVE_TIMEOUT.as_secs()
+            ))
+            .into());
+        }
+    };
+    Ok(Json(PolicyPositions {
+        policy: Some(name),
+        positions: moved
+            .into_iter()
+            .map(|((topic, partition), next)| (format!("{topic}:{partition}"), next))
+            .collect(),
+    }))
 }

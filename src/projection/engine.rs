@@ -71,6 +71,13 @@ pub trait Target: Send {
     fn flush(&mut self, _force: bool) -> Result<Option<Instant>, StoreError> {
         Ok(None)
     }
+    /// Moves the stored positions forward without applying what lies
+    /// between: only policies allow it (an operator's explicit skip).
+    fn move_positions(&mut self, _positions: &Positions) -> Result<(), StoreError> {
+        Err(StoreError::InvalidRequest(
+            "only a policy's position can be moved".to_owned(),
+        ))
+    }
     /// Makes this (rebuilt) generation the live one and drops the old one.
     fn promote(self: Box<Self>) -> Result<(), StoreError>;
 }
@@ -155,6 +162,27 @@ fn event_json(event: &Event) -> Option<serde_json::Value> {
     serde_json::to_value(event).ok()
 }
 
+/// The quarantine entry of event `index` of `record` for projection (or
+/// policy) `name`, logged as it is made.
+pub(super) fn quarantined(
+    name: &str,
+    record: &SourceRecord,
+    index: usize,
+    event: Option<&Event>,
+    reason: String,
+) -> Quarantined {
+    tracing::warn!(projection = %name, topic = %record.topic, partition = record.partition,
+        offset = record.offset, index, %reason, "event quarantined");
+    Quarantined {
+        topic: record.topic.clone(),
+        partition: record.partition,
+        offset: record.offset,
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+        event: event.and_then(event_json),
+        reason,
+    }
+}
+
 impl Target for SledTarget {
     fn positions(&self) -> Result<Positions, StoreError> {
         self.generation.positions()
@@ -188,16 +216,9 @@ impl Target for SledTarget {
                           index: usize,
                           event: Option<&Event>,
                           reason: String| {
-            tracing::warn!(projection = %self.name, topic = %record.topic, partition = record.partition,
-                offset = record.offset, index, %reason, "event quarantined");
-            changes.quarantined.push(Quarantined {
-                topic: record.topic.clone(),
-                partition: record.partition,
-                offset: record.offset,
-                index: u32::try_from(index).unwrap_or(u32::MAX),
-                event: event.and_then(event_json),
-                reason,
-            });
+            changes
+                .quarantined
+                .push(quarantined(&self.name, record, index, event, reason));
         };
         for record in records {
             let events = match &record.events {

@@ -12,6 +12,7 @@
 mod cache;
 mod engine;
 mod measures;
+mod policy;
 mod priority;
 mod query;
 mod search;
@@ -26,6 +27,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use engine::{BatchStats, Engine, EngineSettings, SourceRecord, Target, engine_for};
+pub use policy::{CommandSender, PolicyCommand, PolicyOptions, PolicySender, SendAnswer};
 pub use query::{ListRequest, Page, QueryError, SortOrder, parse_value};
 pub(crate) use query::{hex, unhex};
 pub use worker::rebuild_offline;
@@ -37,7 +39,7 @@ use crate::store::views::{Positions, Quarantined};
 use crate::store::{StoreError, ViewStore};
 
 /// Settings of the pool.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PoolOptions {
     pub workers: usize,
     /// Most events of one batch.
@@ -49,6 +51,8 @@ pub struct PoolOptions {
     /// The projections' storage settings; `cache_bytes` is the working-set
     /// budget of all views and aggregations together, shared out equally.
     pub engine: EngineSettings,
+    /// How policies send their commands and retry.
+    pub policies: PolicyOptions,
 }
 
 /// The life cycle of a projection, as shown by the admin API.
@@ -102,6 +106,20 @@ pub struct ProjectionHandle {
     rebuild_requested: AtomicBool,
     /// Wakes the projection's worker (e.g. for a rebuild request).
     wake: Arc<Notify>,
+    /// An operator's request to move a policy's positions forward, for its
+    /// worker to carry out between batches.
+    moves: PendingMove,
+}
+
+/// Where a move request waits; shared with a policy's target, whose retries
+/// give way to it.
+pub(crate) type PendingMove = Arc<Mutex<Option<MoveRequest>>>;
+
+/// A request to move a policy's positions forward, and where to answer.
+#[derive(Debug)]
+pub(crate) struct MoveRequest {
+    pub positions: Positions,
+    pub reply: tokio::sync::oneshot::Sender<Result<Positions, QueryError>>,
 }
 
 impl ProjectionHandle {
@@ -115,6 +133,13 @@ impl ProjectionHandle {
         let mut status = self.status();
         status.state = state;
         status.error = error;
+    }
+
+    fn take_move(&self) -> Option<MoveRequest> {
+        self.moves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 }
 
@@ -164,16 +189,22 @@ pub enum ProjectionError {
     Unknown(String),
     #[error("projection {0:?} is a search projection, which this pool does not rebuild")]
     NotRebuildable(String),
+    #[error(
+        "{0:?} is a policy, which is never rebuilt (that would send every command again); move its position forward with POST /admin/projections/{0}/position instead"
+    )]
+    Policy(String),
     #[error("cannot start a projection worker thread: {0}")]
     Thread(std::io::Error),
 }
 
-/// The topics of a projection's sources.
+/// The topics of a projection's (or a policy's) sources.
 fn topics_of(domain: &Domain, log: &EventLog, name: &str) -> Vec<String> {
-    domain
-        .projection(name)
-        .map(|p| p.sources().iter().map(|s| log.topic(s)).collect())
-        .unwrap_or_default()
+    let sources = match (domain.projection(name), domain.policy(name)) {
+        (Some(projection), _) => projection.sources(),
+        (None, Some(policy)) => policy.sources(),
+        (None, None) => &[],
+    };
+    sources.iter().map(|s| log.topic(s)).collect()
 }
 
 impl ProjectionPool {
@@ -202,6 +233,8 @@ impl ProjectionPool {
             cache_bytes: options.engine.cache_bytes / cached.max(1),
             ..options.engine
         };
+        // Policies run beside the projections, on the same workers.
+        let mut engines: Vec<(&str, &'static str, Box<dyn Engine>)> = Vec::new();
         for projection in domain.projections() {
             let name = projection.name();
             let Some(engine) = engine_for(&domain, &store, name, &settings) else {
@@ -212,6 +245,23 @@ impl ProjectionPool {
                 ProjectionKind::Aggregation(_) => "aggregation",
                 ProjectionKind::Search(_) => "search",
             };
+            engines.push((name, kind, engine));
+        }
+        let mut pending_moves: BTreeMap<String, PendingMove> = BTreeMap::new();
+        for policy in domain.policies() {
+            let moves = PendingMove::default();
+            pending_moves.insert(policy.name().to_owned(), moves.clone());
+            let engine = policy::PolicyEngine {
+                moves,
+                domain: domain.clone(),
+                store: store.clone(),
+                name: policy.name().to_owned(),
+                options: options.policies.clone(),
+                cancel: cancel.clone(),
+            };
+            engines.push((policy.name(), "policy", Box::new(engine)));
+        }
+        for (name, kind, engine) in engines {
             // Opened at the projections' priority: a search index starts its
             // tantivy threads here, and they inherit it.
             let (engine, live) = priority::at_projection_priority(options.nice, move || {
@@ -237,6 +287,7 @@ impl ProjectionPool {
                 }),
                 rebuild_requested: AtomicBool::new(false),
                 wake: wakes[next].clone(),
+                moves: pending_moves.remove(name).unwrap_or_default(),
             });
             // Readiness waits for the ends seen now: catching up with events
             // appended later is the ordinary lag, shown by metrics.
@@ -344,6 +395,9 @@ impl ReadModels {
             }
             None => return Err(QueryError::UnknownProjection(name.to_owned())),
         };
+        if handle.kind == "policy" {
+            return Err(QueryError::PolicyNotRebuildable(name.to_owned()));
+        }
         if handle
             .rebuild_requested
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
@@ -358,6 +412,35 @@ impl ReadModels {
         }
         handle.wake.notify_one();
         Ok(ProjectionState::Rebuilding)
+    }
+
+    /// Asks the worker of a policy to move its positions forward to
+    /// `positions` (partitions not named stay where they are); the answer,
+    /// the policy's new positions or why not, comes through the receiver.
+    pub fn request_move(
+        &self,
+        name: &str,
+        positions: Positions,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Positions, QueryError>>, QueryError> {
+        let handle = match self.handle(name) {
+            Some(handle) if handle.kind == "policy" => handle,
+            Some(_) => return Err(QueryError::NotAPolicy(name.to_owned())),
+            None => return Err(QueryError::UnknownProjection(name.to_owned())),
+        };
+        let (reply, receiver) = tokio::sync::oneshot::channel();
+        let previous = handle
+            .moves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(MoveRequest { positions, reply });
+        // A request not yet carried out is answered by the newer one.
+        if let Some(previous) = previous {
+            let _ = previous.reply.send(Err(QueryError::Unavailable(
+                "a newer request to move this policy's position replaced this one".to_owned(),
+            )));
+        }
+        handle.wake.notify_one();
+        Ok(receiver)
     }
 
     /// Every projection's state, positions, lag and quarantined events (at most

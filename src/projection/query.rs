@@ -55,6 +55,14 @@ pub enum QueryError {
     RebuildRunning(String),
     #[error("projection {0:?} cannot be rebuilt by the projection pool")]
     NotRebuildable(String),
+    #[error(
+        "{0:?} is a policy: a rebuild would read its sources from the start and send every command again; move its position forward instead (POST /admin/projections/{0}/position)"
+    )]
+    PolicyNotRebuildable(String),
+    #[error(
+        "{0:?} is not a policy: only a policy's position can be moved (a projection would miss the events it skips)"
+    )]
+    NotAPolicy(String),
     #[error("the read models are unavailable: {0}")]
     Unavailable(String),
 }

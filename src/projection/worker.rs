@@ -432,7 +432,59 @@ impl Runner {
                 "the live generation is not open".to_owned(),
             )));
         }
+        if let Some(request) = self.handle.take_move()
+            && !request.reply.is_closed()
+        {
+            let result = self.move_forward(&context.log, request.positions);
+            let _ = request.reply.send(result);
+        }
         Ok(())
+    }
+
+    /// Moves a policy's positions forward to `wanted` (an operator's skip):
+    /// every partition must be one of its sources', no offset may go back or
+    /// past the end of the log.
+    fn move_forward(
+        &mut self,
+        log: &EventLog,
+        wanted: Positions,
+    ) -> Result<Positions, super::QueryError> {
+        use super::QueryError;
+        let mut moved = self.positions.clone();
+        for ((topic, partition), offset) in wanted {
+            let Some(current) = self.positions.get(&(topic.clone(), partition)) else {
+                return Err(QueryError::BadParameter(format!(
+                    "{topic}:{partition} is not a partition that {} reads",
+                    self.handle.name
+                )));
+            };
+            if offset < *current {
+                return Err(QueryError::BadParameter(format!(
+                    "{topic}:{partition}:{offset} is behind the policy's position {topic}:{partition}:{current}; a policy's position only moves forward (going back would send commands again)"
+                )));
+            }
+            let end = log
+                .end_offset(&topic, partition)
+                .map_err(|e| QueryError::Unavailable(e.to_string()))?;
+            if offset > end {
+                return Err(QueryError::BadParameter(format!(
+                    "{topic}:{partition}:{offset} is past the end of the log ({topic}:{partition}:{end})"
+                )));
+            }
+            moved.insert((topic, partition), offset);
+        }
+        let Some(live) = self.live.as_mut() else {
+            return Err(QueryError::Unavailable(
+                "the live generation is not open".to_owned(),
+            ));
+        };
+        live.move_positions(&moved)
+            .map_err(|e| QueryError::Unavailable(e.to_string()))?;
+        tracing::warn!(policy = %self.handle.name, from = ?self.positions, to = ?moved,
+            "policy position moved forward by an operator; the events between are skipped");
+        self.positions = moved;
+        Self::publish(&self.handle, &self.positions, live.as_ref());
+        Ok(self.positions.clone())
     }
 
     /// The rest of a round, after the live generation has applied what the
@@ -671,6 +723,9 @@ pub fn rebuild_offline(
     settings: &super::EngineSettings,
     mut progress: impl FnMut(u64, u64, u64),
 ) -> Result<u64, ProjectionError> {
+    if domain.policy(name).is_some() {
+        return Err(ProjectionError::Policy(name.to_owned()));
+    }
     if domain.projection(name).is_none() {
         return Err(ProjectionError::Unknown(name.to_owned()));
     }
@@ -776,6 +831,7 @@ mod tests {
             }),
             rebuild_requested: std::sync::atomic::AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
+            moves: Default::default(),
         });
         let seen = Seen::default();
         let target = FakeTarget {

@@ -189,3 +189,21 @@ fn bad_arguments_are_refused_without_running() {
     assert_eq!(code, 1);
     assert!(stderr.contains("loopback"), "{stderr}");
 }
+
+/// `cqrsd bench policy` runs the shop with and without its policies and
+/// reports orders through the chain next to orders without policies.
+#[test]
+fn policy_reports_the_chain_next_to_the_write_side_alone() {
+    let reports = bench(&["policy", "--duration", "1", "--clients", "2"]);
+    assert_eq!(reports.len(), 1);
+    let report = &reports[0];
+    assert_eq!(report["scenario"], "policy", "{report}");
+    assert!(report["throughput"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["operations"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["limit"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["policy_commands_per_s"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(report["errors"], 0, "{report}");
+}

@@ -18,6 +18,7 @@ mod kafka;
 mod openapi_contract;
 mod operations;
 mod ownership;
+mod policies;
 mod priority;
 mod projection_admin;
 mod projection_crash;

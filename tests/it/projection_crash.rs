@@ -123,7 +123,7 @@ async fn read_flows(http: &reqwest::Client, base: &str) -> BTreeMap<(String, Str
     flows
 }
 
-fn projection<'a>(report: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn projection<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["projections"]
         .as_array()
         .unwrap()
@@ -132,7 +132,7 @@ fn projection<'a>(report: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{name} missing from {report}"))
 }
 
-fn total_lag(report: &Value, name: &str) -> u64 {
+pub(crate) fn total_lag(report: &Value, name: &str) -> u64 {
     projection(report, name)["partitions"]
         .as_array()
         .unwrap()
