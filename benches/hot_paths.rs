@@ -22,6 +22,7 @@ fn deposit(id: &str, version: u64) -> Event {
         aggregate_id: id.to_owned(),
         version,
         event_type: "MoneyDeposited".to_owned(),
+        schema_version: 1,
         timestamp: chrono::Utc::now(),
         data: json!({ "amount": 25 }),
         metadata: EventMetadata {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{AggregateState, CommandFailure, CommandReply, EmittedEvent};
 use crate::domain::{Aggregate, Domain};
-use crate::log::{Event, EventLog, Position};
+use crate::log::{Event, EventLog, Position, RecordError};
 use crate::store::{CommandStore, Snapshot, StoredReply};
 
 /// How long a restore waits for records it knows exist before it fails.
@@ -149,8 +149,14 @@ fn restore_in_chunks(
         from = last + 1;
         for (offset, record) in records {
             let at = || format!("{topic}:{partition}:{offset}");
-            let events = crate::log::decode(&record.headers, &record.value)
-                .map_err(|e| CommandFailure::Internal(format!("{}: {e}", at())))?;
+            // An event that cannot be upcast leaves the partition
+            // unrestored (its commands answer 503 with this reason) rather
+            // than folding a state from data of the wrong shape.
+            let events = crate::log::decode_current(domain, &record.headers, &record.value)
+                .map_err(|e| match e {
+                    RecordError::Upcast { .. } => CommandFailure::Upcast(format!("{}: {e}", at())),
+                    e => CommandFailure::Internal(format!("{}: {e}", at())),
+                })?;
             let Some(first) = events.first() else {
                 continue;
             };
@@ -295,6 +301,7 @@ mod tests {
             aggregate_id: id.into(),
             version,
             event_type: event_type.into(),
+            schema_version: 1,
             timestamp: chrono::DateTime::from_timestamp_millis(1_764_000_000_000).unwrap(),
             data,
             metadata: EventMetadata {

@@ -549,6 +549,8 @@ impl Writer {
                 aggregate_type: self.aggregate.clone(),
                 aggregate_id: request.id.clone(),
                 version: current.version + i as u64 + 1,
+                // New events are written at their type's current version.
+                schema_version: aggregate.event_version(&new.event_type),
                 event_type: new.event_type,
                 timestamp: now,
                 data: new.data,

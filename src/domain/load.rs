@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
-use super::aggregate::{Aggregate, Command, EVENT_META_FIELDS, Emit, EventHandler, Rule};
+use super::aggregate::{Aggregate, Command, EVENT_META_FIELDS, Emit, EventHandler, Rule, Upcast};
 use super::error::DomainError;
 use super::expr::{Expression, Var};
 use super::projection::{
@@ -23,6 +23,8 @@ const COMMAND_VARS: &[Var] = &[Var::State, Var::Command, Var::Id, Var::Meta, Var
 const HANDLER_VARS: &[Var] = &[Var::State, Var::Event, Var::Id];
 const VIEW_VARS: &[Var] = &[Var::Event, Var::Doc, Var::Id];
 const AGGREGATION_VARS: &[Var] = &[Var::Event, Var::Id];
+/// An upcast step sees only the old event (its data and envelope).
+const UPCAST_VARS: &[Var] = &[Var::Event, Var::Id];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +77,18 @@ struct RawEmit {
 struct RawEvent {
     #[serde(default)]
     set: BTreeMap<String, String>,
+    version: Option<i64>,
+    #[serde(default)]
+    upcast: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpcast {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -333,13 +347,24 @@ fn load_aggregate(
                 set.push((field, e));
             }
         }
+        let (version, upcasts) = load_upcasts(p, &here, raw_event.version, raw_event.upcast);
         if ok {
-            events.insert(event, EventHandler { set });
+            events.insert(
+                event,
+                EventHandler {
+                    set,
+                    version,
+                    upcasts,
+                },
+            );
         }
     }
 
     let mut commands = BTreeMap::new();
     let mut emitted = BTreeSet::new();
+    // Event type -> every data field some `emit` entry gives it: the shape of
+    // the event type's current version, which upcast steps are checked against.
+    let mut emitted_fields: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (command, value) in raw.commands {
         let here = format!("{place}.commands.{command}");
         let ok = p.name(&here, &command);
@@ -385,6 +410,10 @@ fn load_aggregate(
                 continue;
             };
             emitted.insert(raw_emit.event.clone());
+            emitted_fields
+                .entry(raw_emit.event.clone())
+                .or_default()
+                .extend(raw_emit.data.keys().cloned());
             if !events.contains_key(&raw_emit.event) {
                 p.add(
                     &at,
@@ -440,6 +469,11 @@ fn load_aggregate(
             );
         }
     }
+    for (event, handler) in &events {
+        if let Some(current) = emitted_fields.get(event) {
+            check_upcast_fields(p, &format!("{place}.events.{event}"), handler, current);
+        }
+    }
     for event in events.keys() {
         if !emitted.contains(event) {
             p.add(
@@ -454,6 +488,158 @@ fn load_aggregate(
         commands,
         events,
     })
+}
+
+/// An event type's `version` (1 unless declared) and its upcast steps, one
+/// per older version: `upcast.<n>` turns version n into n + 1. A missing
+/// step, a step beyond the version, a reserved or invalid field name and CEL
+/// errors are reported with their place.
+fn load_upcasts(
+    p: &mut Problems,
+    place: &str,
+    version: Option<i64>,
+    raw: toml::Table,
+) -> (u64, Vec<Upcast>) {
+    let version = match version {
+        None => 1,
+        Some(v) => match u64::try_from(v) {
+            Ok(v) if v >= 1 => v,
+            _ => {
+                p.add(
+                    format!("{place}.version"),
+                    format!("version must be a whole number from 1, not {v}"),
+                );
+                1
+            }
+        },
+    };
+    let mut steps: BTreeMap<u64, Upcast> = BTreeMap::new();
+    for (step, value) in raw {
+        let at = format!("{place}.upcast.{step}");
+        let Some(n) = step.parse::<u64>().ok().filter(|n| *n >= 1) else {
+            p.add(
+                &at,
+                format!("`{step}` is not a version: upcast steps are named by the version they start from (1, 2, ...)"),
+            );
+            continue;
+        };
+        if n >= version {
+            p.add(
+                &at,
+                format!(
+                    "the event is at version {version}, so there is no version {} for this step to turn version {n} into; raise `version` or remove the step",
+                    n + 1
+                ),
+            );
+        }
+        let Some(raw_step) = p.item::<RawUpcast>(&at, value) else {
+            continue;
+        };
+        if raw_step.set.is_empty() && raw_step.remove.is_empty() {
+            p.add(&at, "a step needs `set = {...}`, `remove = [...]` or both");
+        }
+        let mut set = Vec::new();
+        for (field, source) in raw_step.set {
+            let field_at = format!("{at}.set.{field}");
+            p.name(&field_at, &field);
+            if EVENT_META_FIELDS.contains(&field.as_str()) {
+                p.add(
+                    &field_at,
+                    format!("`{field}` is reserved for event metadata (`event.{field}`)"),
+                );
+            }
+            if raw_step.remove.contains(&field) {
+                p.add(
+                    &field_at,
+                    format!("`{field}` is both set and removed by this step"),
+                );
+            }
+            if let Some(e) = p.expr(&field_at, &source, UPCAST_VARS) {
+                set.push((field, e));
+            }
+        }
+        for (i, field) in raw_step.remove.iter().enumerate() {
+            p.name(&format!("{at}.remove[{i}]"), field);
+        }
+        steps.insert(
+            n,
+            Upcast {
+                set,
+                remove: raw_step.remove,
+            },
+        );
+    }
+    let mut upcasts = Vec::new();
+    for n in 1..version {
+        match steps.remove(&n) {
+            Some(step) => upcasts.push(step),
+            None => p.add(
+                format!("{place}.upcast"),
+                format!(
+                    "the event is at version {version}, but there is no step [{place}.upcast.{n}] to turn version {n} into version {}",
+                    n + 1
+                ),
+            ),
+        }
+    }
+    (version, upcasts)
+}
+
+/// The field checks of upcast steps that the domain file makes knowable:
+/// a field that a step sets and no later step removes ends up in events of
+/// the current version, so some `emit` entry must give it; and a field that
+/// an earlier step removed (and none set again since) cannot be in a step's
+/// input, so removing it again names a field that is not there.
+fn check_upcast_fields(
+    p: &mut Problems,
+    place: &str,
+    handler: &EventHandler,
+    current: &BTreeSet<String>,
+) {
+    let version = handler.version;
+    for (n, step) in (1u64..).zip(&handler.upcasts) {
+        let later = handler
+            .upcasts
+            .get(usize::try_from(n).unwrap_or(usize::MAX)..);
+        for (field, _) in &step.set {
+            let removed_later = later
+                .unwrap_or(&[])
+                .iter()
+                .any(|s| s.remove.contains(field));
+            if !removed_later && !current.contains(field) {
+                p.add(
+                    format!("{place}.upcast.{n}.set.{field}"),
+                    format!(
+                        "events at version {version} have no field `{field}` (no emit entry gives it), so this step sets a field the current version does not have"
+                    ),
+                );
+            }
+        }
+        for (i, field) in step.remove.iter().enumerate() {
+            let earlier = &handler.upcasts[..usize::try_from(n - 1).unwrap_or(0)];
+            let gone = earlier
+                .iter()
+                .rev()
+                .find_map(|s| {
+                    if s.set.iter().any(|(f, _)| f == field) {
+                        Some(false)
+                    } else if s.remove.contains(field) {
+                        Some(true)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(false);
+            if gone {
+                p.add(
+                    format!("{place}.upcast.{n}.remove[{i}]"),
+                    format!(
+                        "version {n} events cannot have field `{field}`: an earlier step removed it"
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Checks `source` and returns the events the source aggregates emit.
