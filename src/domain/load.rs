@@ -23,6 +23,8 @@ const COMMAND_VARS: &[Var] = &[Var::State, Var::Command, Var::Id, Var::Meta, Var
 const HANDLER_VARS: &[Var] = &[Var::State, Var::Event, Var::Id];
 const VIEW_VARS: &[Var] = &[Var::Event, Var::Doc, Var::Id];
 const AGGREGATION_VARS: &[Var] = &[Var::Event, Var::Id];
+/// A view's key picks the document, so it cannot read one.
+const VIEW_KEY_VARS: &[Var] = &[Var::Event, Var::Id];
 /// An upcast step sees only the old event (its data and envelope).
 const UPCAST_VARS: &[Var] = &[Var::Event, Var::Id];
 
@@ -103,7 +105,8 @@ struct RawKind {
 struct RawView {
     #[serde(rename = "kind")]
     _kind: String,
-    source: Vec<String>,
+    source: RawSources,
+    key: Option<String>,
     #[serde(default)]
     indexes: Vec<String>,
     #[serde(default)]
@@ -114,8 +117,47 @@ struct RawView {
 #[serde(deny_unknown_fields)]
 struct RawViewHandler {
     set: Option<BTreeMap<String, String>>,
+    key: Option<String>,
     #[serde(default)]
     delete: bool,
+}
+
+/// `source`: one aggregate type, or a list of them.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct RawSources(toml::Value);
+
+impl RawSources {
+    /// The source names; anything but a string or a list of strings is
+    /// reported at `<place>.source`.
+    fn names(self, p: &mut Problems, place: &str) -> Vec<String> {
+        match self.0 {
+            toml::Value::String(source) => vec![source],
+            toml::Value::Array(items) => {
+                let mut names = Vec::new();
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        toml::Value::String(source) => names.push(source),
+                        other => p.add(
+                            format!("{place}.source[{i}]"),
+                            format!("expected an aggregate name, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                names
+            }
+            other => {
+                p.add(
+                    format!("{place}.source"),
+                    format!(
+                        "expected an aggregate name or a list of them, found {}",
+                        other.type_str()
+                    ),
+                );
+                Vec::new()
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -123,7 +165,7 @@ struct RawViewHandler {
 struct RawAggregation {
     #[serde(rename = "kind")]
     _kind: String,
-    source: Vec<String>,
+    source: RawSources,
     events: Vec<String>,
     #[serde(default)]
     group_by: BTreeMap<String, String>,
@@ -692,7 +734,13 @@ fn load_projection(
     match kind.as_str() {
         "view" => {
             let raw: RawView = p.item(place, value)?;
-            let known = sources_events(p, place, &raw.source, aggregates);
+            let sources = raw.source.names(p, place);
+            let known = sources_events(p, place, &sources, aggregates);
+            let key = match &raw.key {
+                Some(source) => p.expr(&format!("{place}.key"), source, VIEW_KEY_VARS),
+                None => None,
+            };
+            let mut handler_keys = BTreeMap::new();
             let mut on = BTreeMap::new();
             for (event, value) in raw.on {
                 let here = format!("{place}.on.{event}");
@@ -705,6 +753,11 @@ fn load_projection(
                 let Some(handler) = p.item::<RawViewHandler>(&here, value) else {
                     continue;
                 };
+                if let Some(source) = &handler.key
+                    && let Some(e) = p.expr(&format!("{here}.key"), source, VIEW_KEY_VARS)
+                {
+                    handler_keys.insert(event.clone(), e);
+                }
                 let handler = match (handler.set, handler.delete) {
                     (Some(_), true) => {
                         p.add(&here, "a handler either sets fields or deletes, not both");
@@ -733,6 +786,8 @@ fn load_projection(
                 name: name.to_owned(),
                 indexes: raw.indexes,
                 on,
+                key,
+                handler_keys,
             };
             let set: BTreeSet<&str> = view.fields().collect();
             for (i, index) in view.indexes.iter().enumerate() {
@@ -746,12 +801,13 @@ fn load_projection(
             Some(Projection {
                 name: name.to_owned(),
                 kind: ProjectionKind::View(view),
-                sources: raw.source,
+                sources,
             })
         }
         "aggregation" => {
             let raw: RawAggregation = p.item(place, value)?;
-            let known = sources_events(p, place, &raw.source, aggregates);
+            let sources = raw.source.names(p, place);
+            let known = sources_events(p, place, &sources, aggregates);
             if raw.events.is_empty() {
                 p.add(format!("{place}.events"), "at least one event is needed");
             }
@@ -799,7 +855,7 @@ fn load_projection(
                     group_by,
                     measures,
                 }),
-                sources: raw.source,
+                sources,
             })
         }
         "search" => {

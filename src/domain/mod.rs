@@ -12,6 +12,8 @@ mod projection;
 #[cfg(test)]
 mod compiled_tests;
 #[cfg(test)]
+mod keyed_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod upcast_tests;
