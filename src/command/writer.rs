@@ -146,14 +146,20 @@ impl Writer {
             // Without a restored partition the writer could hand out wrong
             // versions or forget idempotent answers: refuse its commands.
             tracing::error!(topic = %self.topic, partition = self.partition, %error, "cannot restore the partition; its commands will fail");
-            jobs.close();
-            while let Some(job) = jobs.recv().await {
-                answer_failure(
-                    job,
-                    CommandFailure::Unavailable(format!("partition not restored: {error}")),
-                );
+            // Every command until shutdown gets the reason, not a closed
+            // queue's "shutting down".
+            loop {
+                tokio::select! {
+                    job = jobs.recv() => match job {
+                        Some(job) => answer_failure(
+                            job,
+                            CommandFailure::Unavailable(format!("partition not restored: {error}")),
+                        ),
+                        None => return,
+                    },
+                    () = stop.cancelled() => return,
+                }
             }
-            return;
         }
         restored.add_permits(1);
         let mut idle = tokio::time::interval(IDLE_CHECKPOINT);

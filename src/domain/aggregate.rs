@@ -225,6 +225,20 @@ impl Aggregate {
             .map_or(1, |handler| handler.version)
     }
 
+    /// The event types above version 1 with their versions, as
+    /// `Type=version` sorted and joined by `,` (empty when every event type
+    /// is at version 1). A state folded under other versions folded other
+    /// shapes of data, so the write side replays a partition whose
+    /// snapshots were folded under different versions.
+    pub fn event_versions(&self) -> String {
+        self.events
+            .iter()
+            .filter(|(_, handler)| handler.version > 1)
+            .map(|(name, handler)| format!("{name}={}", handler.version))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// The data of `event`, stored at `schema_version`, brought to the
     /// event type's current version by its upcast steps in order; `None`
     /// when the data is current already (or the event type is unknown here,

@@ -30,5 +30,6 @@ mod segment_log;
 mod shutdown;
 mod stream;
 mod tls;
+mod upcast;
 mod views;
 mod write_model;
