@@ -15,6 +15,7 @@ mod console;
 mod crash;
 mod dispatch;
 mod kafka;
+mod keyed_views;
 mod openapi_contract;
 mod operations;
 mod priority;
