@@ -178,3 +178,27 @@ fn source_may_be_one_name_or_a_list_and_keys_are_checked_at_load() {
         problems(&broken)
     );
 }
+
+/// The shop example has what the README walks through: a per-customer view
+/// over two sources and an event type at version 2 with its upcaster.
+#[test]
+fn the_shop_example_has_a_keyed_view_over_two_sources_and_a_versioned_event() {
+    let shop = Domain::from_toml_str(include_str!("../../examples/shop.toml"))
+        .unwrap_or_else(|e| panic!("examples/shop.toml: {e}"));
+    let projection = shop.projection("customer_orders").unwrap();
+    assert_eq!(projection.sources(), ["order", "payment"]);
+    let def = view(&shop, "customer_orders");
+    let paid = json!({"order": "o-1", "customer": "ada", "amount": 10.5});
+    let payment = shop.aggregate("payment").unwrap();
+    assert_eq!(payment.event_version("PaymentReceived"), 2);
+    let upcast = shop
+        .upcast("payment", &input("PaymentReceived", "p-1", &paid), 1)
+        .unwrap()
+        .unwrap();
+    assert_eq!(upcast, json!({"order": "o-1", "customer": "ada", "cents": 1050}));
+    let event = input("PaymentReceived", "p-1", &upcast);
+    assert_eq!(def.key(&event, "payment").unwrap(), "ada");
+    let mut doc = None;
+    def.apply_in_place(&mut doc, &event, "payment").unwrap();
+    assert_eq!(doc, Some(json!({"payments": 1, "paid_cents": 1050})));
+}
