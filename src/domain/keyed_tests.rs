@@ -4,6 +4,7 @@
 use chrono::{TimeZone, Utc};
 use serde_json::{Value as Json, json};
 
+use super::tests::problems;
 use super::*;
 
 const SHOP: &str = r#"
@@ -32,13 +33,6 @@ set = { orders = "(has(doc.orders) ? doc.orders : 0) + 1", last_order = "event.a
 key = "event.aggregate_id"
 set = { name = "event.name" }
 "#;
-
-fn problems(source: &str) -> Vec<(String, String)> {
-    match Domain::from_toml_str(source) {
-        Ok(_) => Vec::new(),
-        Err(errors) => errors.0.into_iter().map(|e| (e.place, e.reason)).collect(),
-    }
-}
 
 fn view<'d>(domain: &'d Domain, name: &str) -> &'d ViewDef {
     match domain.projection(name).map(|p| p.kind()) {
@@ -195,7 +189,10 @@ fn the_shop_example_has_a_keyed_view_over_two_sources_and_a_versioned_event() {
         .upcast("payment", &input("PaymentReceived", "p-1", &paid), 1)
         .unwrap()
         .unwrap();
-    assert_eq!(upcast, json!({"order": "o-1", "customer": "ada", "cents": 1050}));
+    assert_eq!(
+        upcast,
+        json!({"order": "o-1", "customer": "ada", "cents": 1050})
+    );
     let event = input("PaymentReceived", "p-1", &upcast);
     assert_eq!(def.key(&event, "payment").unwrap(), "ada");
     let mut doc = None;

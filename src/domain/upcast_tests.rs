@@ -4,6 +4,7 @@
 use chrono::{TimeZone, Utc};
 use serde_json::{Value as Json, json};
 
+use super::tests::{assert_problem, problems};
 use super::*;
 
 /// An account whose deposits moved from `amount` (version 1) through
@@ -23,23 +24,6 @@ remove = ["amount"]
 set = { cents = "event.amount_cents", currency = "'EUR'" }
 remove = ["amount_cents"]
 "#;
-
-fn problems(source: &str) -> Vec<(String, String)> {
-    match Domain::from_toml_str(source) {
-        Ok(_) => Vec::new(),
-        Err(errors) => errors.0.into_iter().map(|e| (e.place, e.reason)).collect(),
-    }
-}
-
-fn assert_problem(source: &str, place: &str, reason_part: &str) {
-    let found = problems(source);
-    assert!(
-        found
-            .iter()
-            .any(|(p, r)| p == place && r.contains(reason_part)),
-        "expected `{place}: ...{reason_part}...`, got {found:#?}"
-    );
-}
 
 /// The versioned domain with the event type's section replaced.
 fn with_event(section: &str) -> String {

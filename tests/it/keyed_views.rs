@@ -79,6 +79,12 @@ async fn ok(response: reqwest::Response) -> Value {
     response.json().await.unwrap()
 }
 
+/// Sends a command that must succeed and returns the position of its record.
+async fn position_of(http: &reqwest::Client, base: &str, path: &str, body: Value) -> String {
+    let reply = ok(command(http, base, path, body).await).await;
+    reply["position"].as_str().unwrap().to_owned()
+}
+
 /// The whole view, every page of it, by key.
 async fn read_view(http: &reqwest::Client, base: &str) -> BTreeMap<String, Value> {
     let items = all_pages(http, &format!("{base}/views/customer_orders?limit=5")).await;
@@ -268,15 +274,13 @@ async fn consistent_with_filters_search_and_poison_keys_on_a_keyed_view(backend:
 
     // A position of the order topic: the read waits for the order partition.
     for (n, total) in [(1, 10), (2, 5), (3, 7)] {
-        let reply = ok(command(
+        let position = position_of(
             &http,
             &base,
             &format!("order/o-{n}/place"),
             json!({"customer": "ada", "total": total}),
         )
-        .await)
         .await;
-        let position = reply["position"].as_str().unwrap();
         assert!(position.contains(".order:"), "{position}");
         let doc = get_json(
             &http,
@@ -287,15 +291,13 @@ async fn consistent_with_filters_search_and_poison_keys_on_a_keyed_view(backend:
         assert_eq!(doc["doc"]["orders"], n, "{doc}");
     }
     // A position of the customer topic: the read waits for that partition.
-    let reply = ok(command(
+    let position = position_of(
         &http,
         &base,
         "customer/ada/register",
         json!({"name": "Ada Lovelace"}),
     )
-    .await)
     .await;
-    let position = reply["position"].as_str().unwrap();
     assert!(position.contains(".customer:"), "{position}");
     let doc = get_json(
         &http,
@@ -307,15 +309,13 @@ async fn consistent_with_filters_search_and_poison_keys_on_a_keyed_view(backend:
         json!({"name": "Ada Lovelace", "orders": 3, "spent": 22}),
         "{doc}"
     );
-    let reply = ok(command(
+    let position = position_of(
         &http,
         &base,
         "order/o-4/place",
         json!({"customer": "bob", "total": 1}),
     )
-    .await)
     .await;
-    let position = reply["position"].as_str().unwrap().to_owned();
 
     // Filters and ordering on an indexed field of keyed documents.
     let listed = all_pages(
@@ -344,15 +344,13 @@ async fn consistent_with_filters_search_and_poison_keys_on_a_keyed_view(backend:
 
     // A key that is not a usable string is a poison event: quarantined with
     // its reason, and nothing else changes.
-    let reply = ok(command(
+    let position = position_of(
         &http,
         &base,
         "order/o-5/place",
         json!({"customer": "", "total": 1}),
     )
-    .await)
     .await;
-    let position = reply["position"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
     let view = loop {
         let report = get_json(&http, &format!("{base}/admin/projections")).await;
