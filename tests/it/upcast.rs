@@ -252,6 +252,15 @@ async fn an_event_no_upcaster_converts_is_quarantined_and_refused_clearly(backen
             .contains("cannot be upcast"),
         "{problem}"
     );
+    // The event stream reports the record and stops there, never skips it.
+    let messages = streamed(&daemon, 1).await;
+    assert!(
+        messages[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("cannot be upcast")),
+        "{messages:?}"
+    );
+
     // Not ready: the write side has a partition it could not restore.
     let ready = http.get(daemon.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503);
