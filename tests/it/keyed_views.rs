@@ -142,13 +142,22 @@ async fn fold(http: &reqwest::Client, base: &str, orders: &[String]) -> BTreeMap
         .collect()
 }
 
-fn lag(report: &Value) -> u64 {
+/// The view's entry in an `/admin/projections` report.
+fn customer_orders(report: &Value) -> Value {
     report["projections"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|p| p["name"] == "customer_orders")
-        .flat_map(|p| p["partitions"].as_array().unwrap().iter())
+        .find(|p| p["name"] == "customer_orders")
+        .unwrap_or_else(|| panic!("customer_orders missing from {report}"))
+        .clone()
+}
+
+fn lag(report: &Value) -> u64 {
+    customer_orders(report)["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
         .map(|p| p["lag"].as_u64().unwrap())
         .sum()
 }
@@ -247,13 +256,7 @@ async fn a_keyed_view_over_two_sources_equals_its_fold_and_a_rebuild_after_sigki
         .unwrap();
     assert_eq!(rebuild.status(), 202);
     let report = wait_caught_up(&http, &base).await;
-    let view = report["projections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "customer_orders")
-        .unwrap()
-        .clone();
+    let view = customer_orders(&report);
     assert_eq!(view["generation"], 1, "{view}");
     assert_eq!(view["quarantine_count"], 0, "{view}");
     assert_eq!(read_view(&http, &base).await, expected);
@@ -354,13 +357,7 @@ async fn consistent_with_filters_search_and_poison_keys_on_a_keyed_view(backend:
     let deadline = Instant::now() + Duration::from_secs(30);
     let view = loop {
         let report = get_json(&http, &format!("{base}/admin/projections")).await;
-        let view = report["projections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == "customer_orders")
-            .unwrap()
-            .clone();
+        let view = customer_orders(&report);
         if view["quarantine_count"] == 1 {
             break view;
         }
