@@ -180,6 +180,7 @@ fn event(id: &str, version: u64, event_type: &str, timestamp: DateTime<Utc>, dat
         aggregate_id: id.to_owned(),
         version,
         event_type: event_type.to_owned(),
+        schema_version: 1,
         timestamp,
         data,
         metadata: EventMetadata {

@@ -229,7 +229,7 @@ impl Daemon {
                 .map(|aggregate| log.topic(aggregate.name()))
                 .collect();
             routes.merge(ApiRoutes {
-                query: http::stream::routes(log.clone(), topics, shutdown.clone()),
+                query: http::stream::routes(log.clone(), domain.clone(), topics, shutdown.clone()),
                 openapi: Some(http::stream::openapi()),
                 ..ApiRoutes::default()
             });

@@ -237,6 +237,7 @@ pub fn bench_event(id: &str, version: u64, event_type: &str, n: u64, data: Value
         aggregate_id: id.to_owned(),
         version,
         event_type: event_type.to_owned(),
+        schema_version: 1,
         timestamp: start + chrono::Duration::seconds((n % 31_536_000) as i64),
         data,
         metadata: EventMetadata {

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{CommandConfig, PayloadEncoding};
 use crate::domain::{CommandError, Domain, Violation};
 use crate::health::Health;
-use crate::log::{Encoding, Event, EventLog, LogError, partition_for};
+use crate::log::{Encoding, Event, EventLog, LogError, RecordError, partition_for};
 use crate::store::{CommandStore, StoreError};
 
 /// What a client asks the write side to do.
@@ -114,6 +114,10 @@ pub enum CommandFailure {
     Unavailable(String),
     #[error("the write side is shutting down")]
     ShuttingDown,
+    /// A stored event cannot be brought to its type's current version (a
+    /// domain problem an operator fixes in the domain file, not a client's).
+    #[error("a stored event cannot be upcast: {0}")]
+    Upcast(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -455,11 +459,16 @@ impl CommandSide {
         let mut events = Vec::new();
         let mut next_from_version = None;
         'records: for (partition, offset, record) in records {
-            let decoded = crate::log::decode(&record.headers, &record.value).map_err(|e| {
-                CommandFailure::Internal(format!(
-                    "undecodable record at {topic}:{partition}:{offset}: {e}"
-                ))
-            })?;
+            let decoded =
+                crate::log::decode_current(&self.inner.domain, &record.headers, &record.value)
+                    .map_err(|e| match e {
+                        RecordError::Upcast { .. } => {
+                            CommandFailure::Upcast(format!("{topic}:{partition}:{offset}: {e}"))
+                        }
+                        e => CommandFailure::Internal(format!(
+                            "undecodable record at {topic}:{partition}:{offset}: {e}"
+                        )),
+                    })?;
             for event in decoded {
                 if event.version < from_version {
                     continue;

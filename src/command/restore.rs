@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{AggregateState, CommandFailure, CommandReply, EmittedEvent};
 use crate::domain::{Aggregate, Domain};
-use crate::log::{Event, EventLog, Position};
+use crate::log::{Event, EventLog, Position, RecordError};
 use crate::store::{CommandStore, Snapshot, StoredReply};
 
 /// How long a restore waits for records it knows exist before it fails.
@@ -121,9 +121,28 @@ fn restore_in_chunks(
     let aggregate = aggregate(domain, aggregate_name)?;
     let mut from = store.checkpoint(topic, partition)?.unwrap_or(0);
     let end = log.end_offset(topic, partition)?;
+    // Snapshots folded while an event type was at another version hold
+    // states of the old handlers over the old data: the partition is folded
+    // again from its first record, through the upcasters, and every one of
+    // its aggregates' snapshots replaced (DESIGN.md §3.3).
+    let versions = aggregate.event_versions();
+    let refold = store.folded_versions(topic, partition)? != versions;
+    if refold {
+        from = 0;
+    }
     if from >= end {
+        if refold {
+            store.set_folded_versions(topic, partition, &versions)?;
+        }
         return Ok(end);
     }
+    if refold {
+        tracing::info!(topic, partition, versions = %versions, "event versions changed: folding the partition again from its first record");
+    }
+    // While refolding, the aggregates already folded again (and saved by a
+    // chunk), whose stored snapshots are new; any other stored snapshot is
+    // from the old versions and is not read.
+    let mut refolded: std::collections::HashSet<String> = std::collections::HashSet::new();
     let started = std::time::Instant::now();
     let replayed = end - from;
     let now_ms = chrono::Utc::now().timestamp_millis();
@@ -149,21 +168,34 @@ fn restore_in_chunks(
         from = last + 1;
         for (offset, record) in records {
             let at = || format!("{topic}:{partition}:{offset}");
-            let events = crate::log::decode(&record.headers, &record.value)
-                .map_err(|e| CommandFailure::Internal(format!("{}: {e}", at())))?;
+            // An event that cannot be upcast leaves the partition
+            // unrestored (its commands answer 503 with this reason) rather
+            // than folding a state from data of the wrong shape.
+            let events = crate::log::decode_current(domain, &record.headers, &record.value)
+                .map_err(|e| match e {
+                    RecordError::Upcast { .. } => CommandFailure::Upcast(format!("{}: {e}", at())),
+                    e => CommandFailure::Internal(format!("{}: {e}", at())),
+                })?;
             let Some(first) = events.first() else {
                 continue;
             };
             let id = first.aggregate_id.clone();
             let state = match states.remove(&id) {
                 Some(state) => state,
-                None => match store.snapshot(aggregate_name, &id)? {
-                    Some(Snapshot { version, state }) => AggregateState { version, state },
-                    None => AggregateState {
-                        version: 0,
-                        state: aggregate.initial_state().clone(),
-                    },
-                },
+                None => {
+                    let stored = if refold && !refolded.contains(&id) {
+                        None
+                    } else {
+                        store.snapshot(aggregate_name, &id)?
+                    };
+                    match stored {
+                        Some(Snapshot { version, state }) => AggregateState { version, state },
+                        None => AggregateState {
+                            version: 0,
+                            state: aggregate.initial_state().clone(),
+                        },
+                    }
+                }
             };
             let state = fold(aggregate, state, &events, &at)?;
             states.insert(id.clone(), state);
@@ -188,6 +220,9 @@ fn restore_in_chunks(
             // A chunk ends after a whole record, so its checkpoint covers
             // exactly the records folded so far.
             if states.len() >= save_every || replies.len() >= save_every {
+                if refold {
+                    refolded.extend(states.keys().cloned());
+                }
                 aggregates_saved += save(
                     store,
                     aggregate_name,
@@ -209,6 +244,11 @@ fn restore_in_chunks(
         &mut states,
         &mut replies,
     )?;
+    // Only now are all of the partition's snapshots of these versions: a
+    // crash before this line folds it again from the start, which is safe.
+    if refold {
+        store.set_folded_versions(topic, partition, &versions)?;
+    }
     tracing::info!(
         topic,
         partition,
@@ -295,6 +335,7 @@ mod tests {
             aggregate_id: id.into(),
             version,
             event_type: event_type.into(),
+            schema_version: 1,
             timestamp: chrono::DateTime::from_timestamp_millis(1_764_000_000_000).unwrap(),
             data,
             metadata: EventMetadata {

@@ -146,14 +146,20 @@ impl Writer {
             // Without a restored partition the writer could hand out wrong
             // versions or forget idempotent answers: refuse its commands.
             tracing::error!(topic = %self.topic, partition = self.partition, %error, "cannot restore the partition; its commands will fail");
-            jobs.close();
-            while let Some(job) = jobs.recv().await {
-                answer_failure(
-                    job,
-                    CommandFailure::Unavailable(format!("partition not restored: {error}")),
-                );
+            // Every command until shutdown gets the reason, not a closed
+            // queue's "shutting down".
+            loop {
+                tokio::select! {
+                    job = jobs.recv() => match job {
+                        Some(job) => answer_failure(
+                            job,
+                            CommandFailure::Unavailable(format!("partition not restored: {error}")),
+                        ),
+                        None => return,
+                    },
+                    () = stop.cancelled() => return,
+                }
             }
-            return;
         }
         restored.add_permits(1);
         let mut idle = tokio::time::interval(IDLE_CHECKPOINT);
@@ -549,6 +555,8 @@ impl Writer {
                 aggregate_type: self.aggregate.clone(),
                 aggregate_id: request.id.clone(),
                 version: current.version + i as u64 + 1,
+                // New events are written at their type's current version.
+                schema_version: aggregate.event_version(&new.event_type),
                 event_type: new.event_type,
                 timestamp: now,
                 data: new.data,

@@ -62,6 +62,20 @@ pub struct EmitShape<'a> {
 #[derive(Debug)]
 pub(crate) struct EventHandler {
     pub(crate) set: Vec<(String, Expression)>,
+    /// The current version of the event type's data (DESIGN.md §3.3): new
+    /// events are written with it.
+    pub(crate) version: u64,
+    /// `upcasts[i]` turns version `i + 1` into version `i + 2`; there is one
+    /// step for each older version, so `upcasts.len() == version - 1`.
+    pub(crate) upcasts: Vec<Upcast>,
+}
+
+/// One upcast step of an event type (version n -> n + 1): the fields set
+/// (added or replaced) from the old event, then the fields removed.
+#[derive(Debug)]
+pub(crate) struct Upcast {
+    pub(crate) set: Vec<(String, Expression)>,
+    pub(crate) remove: Vec<String>,
 }
 
 /// What a command is run with, besides its body and the current state.
@@ -201,6 +215,89 @@ impl Aggregate {
 
     pub fn event_names(&self) -> impl Iterator<Item = &str> {
         self.events.keys().map(String::as_str)
+    }
+
+    /// The current version of an event type's data (1 unless declared, and
+    /// for an event type the aggregate does not have).
+    pub fn event_version(&self, event_type: &str) -> u64 {
+        self.events
+            .get(event_type)
+            .map_or(1, |handler| handler.version)
+    }
+
+    /// The event types above version 1 with their versions, as
+    /// `Type=version` sorted and joined by `,` (empty when every event type
+    /// is at version 1). A state folded under other versions folded other
+    /// shapes of data, so the write side replays a partition whose
+    /// snapshots were folded under different versions.
+    pub fn event_versions(&self) -> String {
+        self.events
+            .iter()
+            .filter(|(_, handler)| handler.version > 1)
+            .map(|(name, handler)| format!("{name}={}", handler.version))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The data of `event`, stored at `schema_version`, brought to the
+    /// event type's current version by its upcast steps in order; `None`
+    /// when the data is current already (or the event type is unknown here,
+    /// which the event's handlers report), so events at the current version
+    /// cost one lookup. An event from a newer domain (a version above the
+    /// current one) or a step that fails is an error with its place.
+    pub fn upcast(
+        &self,
+        event: &EventInput<'_>,
+        schema_version: u64,
+    ) -> Result<Option<Json>, ApplyError> {
+        let Some(handler) = self.events.get(event.event_type) else {
+            return Ok(None);
+        };
+        if schema_version == handler.version {
+            return Ok(None);
+        }
+        let place = || format!("aggregates.{}.events.{}", self.name, event.event_type);
+        if schema_version == 0 || schema_version > handler.version {
+            return Err(ApplyError::Evaluation {
+                place: place(),
+                reason: format!(
+                    "the event was written at version {schema_version}, but this domain knows versions 1 to {}",
+                    handler.version
+                ),
+            });
+        }
+        let mut data = match event.data {
+            Json::Object(fields) => Json::Object(fields.clone()),
+            _ => Json::Object(serde_json::Map::new()),
+        };
+        // Steps are numbered from 1, and the loader made sure there is one
+        // for every version below the current one.
+        let first = usize::try_from(schema_version - 1).unwrap_or(usize::MAX);
+        let steps = handler.upcasts.get(first..).unwrap_or(&[]);
+        for (step, upcast) in (schema_version..).zip(steps) {
+            let values = {
+                let vars = Vars {
+                    event: Some(EventVar {
+                        input: EventInput {
+                            data: &data,
+                            ..*event
+                        },
+                        aggregate_type: &self.name,
+                    }),
+                    id: Some(event.aggregate_id),
+                    ..Vars::default()
+                };
+                let here = || format!("{}.upcast.{step}", place());
+                expr::eval_set(&upcast.set, &vars, &here)?
+            };
+            if let Json::Object(fields) = &mut data {
+                expr::assign(fields, values);
+                for field in &upcast.remove {
+                    fields.remove(field);
+                }
+            }
+        }
+        Ok(Some(data))
     }
 
     fn find_command(&self, command: &str) -> Result<&Command, CommandError> {

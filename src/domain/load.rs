@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value as Json;
 
-use super::aggregate::{Aggregate, Command, EVENT_META_FIELDS, Emit, EventHandler, Rule};
+use super::aggregate::{Aggregate, Command, EVENT_META_FIELDS, Emit, EventHandler, Rule, Upcast};
 use super::error::DomainError;
 use super::expr::{Expression, Var};
 use super::policy::Policy;
@@ -24,6 +24,10 @@ const COMMAND_VARS: &[Var] = &[Var::State, Var::Command, Var::Id, Var::Meta, Var
 const HANDLER_VARS: &[Var] = &[Var::State, Var::Event, Var::Id];
 const VIEW_VARS: &[Var] = &[Var::Event, Var::Doc, Var::Id];
 const AGGREGATION_VARS: &[Var] = &[Var::Event, Var::Id];
+/// A view's key picks the document, so it cannot read one.
+const VIEW_KEY_VARS: &[Var] = &[Var::Event, Var::Id];
+/// An upcast step sees only the old event (its data and envelope).
+const UPCAST_VARS: &[Var] = &[Var::Event, Var::Id];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +82,18 @@ struct RawEmit {
 struct RawEvent {
     #[serde(default)]
     set: BTreeMap<String, String>,
+    version: Option<i64>,
+    #[serde(default)]
+    upcast: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpcast {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -92,7 +108,8 @@ struct RawKind {
 struct RawView {
     #[serde(rename = "kind")]
     _kind: String,
-    source: Vec<String>,
+    source: RawSources,
+    key: Option<String>,
     #[serde(default)]
     indexes: Vec<String>,
     #[serde(default)]
@@ -103,8 +120,47 @@ struct RawView {
 #[serde(deny_unknown_fields)]
 struct RawViewHandler {
     set: Option<BTreeMap<String, String>>,
+    key: Option<String>,
     #[serde(default)]
     delete: bool,
+}
+
+/// `source`: one aggregate type, or a list of them.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct RawSources(toml::Value);
+
+impl RawSources {
+    /// The source names; anything but a string or a list of strings is
+    /// reported at `<place>.source`.
+    fn names(self, p: &mut Problems, place: &str) -> Vec<String> {
+        match self.0 {
+            toml::Value::String(source) => vec![source],
+            toml::Value::Array(items) => {
+                let mut names = Vec::new();
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        toml::Value::String(source) => names.push(source),
+                        other => p.add(
+                            format!("{place}.source[{i}]"),
+                            format!("expected an aggregate name, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                names
+            }
+            other => {
+                p.add(
+                    format!("{place}.source"),
+                    format!(
+                        "expected an aggregate name or a list of them, found {}",
+                        other.type_str()
+                    ),
+                );
+                Vec::new()
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -112,7 +168,7 @@ struct RawViewHandler {
 struct RawAggregation {
     #[serde(rename = "kind")]
     _kind: String,
-    source: Vec<String>,
+    source: RawSources,
     events: Vec<String>,
     #[serde(default)]
     group_by: BTreeMap<String, String>,
@@ -351,13 +407,24 @@ fn load_aggregate(
                 set.push((field, e));
             }
         }
+        let (version, upcasts) = load_upcasts(p, &here, raw_event.version, raw_event.upcast);
         if ok {
-            events.insert(event, EventHandler { set });
+            events.insert(
+                event,
+                EventHandler {
+                    set,
+                    version,
+                    upcasts,
+                },
+            );
         }
     }
 
     let mut commands = BTreeMap::new();
     let mut emitted = BTreeSet::new();
+    // Event type -> every data field some `emit` entry gives it: the shape of
+    // the event type's current version, which upcast steps are checked against.
+    let mut emitted_fields: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (command, value) in raw.commands {
         let here = format!("{place}.commands.{command}");
         let ok = p.name(&here, &command);
@@ -403,6 +470,10 @@ fn load_aggregate(
                 continue;
             };
             emitted.insert(raw_emit.event.clone());
+            emitted_fields
+                .entry(raw_emit.event.clone())
+                .or_default()
+                .extend(raw_emit.data.keys().cloned());
             if !events.contains_key(&raw_emit.event) {
                 p.add(
                     &at,
@@ -458,6 +529,11 @@ fn load_aggregate(
             );
         }
     }
+    for (event, handler) in &events {
+        if let Some(current) = emitted_fields.get(event) {
+            check_upcast_fields(p, &format!("{place}.events.{event}"), handler, current);
+        }
+    }
     for event in events.keys() {
         if !emitted.contains(event) {
             p.add(
@@ -472,6 +548,158 @@ fn load_aggregate(
         commands,
         events,
     })
+}
+
+/// An event type's `version` (1 unless declared) and its upcast steps, one
+/// per older version: `upcast.<n>` turns version n into n + 1. A missing
+/// step, a step beyond the version, a reserved or invalid field name and CEL
+/// errors are reported with their place.
+fn load_upcasts(
+    p: &mut Problems,
+    place: &str,
+    version: Option<i64>,
+    raw: toml::Table,
+) -> (u64, Vec<Upcast>) {
+    let version = match version {
+        None => 1,
+        Some(v) => match u64::try_from(v) {
+            Ok(v) if v >= 1 => v,
+            _ => {
+                p.add(
+                    format!("{place}.version"),
+                    format!("version must be a whole number from 1, not {v}"),
+                );
+                1
+            }
+        },
+    };
+    let mut steps: BTreeMap<u64, Upcast> = BTreeMap::new();
+    for (step, value) in raw {
+        let at = format!("{place}.upcast.{step}");
+        let Some(n) = step.parse::<u64>().ok().filter(|n| *n >= 1) else {
+            p.add(
+                &at,
+                format!("`{step}` is not a version: upcast steps are named by the version they start from (1, 2, ...)"),
+            );
+            continue;
+        };
+        if n >= version {
+            p.add(
+                &at,
+                format!(
+                    "the event is at version {version}, so there is no version {} for this step to turn version {n} into; raise `version` or remove the step",
+                    n + 1
+                ),
+            );
+        }
+        let Some(raw_step) = p.item::<RawUpcast>(&at, value) else {
+            continue;
+        };
+        if raw_step.set.is_empty() && raw_step.remove.is_empty() {
+            p.add(&at, "a step needs `set = {...}`, `remove = [...]` or both");
+        }
+        let mut set = Vec::new();
+        for (field, source) in raw_step.set {
+            let field_at = format!("{at}.set.{field}");
+            p.name(&field_at, &field);
+            if EVENT_META_FIELDS.contains(&field.as_str()) {
+                p.add(
+                    &field_at,
+                    format!("`{field}` is reserved for event metadata (`event.{field}`)"),
+                );
+            }
+            if raw_step.remove.contains(&field) {
+                p.add(
+                    &field_at,
+                    format!("`{field}` is both set and removed by this step"),
+                );
+            }
+            if let Some(e) = p.expr(&field_at, &source, UPCAST_VARS) {
+                set.push((field, e));
+            }
+        }
+        for (i, field) in raw_step.remove.iter().enumerate() {
+            p.name(&format!("{at}.remove[{i}]"), field);
+        }
+        steps.insert(
+            n,
+            Upcast {
+                set,
+                remove: raw_step.remove,
+            },
+        );
+    }
+    let mut upcasts = Vec::new();
+    for n in 1..version {
+        match steps.remove(&n) {
+            Some(step) => upcasts.push(step),
+            None => p.add(
+                format!("{place}.upcast"),
+                format!(
+                    "the event is at version {version}, but there is no step [{place}.upcast.{n}] to turn version {n} into version {}",
+                    n + 1
+                ),
+            ),
+        }
+    }
+    (version, upcasts)
+}
+
+/// The field checks of upcast steps that the domain file makes knowable:
+/// a field that a step sets and no later step removes ends up in events of
+/// the current version, so some `emit` entry must give it; and a field that
+/// an earlier step removed (and none set again since) cannot be in a step's
+/// input, so removing it again names a field that is not there.
+fn check_upcast_fields(
+    p: &mut Problems,
+    place: &str,
+    handler: &EventHandler,
+    current: &BTreeSet<String>,
+) {
+    let version = handler.version;
+    for (n, step) in (1u64..).zip(&handler.upcasts) {
+        let later = handler
+            .upcasts
+            .get(usize::try_from(n).unwrap_or(usize::MAX)..);
+        for (field, _) in &step.set {
+            let removed_later = later
+                .unwrap_or(&[])
+                .iter()
+                .any(|s| s.remove.contains(field));
+            if !removed_later && !current.contains(field) {
+                p.add(
+                    format!("{place}.upcast.{n}.set.{field}"),
+                    format!(
+                        "events at version {version} have no field `{field}` (no emit entry gives it), so this step sets a field the current version does not have"
+                    ),
+                );
+            }
+        }
+        for (i, field) in step.remove.iter().enumerate() {
+            let earlier = &handler.upcasts[..usize::try_from(n - 1).unwrap_or(0)];
+            let gone = earlier
+                .iter()
+                .rev()
+                .find_map(|s| {
+                    if s.set.iter().any(|(f, _)| f == field) {
+                        Some(false)
+                    } else if s.remove.contains(field) {
+                        Some(true)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(false);
+            if gone {
+                p.add(
+                    format!("{place}.upcast.{n}.remove[{i}]"),
+                    format!(
+                        "version {n} events cannot have field `{field}`: an earlier step removed it"
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Checks `source` and returns the events the source aggregates emit.
@@ -524,7 +752,13 @@ fn load_projection(
     match kind.as_str() {
         "view" => {
             let raw: RawView = p.item(place, value)?;
-            let known = sources_events(p, place, &raw.source, aggregates);
+            let sources = raw.source.names(p, place);
+            let known = sources_events(p, place, &sources, aggregates);
+            let key = match &raw.key {
+                Some(source) => p.expr(&format!("{place}.key"), source, VIEW_KEY_VARS),
+                None => None,
+            };
+            let mut handler_keys = BTreeMap::new();
             let mut on = BTreeMap::new();
             for (event, value) in raw.on {
                 let here = format!("{place}.on.{event}");
@@ -537,6 +771,11 @@ fn load_projection(
                 let Some(handler) = p.item::<RawViewHandler>(&here, value) else {
                     continue;
                 };
+                if let Some(source) = &handler.key
+                    && let Some(e) = p.expr(&format!("{here}.key"), source, VIEW_KEY_VARS)
+                {
+                    handler_keys.insert(event.clone(), e);
+                }
                 let handler = match (handler.set, handler.delete) {
                     (Some(_), true) => {
                         p.add(&here, "a handler either sets fields or deletes, not both");
@@ -565,6 +804,8 @@ fn load_projection(
                 name: name.to_owned(),
                 indexes: raw.indexes,
                 on,
+                key,
+                handler_keys,
             };
             let set: BTreeSet<&str> = view.fields().collect();
             for (i, index) in view.indexes.iter().enumerate() {
@@ -578,12 +819,13 @@ fn load_projection(
             Some(Projection {
                 name: name.to_owned(),
                 kind: ProjectionKind::View(view),
-                sources: raw.source,
+                sources,
             })
         }
         "aggregation" => {
             let raw: RawAggregation = p.item(place, value)?;
-            let known = sources_events(p, place, &raw.source, aggregates);
+            let sources = raw.source.names(p, place);
+            let known = sources_events(p, place, &sources, aggregates);
             if raw.events.is_empty() {
                 p.add(format!("{place}.events"), "at least one event is needed");
             }
@@ -631,7 +873,7 @@ fn load_projection(
                     group_by,
                     measures,
                 }),
-                sources: raw.source,
+                sources,
             })
         }
         "search" => {

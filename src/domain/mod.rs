@@ -14,9 +14,13 @@ mod projection;
 #[cfg(test)]
 mod compiled_tests;
 #[cfg(test)]
+mod keyed_tests;
+#[cfg(test)]
 mod policy_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upcast_tests;
 
 use std::collections::BTreeMap;
 
@@ -44,6 +48,9 @@ pub struct Domain {
     aggregates: BTreeMap<String, Aggregate>,
     projections: BTreeMap<String, Projection>,
     policies: BTreeMap<String, Policy>,
+    /// Whether any event type is above version 1: without one, no stored
+    /// event needs upcasting and readers skip the per-event lookup.
+    versioned: bool,
 }
 
 impl Domain {
@@ -51,11 +58,37 @@ impl Domain {
     /// once, each with its place.
     pub fn from_toml_str(source: &str) -> Result<Domain, DomainErrors> {
         let (aggregates, projections, policies) = load::load(source).map_err(DomainErrors)?;
+        let versioned = aggregates
+            .values()
+            .any(|a| a.events.values().any(|e| e.version > 1));
         Ok(Domain {
             aggregates,
             projections,
             policies,
+            versioned,
         })
+    }
+
+    /// Whether some event type declares a version above 1, so that stored
+    /// events may need upcasting.
+    pub fn has_versions(&self) -> bool {
+        self.versioned
+    }
+
+    /// The data of a stored event of `aggregate_type`, written at
+    /// `schema_version`, as the current version of its event type has it
+    /// (see [`Aggregate::upcast`]); `None` when it is current already or
+    /// the domain has no such aggregate or event type.
+    pub fn upcast(
+        &self,
+        aggregate_type: &str,
+        event: &EventInput<'_>,
+        schema_version: u64,
+    ) -> Result<Option<serde_json::Value>, ApplyError> {
+        match self.aggregates.get(aggregate_type) {
+            Some(aggregate) => aggregate.upcast(event, schema_version),
+            None => Ok(None),
+        }
     }
 
     pub fn aggregate(&self, name: &str) -> Option<&Aggregate> {

@@ -1,6 +1,7 @@
 //! Projections, the pure part: which events they handle and what each event
 //! changes. Storing the results is another module's job.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::Value as Json;
@@ -40,13 +41,22 @@ pub enum ProjectionKind {
     Search(SearchDef),
 }
 
-/// A view: one JSON document per aggregate id.
+/// A view: one JSON document per key, by default the aggregate id, or the
+/// value of the view's `key` expression (or of one handler's) over the event
+/// (DESIGN.md §3.1).
 #[derive(Debug)]
 pub struct ViewDef {
     pub(crate) name: String,
     pub(crate) indexes: Vec<String>,
     pub(crate) on: BTreeMap<String, ViewHandler>,
+    /// The view's `key`; `None` keys documents by aggregate id.
+    pub(crate) key: Option<Expression>,
+    /// Handlers with a `key` of their own, which overrides the view's.
+    pub(crate) handler_keys: BTreeMap<String, Expression>,
 }
+
+/// The longest document key a key expression may give, in bytes.
+pub const MAX_VIEW_KEY_BYTES: usize = 512;
 
 #[derive(Debug)]
 pub(crate) enum ViewHandler {
@@ -70,6 +80,61 @@ impl ViewDef {
 
     pub fn handles(&self, event_type: &str) -> bool {
         self.on.contains_key(event_type)
+    }
+
+    /// Whether some document is keyed by something other than the aggregate id.
+    pub fn is_keyed(&self) -> bool {
+        self.key.is_some() || !self.handler_keys.is_empty()
+    }
+
+    /// The key of the document `event` changes: its handler's `key`, else
+    /// the view's, else the aggregate id. A key is a non-empty string or a
+    /// number (as its decimal text) of at most [`MAX_VIEW_KEY_BYTES`];
+    /// anything else, like an expression that fails, is an error with its
+    /// place, which the read side quarantines as a poison event.
+    pub fn key<'e>(
+        &self,
+        event: &EventInput<'e>,
+        aggregate_type: &str,
+    ) -> Result<Cow<'e, str>, ApplyError> {
+        let (expression, place) = match self.handler_keys.get(event.event_type) {
+            Some(expression) => (
+                expression,
+                format!("projections.{}.on.{}.key", self.name, event.event_type),
+            ),
+            None => match &self.key {
+                Some(expression) => (expression, format!("projections.{}.key", self.name)),
+                None => return Ok(Cow::Borrowed(event.aggregate_id)),
+            },
+        };
+        let vars = Vars {
+            event: Some(EventVar {
+                input: *event,
+                aggregate_type,
+            }),
+            id: Some(event.aggregate_id),
+            ..Vars::default()
+        };
+        let error = |reason: String| ApplyError::Evaluation {
+            place: place.clone(),
+            reason,
+        };
+        let key = match expression.eval_json(&vars).map_err(error)? {
+            Json::String(key) => key,
+            Json::Number(n) => n.to_string(),
+            other => {
+                return Err(error(format!(
+                    "a document key must be a string or a number, got {other}"
+                )));
+            }
+        };
+        if key.is_empty() || key.len() > MAX_VIEW_KEY_BYTES {
+            return Err(error(format!(
+                "a document key must have 1 to {MAX_VIEW_KEY_BYTES} bytes, got {}",
+                key.len()
+            )));
+        }
+        Ok(Cow::Owned(key))
     }
 
     /// The fields some handler of this view sets.

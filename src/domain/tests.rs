@@ -21,14 +21,14 @@ fn ctx(version: u64) -> CommandContext {
 }
 
 /// Loads `source` and returns its problems as (place, reason) pairs.
-fn problems(source: &str) -> Vec<(String, String)> {
+pub(super) fn problems(source: &str) -> Vec<(String, String)> {
     match Domain::from_toml_str(source) {
         Ok(_) => Vec::new(),
         Err(errors) => errors.0.into_iter().map(|e| (e.place, e.reason)).collect(),
     }
 }
 
-fn assert_problem(source: &str, place: &str, reason_part: &str) {
+pub(super) fn assert_problem(source: &str, place: &str, reason_part: &str) {
     let found = problems(source);
     assert!(
         found

@@ -304,6 +304,12 @@ fn command_problem(failure: &CommandFailure, detail: String) -> Problem {
             "Shutting down",
             detail,
         ),
+        CommandFailure::Upcast(_) => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upcast-failed",
+            "Stored event cannot be upcast",
+            detail,
+        ),
         CommandFailure::Internal(_) => Problem::from_status(
             StatusCode::INTERNAL_SERVER_ERROR,
             "an internal error occurred; it has been logged",

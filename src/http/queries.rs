@@ -217,7 +217,7 @@ async fn blocking<T: Send + 'static>(
 #[utoipa::path(get, path = "/views/{view}/{key}", tag = "queries",
     params(
         ("view" = String, Path, description = "The view"),
-        ("key" = String, Path, description = "The document key (aggregate id)"),
+        ("key" = String, Path, description = "The document key: the aggregate id, or the value of the view's key expression"),
         ("consistent_with" = Option<String>, Query, description = "Wait until the view has passed this position (a command reply's `position`)", pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,248}:[0-9]{1,9}:[0-9]{1,19}$")
     ),
     responses(

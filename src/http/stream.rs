@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -30,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 use super::problem::{ApiError, Problem};
-use crate::log::{Event, EventLog, LogError, Position, Record, decode};
+use crate::domain::Domain;
+use crate::log::{Event, EventLog, LogError, Position, Record, decode_current};
 
 /// Records read from one partition per log read; small enough that partitions
 /// interleave promptly, large enough to amortise the blocking-pool hop.
@@ -47,11 +49,17 @@ const CURSOR_VERSION: u8 = 1;
 const MAX_CURSOR_LEN: usize = 64 * 1024;
 
 /// The stream's route, ready to be merged into the query router.
-pub fn routes(log: EventLog, topics: Vec<String>, shutdown: CancellationToken) -> Router {
+pub fn routes(
+    log: EventLog,
+    domain: Arc<Domain>,
+    topics: Vec<String>,
+    shutdown: CancellationToken,
+) -> Router {
     Router::new()
         .route("/events/stream", get(stream_events))
         .with_state(StreamState {
             log,
+            domain,
             topics,
             shutdown,
         })
@@ -69,6 +77,8 @@ struct StreamApi;
 #[derive(Clone)]
 struct StreamState {
     log: EventLog,
+    /// Streamed events are their types' current versions (DESIGN.md §3.3).
+    domain: Arc<Domain>,
     /// The topic of every aggregate type, as created at startup.
     topics: Vec<String>,
     shutdown: CancellationToken,
@@ -157,7 +167,13 @@ async fn stream_events(
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     // The handler runs on the query runtime (the dispatch middleware put it
     // there), so the reader does too, and the HTTP runtime only copies bytes.
-    tokio::spawn(pump(state.log.clone(), slots, tx, state.shutdown.clone()));
+    tokio::spawn(pump(
+        state.log.clone(),
+        state.domain.clone(),
+        slots,
+        tx,
+        state.shutdown.clone(),
+    ));
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -453,6 +469,7 @@ enum Stop {
 /// the daemon shuts down.
 async fn pump(
     log: EventLog,
+    domain: Arc<Domain>,
     mut slots: Vec<Slot>,
     tx: mpsc::Sender<SseEvent>,
     shutdown: CancellationToken,
@@ -506,7 +523,7 @@ async fn pump(
                 return;
             }
         };
-        match deliver(&mut slots, batches, &tx, &shutdown).await {
+        match deliver(&domain, &mut slots, batches, &tx, &shutdown).await {
             Ok(()) => {}
             Err(Stop::Done) => return,
         }
@@ -516,6 +533,7 @@ async fn pump(
 /// Sends a batch: one record of each partition in turn, so a busy partition
 /// cannot hold back the others.
 async fn deliver(
+    domain: &Domain,
     slots: &mut [Slot],
     batches: Vec<(usize, Vec<(u64, Record)>)>,
     tx: &mpsc::Sender<SseEvent>,
@@ -532,7 +550,7 @@ async fn deliver(
                 exhausted.push(position);
                 continue;
             };
-            send_record(slots, *index, offset, &record, tx, shutdown).await?;
+            send_record(domain, slots, *index, offset, &record, tx, shutdown).await?;
         }
         for position in exhausted.into_iter().rev() {
             queues.remove(position);
@@ -542,6 +560,7 @@ async fn deliver(
 }
 
 async fn send_record(
+    domain: &Domain,
     slots: &mut [Slot],
     index: usize,
     offset: u64,
@@ -550,7 +569,7 @@ async fn send_record(
     shutdown: &CancellationToken,
 ) -> Result<(), Stop> {
     let position = Position::new(slots[index].topic.clone(), slots[index].partition, offset);
-    let events = match decode(&record.headers, &record.value) {
+    let events = match decode_current(domain, &record.headers, &record.value) {
         Ok(events) => events,
         Err(error) => {
             // A record this build cannot read is reported, never skipped: the

@@ -12,4 +12,6 @@ pub mod record;
 pub use handle::{AppendFuture, EventLog, LogBackend, LogError};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{Position, PositionError, topic_name, validate_topic_name};
-pub use record::{Encoding, Event, EventMetadata, Record, RecordError, decode, encode};
+pub use record::{
+    Encoding, Event, EventMetadata, Record, RecordError, decode, decode_current, encode,
+};

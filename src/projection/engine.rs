@@ -236,23 +236,40 @@ impl Target for SledTarget {
                             continue;
                         }
                         stats.events += 1;
+                        let input = event.as_input();
+                        // The document's key: the aggregate id, or what the
+                        // view's key expression says; one that cannot be
+                        // computed makes the event a poison event.
+                        let key = match def.key(&input, &event.aggregate_type) {
+                            Ok(key) => key,
+                            Err(error) => {
+                                quarantine(
+                                    &mut changes,
+                                    record,
+                                    index,
+                                    Some(event),
+                                    error.to_string(),
+                                );
+                                continue;
+                            }
+                        };
                         // A document seen earlier in the batch is read where it
                         // is; one seen first is loaded once and recorded as it
                         // was (the "before" that its old index entries follow).
-                        if !changes.docs.contains_key(&event.aggregate_id) {
-                            let stored = match self.cache.take_doc(&event.aggregate_id) {
+                        if !changes.docs.contains_key(key.as_ref()) {
+                            let stored = match self.cache.take_doc(&key) {
                                 Some(cached) => cached,
-                                None => self.generation.doc(&event.aggregate_id)?,
+                                None => self.generation.doc(&key)?,
                             };
                             changes
                                 .docs
-                                .insert(event.aggregate_id.clone(), (stored.clone(), stored));
+                                .insert(key.clone().into_owned(), (stored.clone(), stored));
                         }
                         // The handler changes the batch's copy of the document
                         // where it is; the copy from before the batch stays.
-                        let applied = match changes.docs.get_mut(&event.aggregate_id) {
+                        let applied = match changes.docs.get_mut(key.as_ref()) {
                             Some((_, after)) => {
-                                def.apply_in_place(after, &event.as_input(), &event.aggregate_type)
+                                def.apply_in_place(after, &input, &event.aggregate_type)
                             }
                             None => Ok(false),
                         };

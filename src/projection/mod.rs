@@ -335,6 +335,7 @@ impl ProjectionPool {
             }
             let context = worker::WorkerContext {
                 log: read_models.log.clone(),
+                domain: read_models.domain().clone(),
                 batch_size: options.batch_size.max(1),
                 batch_time: options.batch_time,
                 cancel: cancel.clone(),

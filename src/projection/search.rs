@@ -186,10 +186,16 @@ impl Target for SearchTarget {
             for event in events {
                 if view.handles(&event.event_type) {
                     stats.events += 1;
+                    // The key of the view's document; an event whose key
+                    // cannot be computed is quarantined by the view and
+                    // changed no document.
+                    let Ok(key) = view.key(&event.as_input(), &event.aggregate_type) else {
+                        continue;
+                    };
                     // A set, so a key changed many times before a commit is
                     // indexed once.
-                    if !self.pending.contains(&event.aggregate_id) {
-                        self.pending.insert(event.aggregate_id.clone());
+                    if !self.pending.contains(key.as_ref()) {
+                        self.pending.insert(key.into_owned());
                     }
                 }
             }

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, SourceRecord, Target};
 use super::{ProjectionError, ProjectionHandle, ProjectionState, RebuildProgress};
+use crate::domain::Domain;
 use crate::health::Readiness;
-use crate::log::{EventLog, LogError, Record, decode};
+use crate::log::{EventLog, LogError, Record, decode_current};
 use crate::store::StoreError;
 use crate::store::views::Positions;
 
@@ -27,6 +28,8 @@ const OFFLINE_SEARCH_COMMIT_INTERVAL: Duration = Duration::from_secs(10);
 /// What every worker shares with the pool.
 pub(super) struct WorkerContext {
     pub log: EventLog,
+    /// Decodes records into current versions of their events.
+    pub domain: Arc<Domain>,
     pub batch_size: usize,
     /// How long a batch may grow (see [`Growth`]).
     pub batch_time: Duration,
@@ -80,6 +83,7 @@ pub(super) fn full_positions(stored: &Positions, topics: &[String], partitions: 
 /// Reads up to one batch from each partition and applies it. Returns the
 /// events seen, the quarantined events and whether any record was read.
 fn advance(
+    domain: &Domain,
     log: &EventLog,
     batch_size: usize,
     target: &mut dyn Target,
@@ -111,7 +115,8 @@ fn advance(
                 topic: topic.clone(),
                 partition: *partition,
                 offset,
-                events: decode(&record.headers, &record.value).map_err(|e| e.to_string()),
+                events: decode_current(domain, &record.headers, &record.value)
+                    .map_err(|e| e.to_string()),
             })
             .collect();
         let mut commit = Positions::new();
@@ -154,6 +159,7 @@ struct Span<'a> {
 
 /// Reads and decodes one growing batch of a partition (see [`Growth`]).
 fn read_batch(
+    domain: &Domain,
     read: &mut ReadFn<'_>,
     span: Span<'_>,
     grow: &Growth,
@@ -179,7 +185,8 @@ fn read_batch(
                     topic: span.topic.to_owned(),
                     partition: span.partition,
                     offset,
-                    events: decode(&record.headers, &record.value).map_err(|e| e.to_string()),
+                    events: decode_current(domain, &record.headers, &record.value)
+                        .map_err(|e| e.to_string()),
                 }),
         );
         // A short read is the end of what the log has now.
@@ -213,6 +220,7 @@ pub(super) struct Tally {
 /// `outcomes` holds, per runner, `None` when it does not work this round,
 /// else its result so far, which this fills in.
 fn advance_live(
+    domain: &Domain,
     read: &mut ReadFn<'_>,
     grow: &Growth,
     runners: &mut [Runner],
@@ -264,7 +272,7 @@ fn advance_live(
             from: next,
             end,
         };
-        let decoded = match read_batch(read, span, grow) {
+        let decoded = match read_batch(domain, read, span, grow) {
             Ok(decoded) => decoded,
             Err(error) => {
                 let reason = error.to_string();
@@ -515,6 +523,7 @@ impl Runner {
         }
         if let Some(rebuild) = self.rebuild.as_mut() {
             let (events, _, read) = advance(
+                &context.domain,
                 &context.log,
                 context.batch_size,
                 rebuild.target.as_mut(),
@@ -647,6 +656,7 @@ pub(super) fn run(context: WorkerContext, mut runners: Vec<Runner>) {
             })
             .collect();
         advance_live(
+            &context.domain,
             &mut |topic, partition, from, max| context.log.read(topic, partition, from, max),
             &Growth {
                 events: context.batch_size,
@@ -744,7 +754,13 @@ pub fn rebuild_offline(
     let mut target = engine.open_rebuild()?;
     let mut events = 0;
     loop {
-        let (seen, _, read) = advance(log, batch_size.max(1), target.as_mut(), &mut positions)?;
+        let (seen, _, read) = advance(
+            domain,
+            log,
+            batch_size.max(1),
+            target.as_mut(),
+            &mut positions,
+        )?;
         events += seen;
         progress(positions.values().sum(), total, events);
         if !read {
@@ -848,6 +864,10 @@ mod tests {
         (runner, seen)
     }
 
+    fn domain() -> Domain {
+        Domain::from_toml_str(crate::domain::EXAMPLE_DOMAIN).unwrap()
+    }
+
     /// Runs one round over `runners` against a log of `len` records and
     /// returns how many reads it made.
     fn round(runners: &mut [Runner], len: u64, batch: usize) -> usize {
@@ -858,7 +878,13 @@ mod tests {
             chunk: batch,
             time: Duration::from_secs(60),
         };
-        advance_live(&mut *serve(len, &mut reads), &grow, runners, &mut outcomes);
+        advance_live(
+            &domain(),
+            &mut *serve(len, &mut reads),
+            &grow,
+            runners,
+            &mut outcomes,
+        );
         assert!(outcomes.iter().all(|o| matches!(o, Some(Ok(_)))));
         reads.len()
     }
@@ -941,17 +967,29 @@ mod tests {
         };
         // Up to the event bound, in chunks.
         let mut reads = Vec::new();
-        let batch = read_batch(&mut *serve(100, &mut reads), span(0, u64::MAX), &grow).unwrap();
+        let batch = read_batch(
+            &domain(),
+            &mut *serve(100, &mut reads),
+            span(0, u64::MAX),
+            &grow,
+        )
+        .unwrap();
         assert_eq!(batch.len(), 10);
         assert_eq!(reads, [(0, 4), (4, 4), (8, 2)]);
         // Up to the end offset (a read limit).
         let mut reads = Vec::new();
-        let batch = read_batch(&mut *serve(100, &mut reads), span(0, 6), &grow).unwrap();
+        let batch = read_batch(&domain(), &mut *serve(100, &mut reads), span(0, 6), &grow).unwrap();
         assert_eq!(batch.last().map(|r| r.offset), Some(5));
         assert_eq!(reads, [(0, 4), (4, 2)]);
         // Up to the end of the log: a short read stops it.
         let mut reads = Vec::new();
-        let batch = read_batch(&mut *serve(5, &mut reads), span(0, u64::MAX), &grow).unwrap();
+        let batch = read_batch(
+            &domain(),
+            &mut *serve(5, &mut reads),
+            span(0, u64::MAX),
+            &grow,
+        )
+        .unwrap();
         assert_eq!(batch.len(), 5);
         assert_eq!(reads, [(0, 4), (4, 4)]);
         // Out of time: one chunk only.
@@ -960,7 +998,13 @@ mod tests {
             ..grow
         };
         let mut reads = Vec::new();
-        let batch = read_batch(&mut *serve(100, &mut reads), span(0, u64::MAX), &hurried).unwrap();
+        let batch = read_batch(
+            &domain(),
+            &mut *serve(100, &mut reads),
+            span(0, u64::MAX),
+            &hurried,
+        )
+        .unwrap();
         assert_eq!(batch.len(), 4);
         assert_eq!(reads, [(0, 4)]);
     }

@@ -43,6 +43,8 @@ pub struct CommandStore {
     /// every reply.
     reply_expiry: sled::Tree,
     checkpoints: sled::Tree,
+    /// Per partition, the event versions its snapshots were folded with.
+    folded_versions: sled::Tree,
 }
 
 impl std::fmt::Debug for CommandStore {
@@ -60,6 +62,7 @@ impl CommandStore {
             replies: db.open_tree("replies")?,
             reply_expiry: db.open_tree("reply_expiry")?,
             checkpoints: db.open_tree("checkpoints")?,
+            folded_versions: db.open_tree("folded_versions")?,
             db,
         })
     }
@@ -105,6 +108,34 @@ impl CommandStore {
                 Ok(Some(u64::from_be_bytes(arr)))
             }
         }
+    }
+
+    /// The event versions (`Aggregate::event_versions`) the partition's
+    /// snapshots were folded with; empty when none was recorded, which is
+    /// what a partition written before event versions existed has (every
+    /// event type at version 1).
+    pub fn folded_versions(&self, topic: &str, partition: u32) -> Result<String, StoreError> {
+        match self.folded_versions.get(checkpoint_key(topic, partition))? {
+            None => Ok(String::new()),
+            Some(bytes) => String::from_utf8(bytes.to_vec()).map_err(|_| {
+                StoreError::corrupt(
+                    format!("folded event versions of {topic}:{partition}"),
+                    "value is not UTF-8",
+                )
+            }),
+        }
+    }
+
+    /// Records the event versions the partition's snapshots are folded with.
+    pub fn set_folded_versions(
+        &self,
+        topic: &str,
+        partition: u32,
+        versions: &str,
+    ) -> Result<(), StoreError> {
+        self.folded_versions
+            .insert(checkpoint_key(topic, partition), versions.as_bytes())?;
+        Ok(())
     }
 
     /// Atomically writes snapshots, idempotency replies and the partition's checkpoint in

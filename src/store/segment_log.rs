@@ -1590,6 +1590,7 @@ mod tests {
                 aggregate_id: id.into(),
                 version,
                 event_type: "Deposited".into(),
+                schema_version: 1,
                 timestamp: DateTime::<Utc>::from_timestamp_millis(1_700_000_000_000).unwrap(),
                 data: serde_json::json!({ "amount": version }),
                 metadata: EventMetadata {

@@ -52,6 +52,7 @@ impl Writer {
                     aggregate_id: id.to_owned(),
                     version: *version,
                     event_type: (*event_type).to_owned(),
+                    schema_version: 1,
                     timestamp,
                     data: data.clone(),
                     metadata: EventMetadata {

@@ -279,6 +279,7 @@ async fn log_migrate_converts_a_sled_log_keeping_offsets_aggregates_and_views() 
                 aggregate_id: id.clone(),
                 version,
                 event_type: event_type.into(),
+                schema_version: 1,
                 timestamp: chrono::DateTime::from_timestamp_millis(1_764_000_000_000).unwrap(),
                 data,
                 metadata: EventMetadata {

@@ -45,6 +45,7 @@ fn event(id: &str, version: u64, event_type: &str, data: serde_json::Value) -> E
         aggregate_id: id.to_owned(),
         version,
         event_type: event_type.to_owned(),
+        schema_version: 1,
         timestamp: Utc::now(),
         data,
         metadata: EventMetadata {
