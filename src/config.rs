@@ -222,6 +222,9 @@ pub struct CommandConfig {
     pub idempotency_ttl_secs: u64,
     /// Records appended to a partition between two snapshot checkpoints.
     pub snapshot_every: u64,
+    /// Longest wait of a history read (`GET /aggregates/{a}/{id}/events`) for
+    /// the history index to reach the log's end before it is answered 503.
+    pub history_wait_ms: u64,
 }
 
 impl Default for CommandConfig {
@@ -233,6 +236,7 @@ impl Default for CommandConfig {
             max_batch: 512,
             idempotency_ttl_secs: 24 * 60 * 60,
             snapshot_every: 1000,
+            history_wait_ms: 5_000,
         }
     }
 }
@@ -686,6 +690,7 @@ impl Config {
                 self.command.idempotency_ttl_secs,
             ),
             ("command.snapshot_every", self.command.snapshot_every),
+            ("command.history_wait_ms", self.command.history_wait_ms),
         ] {
             if value == 0 {
                 problem(key, "must be greater than 0".to_owned());

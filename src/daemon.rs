@@ -25,9 +25,9 @@ use crate::log::EventLog;
 use crate::node::Side;
 use crate::projection::{PoolOptions, ProjectionPool};
 use crate::security::LiveSettings;
-use crate::store::CommandStore;
 use crate::store::EmbeddedSettings;
 use crate::store::ViewStore;
+use crate::store::{CommandStore, HISTORY_CACHE_BYTES, HistoryStore};
 
 /// How often idle rate-limit buckets (full again) are forgotten.
 const RATE_LIMIT_HOUSEKEEPING: Duration = Duration::from_secs(60);
@@ -183,10 +183,18 @@ impl Daemon {
                     return Err(error).context("cannot open the command store");
                 }
             };
+            let history = match HistoryStore::open(&config.storage.data_dir, HISTORY_CACHE_BYTES) {
+                Ok(store) => store,
+                Err(error) => {
+                    stop_projections(projections);
+                    return Err(error).context("cannot open the history index");
+                }
+            };
             let commands = CommandSide::start(CommandSideParts {
                 domain: domain.clone(),
                 log: log.clone(),
                 store: command_store,
+                history,
                 config: &config.command,
                 encoding: config.log.encoding,
                 runtime: command.handle(),

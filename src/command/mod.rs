@@ -9,6 +9,7 @@
 //! many writers' records durable with one flush: group commit), and only then
 //! answers them.
 
+mod history;
 mod restore;
 mod writer;
 
@@ -26,7 +27,7 @@ use crate::config::{CommandConfig, PayloadEncoding};
 use crate::domain::{CommandError, Domain, Violation};
 use crate::health::Health;
 use crate::log::{Encoding, Event, EventLog, LogError, partition_for};
-use crate::store::{CommandStore, StoreError};
+use crate::store::{CommandStore, HistoryStore, StoreError};
 
 /// What a client asks the write side to do.
 #[derive(Debug, Clone)]
@@ -114,6 +115,10 @@ pub enum CommandFailure {
     Unavailable(String),
     #[error("the write side is shutting down")]
     ShuttingDown,
+    /// The history index has not reached the log's end within the configured
+    /// wait (it is being built, or its indexer cannot read the log).
+    #[error("the history index is {lag} records behind the log; retry shortly")]
+    HistoryBehind { lag: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -221,6 +226,7 @@ struct Inner {
     log: EventLog,
     /// Per aggregate type, the queue of each partition's writer.
     writers: HashMap<String, Vec<mpsc::Sender<Job>>>,
+    histories: history::Histories,
 }
 
 impl std::fmt::Debug for CommandSide {
@@ -234,6 +240,8 @@ pub struct CommandSideParts<'a> {
     pub domain: Arc<Domain>,
     pub log: EventLog,
     pub store: CommandStore,
+    /// The persisted history index, kept up to date by the write side's indexers.
+    pub history: HistoryStore,
     pub config: &'a CommandConfig,
     pub encoding: PayloadEncoding,
     pub runtime: &'a tokio::runtime::Handle,
@@ -292,6 +300,19 @@ impl CommandSide {
             }
             writers.insert(aggregate.name().to_owned(), queues);
         }
+        let histories = history::Histories::start(
+            parts.history,
+            parts.log.clone(),
+            parts
+                .domain
+                .aggregates()
+                .map(|aggregate| parts.log.topic(aggregate.name()))
+                .collect(),
+            Duration::from_millis(parts.config.history_wait_ms),
+            parts.runtime,
+            parts.tracker,
+            parts.stop.clone(),
+        );
         let permits = u32::try_from(writer_count).unwrap_or(u32::MAX);
         parts.tracker.spawn_on(
             async move {
@@ -306,6 +327,7 @@ impl CommandSide {
                 domain: parts.domain,
                 log: parts.log,
                 writers,
+                histories,
             }),
         }
     }
@@ -349,6 +371,7 @@ impl CommandSide {
                 CommandFailure::Overloaded
                 | CommandFailure::Unavailable(_)
                 | CommandFailure::ShuttingDown
+                | CommandFailure::HistoryBehind { .. }
                 | CommandFailure::Internal(_),
             ) => "failed",
             Err(_) => "invalid",
@@ -428,7 +451,8 @@ impl CommandSide {
     }
 
     /// The aggregate's events from `from_version` on, at most `limit`, each with
-    /// its position.
+    /// its position. Waits (bounded) until the history index has reached the
+    /// log's end as of this call, so every acknowledged command is in it.
     pub async fn history(
         &self,
         aggregate: &str,
@@ -440,11 +464,23 @@ impl CommandSide {
             return Err(CommandFailure::UnknownAggregate(aggregate.to_owned()));
         }
         validate_id(id)?;
-        let log = self.inner.log.clone();
-        let topic = log.topic(aggregate);
+        let topic = self.inner.log.topic(aggregate);
+        let partition = partition_for(id, self.inner.log.partitions());
+        self.inner.histories.caught_up(&topic, partition).await?;
+        let side = self.clone();
         let owned_id = id.to_owned();
         let records = tokio::task::spawn_blocking(move || {
-            log.aggregate_records(&topic, &owned_id, from_version.max(1))
+            // Every record holds at least one wanted version, so `limit + 1`
+            // records hold enough events to fill the page and name the next.
+            side.inner
+                .histories
+                .records(
+                    &topic,
+                    partition,
+                    &owned_id,
+                    from_version.max(1),
+                    limit.saturating_add(1),
+                )
                 .map(|r| (topic, r))
         })
         .await
@@ -452,7 +488,7 @@ impl CommandSide {
         let (topic, records) = records;
         let mut events = Vec::new();
         let mut next_from_version = None;
-        'records: for (partition, offset, record) in records {
+        'records: for (offset, record) in records {
             let decoded = crate::log::decode(&record.headers, &record.value).map_err(|e| {
                 CommandFailure::Internal(format!(
                     "undecodable record at {topic}:{partition}:{offset}: {e}"
