@@ -27,7 +27,7 @@ use crate::projection::{PoolOptions, ProjectionPool};
 use crate::security::LiveSettings;
 use crate::store::EmbeddedSettings;
 use crate::store::ViewStore;
-use crate::store::{CommandStore, HISTORY_CACHE_BYTES, HistoryStore};
+use crate::store::{CommandStore, HistoryStore};
 
 /// How often idle rate-limit buckets (full again) are forgotten.
 const RATE_LIMIT_HOUSEKEEPING: Duration = Duration::from_secs(60);
@@ -139,12 +139,13 @@ impl Daemon {
         // A command node opens no view store and no search index: its read
         // side is its peers' (DESIGN.md §7).
         let projections = if role.runs(Side::Query) {
-            let views = ViewStore::open(data_dir).with_context(|| {
-                format!(
-                    "cannot open the view store in {} (is another cqrsd using it?)",
-                    data_dir.display()
-                )
-            })?;
+            let views = ViewStore::open_with_cache(data_dir, config.storage.view_cache_bytes())
+                .with_context(|| {
+                    format!(
+                        "cannot open the view store in {} (is another cqrsd using it?)",
+                        data_dir.display()
+                    )
+                })?;
             let projections = ProjectionPool::start(
                 PoolOptions {
                     workers: config.projections.workers,
@@ -176,14 +177,20 @@ impl Daemon {
         // A query node has no write side: no command store, no writers, no
         // restore; its commands are forwarded.
         if role.runs(Side::Command) {
-            let command_store = match CommandStore::open(&config.storage.data_dir) {
+            let command_store = match CommandStore::open_with_cache(
+                &config.storage.data_dir,
+                config.storage.command_cache_bytes(),
+            ) {
                 Ok(store) => store,
                 Err(error) => {
                     stop_projections(projections);
                     return Err(error).context("cannot open the command store");
                 }
             };
-            let history = match HistoryStore::open(&config.storage.data_dir, HISTORY_CACHE_BYTES) {
+            let history = match HistoryStore::open(
+                &config.storage.data_dir,
+                config.storage.history_cache_bytes(),
+            ) {
                 Ok(store) => store,
                 Err(error) => {
                     stop_projections(projections);
@@ -475,7 +482,8 @@ pub fn rebuild_projection(
         )
     };
     let log = open_log(config, &domain).with_context(hint)?;
-    let views = ViewStore::open(data_dir).with_context(hint)?;
+    let views = ViewStore::open_with_cache(data_dir, config.storage.view_cache_bytes())
+        .with_context(hint)?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut make = Some(progress_bar);
     let events = crate::projection::rebuild_offline(

@@ -77,9 +77,9 @@ pub enum StoreError {
 // `cqrsd bench projection --events 1000000`). The command store is mostly
 // written; the views are read by queries, so they get the larger share.
 /// sled page cache of the command store (snapshots, idempotency answers).
-pub(crate) const COMMAND_STORE_CACHE_BYTES: u64 = 32 << 20;
+pub const COMMAND_STORE_CACHE_BYTES: u64 = 32 << 20;
 /// sled page cache of the view store (views, aggregations, positions).
-pub(crate) const VIEW_STORE_CACHE_BYTES: u64 = 128 << 20;
+pub const VIEW_STORE_CACHE_BYTES: u64 = 128 << 20;
 /// sled page cache of the history index (`<data_dir>/history`): written in
 /// order by one indexer per partition and read one aggregate at a time, so it
 /// gains little from a large cache.
