@@ -40,9 +40,12 @@ pub(super) struct Histories {
 }
 
 impl Histories {
-    /// Starts one indexer per partition of every topic on `runtime`.
+    /// Starts one indexer per partition of every topic on `runtime`; they
+    /// begin once `restored` is true.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         store: HistoryStore,
+        restored: watch::Receiver<bool>,
         log: EventLog,
         topics: Vec<String>,
         wait: Duration,
@@ -63,7 +66,7 @@ impl Histories {
                     partition,
                     indexed: tx,
                 };
-                tracker.spawn_on(indexer.run(stop.clone()), runtime);
+                tracker.spawn_on(indexer.run(restored.clone(), stop.clone()), runtime);
             }
             indexed.insert(topic, receivers);
         }
@@ -169,7 +172,11 @@ struct Indexer {
 }
 
 impl Indexer {
-    async fn run(self, stop: CancellationToken) {
+    async fn run(self, mut restored: watch::Receiver<bool>, stop: CancellationToken) {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            started = restored.wait_for(|restored| *restored) => if started.is_err() { return },
+        }
         let this = Arc::new(self);
         let mut end = match this.log.subscribe(&this.topic, this.partition) {
             Ok(end) => end,
@@ -366,6 +373,7 @@ mod tests {
         let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
         let histories = Arc::new(Histories::start(
             store.clone(),
+            watch::channel(true).1,
             log.clone(),
             vec![TOPIC.to_owned()],
             Duration::from_secs(30),
@@ -444,6 +452,7 @@ mod tests {
         let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
         let histories = Histories::start(
             store.clone(),
+            watch::channel(true).1,
             log,
             vec![TOPIC.to_owned()],
             Duration::from_secs(30),

@@ -300,8 +300,13 @@ impl CommandSide {
             }
             writers.insert(aggregate.name().to_owned(), queues);
         }
+        // The indexers start once every writer has restored: the restore and
+        // the indexing both write sled hard, and together they were the peak
+        // of the daemon's memory at startup (BENCHMARKS.md, issue 13 item 4).
+        let (restored_tx, restored_rx) = tokio::sync::watch::channel(false);
         let histories = history::Histories::start(
             parts.history,
+            restored_rx,
             parts.log.clone(),
             parts
                 .domain
@@ -318,6 +323,7 @@ impl CommandSide {
             async move {
                 if restored.acquire_many(permits).await.is_ok() {
                     readiness.ready();
+                    restored_tx.send_replace(true);
                 }
             },
             parts.runtime,
