@@ -212,6 +212,24 @@ impl Indexer {
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(topic = %this.topic, partition = this.partition, %error, "history indexing failed; retrying");
+                    // Resume from the stored position: after a reopen it may
+                    // be behind the one this indexer published.
+                    started = false;
+                    if matches!(
+                        error,
+                        IndexError::Store(
+                            StoreError::Sled(_) | StoreError::Io(_) | StoreError::Unavailable(_)
+                        )
+                    ) {
+                        // sled fails every operation after an I/O error until
+                        // it is reopened (a full disk that was freed, say).
+                        let indexer = this.clone();
+                        let reopened =
+                            tokio::task::spawn_blocking(move || indexer.store.reopen()).await;
+                        if let Ok(Err(error)) = reopened {
+                            tracing::warn!(%error, "history index cannot be reopened yet");
+                        }
+                    }
                     true
                 }
                 Err(error) => {
@@ -279,8 +297,12 @@ impl Indexer {
                 })
             })
             .collect::<Result<Vec<_>, IndexError>>()?;
-        self.store
-            .commit(&self.topic, self.partition, last + 1, &entries)?;
+        if !self
+            .store
+            .commit(&self.topic, self.partition, from, last + 1, &entries)?
+        {
+            return Err(IndexError::Moved);
+        }
         let end = self
             .log
             .end_offset(&self.topic, self.partition)
@@ -307,6 +329,10 @@ enum IndexError {
     Log(#[from] LogError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The stored position is not where this indexer stood (the database was
+    /// reopened and lost what sled had not written): it resumes from there.
+    #[error("the stored history position moved; resuming from it")]
+    Moved,
 }
 
 #[cfg(test)]
@@ -448,7 +474,7 @@ mod tests {
             offset: 5,
             last_version: 9,
         };
-        store.commit(TOPIC, 0, 10, &[stale]).unwrap();
+        store.commit(TOPIC, 0, 0, 10, &[stale]).unwrap();
         let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
         let histories = Histories::start(
             store.clone(),

@@ -19,7 +19,8 @@
 //! - `e ‖ topic ‖ 0 ‖ partition (u32 BE) ‖ aggregate id ‖ 0 ‖ offset (u64 BE)` → the last
 //!   version the record holds (u64 BE).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use super::StoreError;
 
@@ -34,9 +35,18 @@ pub struct HistoryEntry {
     pub last_version: u64,
 }
 
-/// The persisted history index of every partition of every aggregate topic.
+/// The persisted history index of every partition of every aggregate topic;
+/// clones share one database.
 #[derive(Clone)]
 pub struct HistoryStore {
+    opened: Arc<RwLock<Option<Opened>>>,
+    path: PathBuf,
+    cache_bytes: u64,
+}
+
+/// sled keeps the first I/O error it meets (a full disk, say) and fails every
+/// later operation with it, so the index recovers by reopening its database.
+struct Opened {
     db: sled::Db,
     tree: sled::Tree,
 }
@@ -50,32 +60,70 @@ impl std::fmt::Debug for HistoryStore {
 impl HistoryStore {
     /// Opens (or creates, empty) the index at `<data_dir>/history`. Blocking.
     pub fn open(data_dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = super::open_db(&data_dir.join("history"), cache_bytes)?;
+        let path = data_dir.join("history");
+        let opened = Self::open_db(&path, cache_bytes)?;
         Ok(Self {
+            opened: Arc::new(RwLock::new(Some(opened))),
+            path,
+            cache_bytes,
+        })
+    }
+
+    fn open_db(path: &Path, cache_bytes: u64) -> Result<Opened, StoreError> {
+        let db = super::open_db(path, cache_bytes)?;
+        Ok(Opened {
             tree: db.open_tree("index")?,
             db,
         })
     }
 
-    /// The next offset of the partition to index; 0 when nothing is indexed yet. Blocking.
-    pub fn position(&self, topic: &str, partition: u32) -> Result<u64, StoreError> {
-        match self.tree.get(position_key(topic, partition))? {
-            None => Ok(0),
-            Some(bytes) => {
-                be_u64(&bytes).ok_or_else(|| corrupt(format!("position of {topic}:{partition}")))
-            }
-        }
+    /// Drops the database and opens it again: after an I/O error (the disk
+    /// was full) sled refuses everything until it is reopened. What sled had
+    /// not written is lost, which the index allows: entries and their position
+    /// were written in one batch, so the reopened index is a prefix of the
+    /// log, and indexing resumes from its position. Blocking.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut opened = self.opened.write().unwrap_or_else(|e| e.into_inner());
+        // The old handle holds sled's file lock until it is gone.
+        drop(opened.take());
+        *opened = Some(Self::open_db(&self.path, self.cache_bytes)?);
+        Ok(())
     }
 
-    /// Writes the entries of the records below `next_offset` that are not indexed yet,
-    /// and the new position, in one atomic sled batch. Blocking.
+    /// The index tree of the open database. Each operation takes its own
+    /// handle and drops it at its end, so a reopen does not wait for long.
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        self.opened
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|opened| opened.tree.clone())
+            .ok_or_else(|| StoreError::Unavailable("the history index is being reopened".into()))
+    }
+
+    /// The next offset of the partition to index; 0 when nothing is indexed yet. Blocking.
+    pub fn position(&self, topic: &str, partition: u32) -> Result<u64, StoreError> {
+        stored_position(&self.tree()?, topic, partition)
+    }
+
+    /// Writes the entries of the records from `from` to below `next_offset`,
+    /// and the new position, in one atomic sled batch, if the stored position
+    /// is `from`; otherwise (the database was reopened and lost what sled had
+    /// not written) writes nothing and returns false, so that no gap can be
+    /// committed. One indexer writes a partition, so the check cannot race.
+    /// Blocking.
     pub fn commit(
         &self,
         topic: &str,
         partition: u32,
+        from: u64,
         next_offset: u64,
         entries: &[HistoryEntry],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        let tree = self.tree()?;
+        if stored_position(&tree, topic, partition)? != from {
+            return Ok(false);
+        }
         let mut batch = sled::Batch::default();
         for entry in entries {
             let mut key = aggregate_prefix(topic, partition, &entry.aggregate_id);
@@ -83,8 +131,8 @@ impl HistoryStore {
             batch.insert(key, &entry.last_version.to_be_bytes());
         }
         batch.insert(position_key(topic, partition), &next_offset.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        Ok(())
+        tree.apply_batch(batch)?;
+        Ok(true)
     }
 
     /// Forgets everything indexed of one partition (its log was replaced by a shorter
@@ -92,12 +140,13 @@ impl HistoryStore {
     /// the position goes first, so an interrupted reset is finished by the next one.
     /// Blocking.
     pub fn reset(&self, topic: &str, partition: u32) -> Result<(), StoreError> {
-        self.tree.remove(position_key(topic, partition))?;
+        let tree = self.tree()?;
+        tree.remove(position_key(topic, partition))?;
         let prefix = partition_prefix(ENTRY, topic, partition);
         loop {
             let mut batch = sled::Batch::default();
             let mut removed = 0;
-            for item in self.tree.scan_prefix(&prefix).take(10_000) {
+            for item in tree.scan_prefix(&prefix).take(10_000) {
                 let (key, _) = item?;
                 batch.remove(key);
                 removed += 1;
@@ -105,7 +154,7 @@ impl HistoryStore {
             if removed == 0 {
                 return Ok(());
             }
-            self.tree.apply_batch(batch)?;
+            tree.apply_batch(batch)?;
         }
     }
 
@@ -121,7 +170,7 @@ impl HistoryStore {
     ) -> Result<Vec<u64>, StoreError> {
         let prefix = aggregate_prefix(topic, partition, aggregate_id);
         let mut offsets = Vec::new();
-        for item in self.tree.scan_prefix(&prefix) {
+        for item in self.tree()?.scan_prefix(&prefix) {
             if offsets.len() >= max {
                 break;
             }
@@ -145,8 +194,25 @@ impl HistoryStore {
 
     /// Writes what sled still buffers, so a clean stop does not re-index. Blocking.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        let db = self
+            .opened
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|opened| opened.db.clone());
+        if let Some(db) = db {
+            db.flush()?;
+        }
         Ok(())
+    }
+}
+
+fn stored_position(tree: &sled::Tree, topic: &str, partition: u32) -> Result<u64, StoreError> {
+    match tree.get(position_key(topic, partition))? {
+        None => Ok(0),
+        Some(bytes) => {
+            be_u64(&bytes).ok_or_else(|| corrupt(format!("position of {topic}:{partition}")))
+        }
     }
 }
 
@@ -200,11 +266,12 @@ mod tests {
                 .commit(
                     "t",
                     0,
+                    0,
                     3,
                     &[entry("a", 0, 1), entry("ab", 1, 1), entry("a", 2, 3)],
                 )
                 .unwrap();
-            store.commit("t", 1, 1, &[entry("a", 0, 7)]).unwrap();
+            assert!(store.commit("t", 1, 0, 1, &[entry("a", 0, 7)]).unwrap());
             store.flush().unwrap();
         }
         let store = HistoryStore::open(dir.path(), 1 << 20).unwrap();
@@ -219,8 +286,26 @@ mod tests {
         assert_eq!(store.offsets("t", 1, "a", 1, 10).unwrap(), vec![0]);
         assert!(store.offsets("t", 0, "nobody", 1, 10).unwrap().is_empty());
         // Committing the same record again rewrites its entry: no duplicate.
-        store.commit("t", 0, 3, &[entry("a", 2, 3)]).unwrap();
+        assert!(store.commit("t", 0, 3, 3, &[entry("a", 2, 3)]).unwrap());
+        // A commit that does not start at the stored position writes nothing,
+        // so neither a gap nor a duplicate can be committed.
+        assert!(!store.commit("t", 0, 2, 3, &[entry("a", 2, 3)]).unwrap());
+        assert!(!store.commit("t", 0, 5, 6, &[entry("a", 5, 4)]).unwrap());
+        assert_eq!(store.position("t", 0).unwrap(), 3);
         assert_eq!(store.offsets("t", 0, "a", 1, 10).unwrap(), vec![0, 2]);
+    }
+
+    #[test]
+    fn a_reopen_keeps_what_was_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HistoryStore::open(dir.path(), 1 << 20).unwrap();
+        let other = store.clone();
+        store.commit("t", 0, 0, 1, &[entry("a", 0, 1)]).unwrap();
+        store.flush().unwrap();
+        other.reopen().unwrap();
+        assert_eq!(store.position("t", 0).unwrap(), 1);
+        assert!(store.commit("t", 0, 1, 2, &[entry("a", 1, 2)]).unwrap());
+        assert_eq!(other.offsets("t", 0, "a", 1, 10).unwrap(), vec![0, 1]);
     }
 
     #[test]
@@ -228,7 +313,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = HistoryStore::open(dir.path(), 1 << 20).unwrap();
         store
-            .commit("t", 0, 2, &[entry("a", 0, 1), entry("a\0b", 1, 1)])
+            .commit("t", 0, 0, 2, &[entry("a", 0, 1), entry("a\0b", 1, 1)])
             .unwrap();
         assert_eq!(store.offsets("t", 0, "a", 1, 10).unwrap(), vec![0]);
         assert_eq!(store.offsets("t", 0, "a\0b", 1, 10).unwrap(), vec![1]);
@@ -238,8 +323,8 @@ mod tests {
     fn a_reset_forgets_one_partition_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = HistoryStore::open(dir.path(), 1 << 20).unwrap();
-        store.commit("t", 0, 1, &[entry("a", 0, 1)]).unwrap();
-        store.commit("t", 1, 1, &[entry("a", 0, 1)]).unwrap();
+        store.commit("t", 0, 0, 1, &[entry("a", 0, 1)]).unwrap();
+        store.commit("t", 1, 0, 1, &[entry("a", 0, 1)]).unwrap();
         store.reset("t", 0).unwrap();
         assert_eq!(store.position("t", 0).unwrap(), 0);
         assert!(store.offsets("t", 0, "a", 1, 10).unwrap().is_empty());
