@@ -83,13 +83,39 @@ impl Default for HttpConfig {
 pub struct StorageConfig {
     /// Relative paths are resolved against the working directory.
     pub data_dir: PathBuf,
+    /// sled page cache of the command store (snapshots, idempotency answers), MiB.
+    pub command_cache_mib: u64,
+    /// sled page cache of the view store (views, aggregations, positions), MiB.
+    pub view_cache_mib: u64,
+    /// sled page cache of the history index, MiB.
+    pub history_cache_mib: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./cqrsd-data"),
+            command_cache_mib: crate::store::COMMAND_STORE_CACHE_BYTES >> 20,
+            view_cache_mib: crate::store::VIEW_STORE_CACHE_BYTES >> 20,
+            history_cache_mib: crate::store::HISTORY_CACHE_BYTES >> 20,
         }
+    }
+}
+
+impl StorageConfig {
+    /// The sled page cache of the command store, in bytes.
+    pub fn command_cache_bytes(&self) -> u64 {
+        self.command_cache_mib.saturating_mul(1 << 20)
+    }
+
+    /// The sled page cache of the view store, in bytes.
+    pub fn view_cache_bytes(&self) -> u64 {
+        self.view_cache_mib.saturating_mul(1 << 20)
+    }
+
+    /// The sled page cache of the history index, in bytes.
+    pub fn history_cache_bytes(&self) -> u64 {
+        self.history_cache_mib.saturating_mul(1 << 20)
     }
 }
 
@@ -222,6 +248,9 @@ pub struct CommandConfig {
     pub idempotency_ttl_secs: u64,
     /// Records appended to a partition between two snapshot checkpoints.
     pub snapshot_every: u64,
+    /// Longest wait of a history read (`GET /aggregates/{a}/{id}/events`) for
+    /// the history index to reach the log's end before it is answered 503.
+    pub history_wait_ms: u64,
 }
 
 impl Default for CommandConfig {
@@ -233,6 +262,7 @@ impl Default for CommandConfig {
             max_batch: 512,
             idempotency_ttl_secs: 24 * 60 * 60,
             snapshot_every: 1000,
+            history_wait_ms: 5_000,
         }
     }
 }
@@ -725,6 +755,7 @@ impl Config {
                 self.command.idempotency_ttl_secs,
             ),
             ("command.snapshot_every", self.command.snapshot_every),
+            ("command.history_wait_ms", self.command.history_wait_ms),
         ] {
             if value == 0 {
                 problem(key, "must be greater than 0".to_owned());
@@ -748,6 +779,15 @@ impl Config {
         ] {
             if value == 0 {
                 problem(key, "must be greater than 0".to_owned());
+            }
+        }
+        for (key, value) in [
+            ("storage.command_cache_mib", self.storage.command_cache_mib),
+            ("storage.view_cache_mib", self.storage.view_cache_mib),
+            ("storage.history_cache_mib", self.storage.history_cache_mib),
+        ] {
+            if !(1..=1 << 20).contains(&value) {
+                problem(key, format!("{value} MiB: must be between 1 and 1048576"));
             }
         }
         for (key, value) in [

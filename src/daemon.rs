@@ -25,9 +25,9 @@ use crate::log::EventLog;
 use crate::node::Side;
 use crate::projection::{PoolOptions, ProjectionPool};
 use crate::security::LiveSettings;
-use crate::store::CommandStore;
 use crate::store::EmbeddedSettings;
 use crate::store::ViewStore;
+use crate::store::{CommandStore, HistoryStore};
 
 /// How often idle rate-limit buckets (full again) are forgotten.
 const RATE_LIMIT_HOUSEKEEPING: Duration = Duration::from_secs(60);
@@ -143,12 +143,13 @@ impl Daemon {
         // they wait (as for a 503) until it is set below.
         let policy_sender = crate::projection::PolicySender::default();
         let projections = if role.runs(Side::Query) {
-            let views = ViewStore::open(data_dir).with_context(|| {
-                format!(
-                    "cannot open the view store in {} (is another cqrsd using it?)",
-                    data_dir.display()
-                )
-            })?;
+            let views = ViewStore::open_with_cache(data_dir, config.storage.view_cache_bytes())
+                .with_context(|| {
+                    format!(
+                        "cannot open the view store in {} (is another cqrsd using it?)",
+                        data_dir.display()
+                    )
+                })?;
             let projections = ProjectionPool::start(
                 PoolOptions {
                     workers: config.projections.workers,
@@ -185,17 +186,31 @@ impl Daemon {
         // A query node has no write side: no command store, no writers, no
         // restore; its commands are forwarded.
         if role.runs(Side::Command) {
-            let command_store = match CommandStore::open(&config.storage.data_dir) {
+            let command_store = match CommandStore::open_with_cache(
+                &config.storage.data_dir,
+                config.storage.command_cache_bytes(),
+            ) {
                 Ok(store) => store,
                 Err(error) => {
                     stop_projections(projections);
                     return Err(error).context("cannot open the command store");
                 }
             };
+            let history = match HistoryStore::open(
+                &config.storage.data_dir,
+                config.storage.history_cache_bytes(),
+            ) {
+                Ok(store) => store,
+                Err(error) => {
+                    stop_projections(projections);
+                    return Err(error).context("cannot open the history index");
+                }
+            };
             let commands = CommandSide::start(CommandSideParts {
                 domain: domain.clone(),
                 log: log.clone(),
                 store: command_store,
+                history,
                 config: &config.command,
                 encoding: config.log.encoding,
                 runtime: command.handle(),
@@ -483,7 +498,8 @@ pub fn rebuild_projection(
         )
     };
     let log = open_log(config, &domain).with_context(hint)?;
-    let views = ViewStore::open(data_dir).with_context(hint)?;
+    let views = ViewStore::open_with_cache(data_dir, config.storage.view_cache_bytes())
+        .with_context(hint)?;
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut make = Some(progress_bar);
     let events = crate::projection::rebuild_offline(

@@ -82,7 +82,7 @@ impl Setup {
             });
         }
         let dir = tempfile::tempdir()?;
-        let mut config = target::local_config(dir.path());
+        let mut config = target::local_config(dir.path())?;
         adjust(&mut config);
         target::reset_peak_rss();
         let local = Local::start(config)?;
@@ -643,7 +643,7 @@ pub(super) fn read_side(options: &Options, wanted: &[Scenario]) -> anyhow::Resul
         .clamp(1, events);
     let runtime = generator_runtime()?;
     let dir = tempfile::tempdir()?;
-    let config = target::local_config(dir.path());
+    let config = target::local_config(dir.path())?;
     eprintln!("read side: filling {events} events over {accounts} accounts");
     let fill = target::fill(&config, events, accounts)?;
     let (scanned, scan_seconds) = scan_log(&config)?;

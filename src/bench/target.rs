@@ -188,12 +188,14 @@ impl Local {
 }
 
 /// The configuration of an in-process daemon on `dir`: the defaults (the
-/// embedded log with fsync, the built-in bank domain), on a free loopback port.
-pub fn local_config(dir: &Path) -> Config {
-    let mut config = Config::default();
+/// embedded log with fsync, the built-in bank domain) with the environment's
+/// `CQRSD__SECTION__KEY` overrides, so a run can measure other settings (a
+/// cache size, say) without a config file, on a free loopback port.
+pub fn local_config(dir: &Path) -> anyhow::Result<Config> {
+    let mut config = Config::load(None).context("the CQRSD__ environment overrides")?;
     config.http.listen = "127.0.0.1:0".to_owned();
     config.storage.data_dir = dir.join("data");
-    config
+    Ok(config)
 }
 
 /// What a pre-fill wrote.

@@ -9,6 +9,7 @@
 //! many writers' records durable with one flush: group commit), and only then
 //! answers them.
 
+mod history;
 mod restore;
 mod writer;
 
@@ -26,7 +27,7 @@ use crate::config::{CommandConfig, PayloadEncoding};
 use crate::domain::{CommandError, Domain, Violation};
 use crate::health::Health;
 use crate::log::{Encoding, Event, EventLog, LogError, RecordError, partition_for};
-use crate::store::{CommandStore, StoreError};
+use crate::store::{CommandStore, HistoryStore, StoreError};
 
 /// What a client asks the write side to do.
 #[derive(Debug, Clone)]
@@ -118,6 +119,10 @@ pub enum CommandFailure {
     /// domain problem an operator fixes in the domain file, not a client's).
     #[error("a stored event cannot be upcast: {0}")]
     Upcast(String),
+    /// The history index has not reached the log's end within the configured
+    /// wait (it is being built, or its indexer cannot read the log).
+    #[error("the history index is {lag} records behind the log; retry shortly")]
+    HistoryBehind { lag: u64 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -227,6 +232,7 @@ struct Inner {
     log: EventLog,
     /// Per aggregate type, the queue of each partition's writer.
     writers: HashMap<String, Vec<mpsc::Sender<Job>>>,
+    histories: history::Histories,
 }
 
 impl std::fmt::Debug for CommandSide {
@@ -240,6 +246,8 @@ pub struct CommandSideParts<'a> {
     pub domain: Arc<Domain>,
     pub log: EventLog,
     pub store: CommandStore,
+    /// The persisted history index, kept up to date by the write side's indexers.
+    pub history: HistoryStore,
     pub config: &'a CommandConfig,
     pub encoding: PayloadEncoding,
     pub runtime: &'a tokio::runtime::Handle,
@@ -298,11 +306,30 @@ impl CommandSide {
             }
             writers.insert(aggregate.name().to_owned(), queues);
         }
+        // The indexers start once every writer has restored: the restore and
+        // the indexing both write sled hard, and together they were the peak
+        // of the daemon's memory at startup (BENCHMARKS.md, issue 13 item 4).
+        let (restored_tx, restored_rx) = tokio::sync::watch::channel(false);
+        let histories = history::Histories::start(
+            parts.history,
+            restored_rx,
+            parts.log.clone(),
+            parts
+                .domain
+                .aggregates()
+                .map(|aggregate| parts.log.topic(aggregate.name()))
+                .collect(),
+            Duration::from_millis(parts.config.history_wait_ms),
+            parts.runtime,
+            parts.tracker,
+            parts.stop.clone(),
+        );
         let permits = u32::try_from(writer_count).unwrap_or(u32::MAX);
         parts.tracker.spawn_on(
             async move {
                 if restored.acquire_many(permits).await.is_ok() {
                     readiness.ready();
+                    restored_tx.send_replace(true);
                 }
             },
             parts.runtime,
@@ -312,6 +339,7 @@ impl CommandSide {
                 domain: parts.domain,
                 log: parts.log,
                 writers,
+                histories,
             }),
         }
     }
@@ -355,6 +383,7 @@ impl CommandSide {
                 CommandFailure::Overloaded
                 | CommandFailure::Unavailable(_)
                 | CommandFailure::ShuttingDown
+                | CommandFailure::HistoryBehind { .. }
                 | CommandFailure::Internal(_),
             ) => "failed",
             Err(_) => "invalid",
@@ -434,7 +463,8 @@ impl CommandSide {
     }
 
     /// The aggregate's events from `from_version` on, at most `limit`, each with
-    /// its position.
+    /// its position. Waits (bounded) until the history index has reached the
+    /// log's end as of this call, so every acknowledged command is in it.
     pub async fn history(
         &self,
         aggregate: &str,
@@ -446,11 +476,23 @@ impl CommandSide {
             return Err(CommandFailure::UnknownAggregate(aggregate.to_owned()));
         }
         validate_id(id)?;
-        let log = self.inner.log.clone();
-        let topic = log.topic(aggregate);
+        let topic = self.inner.log.topic(aggregate);
+        let partition = partition_for(id, self.inner.log.partitions());
+        self.inner.histories.caught_up(&topic, partition).await?;
+        let side = self.clone();
         let owned_id = id.to_owned();
         let records = tokio::task::spawn_blocking(move || {
-            log.aggregate_records(&topic, &owned_id, from_version.max(1))
+            // Every record holds at least one wanted version, so `limit + 1`
+            // records hold enough events to fill the page and name the next.
+            side.inner
+                .histories
+                .records(
+                    &topic,
+                    partition,
+                    &owned_id,
+                    from_version.max(1),
+                    limit.saturating_add(1),
+                )
                 .map(|r| (topic, r))
         })
         .await
@@ -458,7 +500,7 @@ impl CommandSide {
         let (topic, records) = records;
         let mut events = Vec::new();
         let mut next_from_version = None;
-        'records: for (partition, offset, record) in records {
+        'records: for (offset, record) in records {
             let decoded =
                 crate::log::decode_current(&self.inner.domain, &record.headers, &record.value)
                     .map_err(|e| match e {

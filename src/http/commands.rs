@@ -271,6 +271,7 @@ struct HistoryEvent {
         (status = 200, description = "The events", body = HistoryResponse),
         (status = 400, description = "Malformed aggregate id, from_version or limit", body = super::Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown aggregate type, or no such aggregate", body = super::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The history index did not reach the log's end within [command] history_wait_ms (it is being built); retry after Retry-After", body = super::Problem, content_type = "application/problem+json"),
     ))]
 async fn get_events(
     State(commands): State<CommandSide>,

@@ -122,6 +122,10 @@ pub enum ApiError {
     Edge(#[from] super::edge::EdgeError),
 }
 
+/// The `Retry-After` of a history read whose index is behind: the indexer
+/// writes thousands of records per batch, so a second covers most lags.
+const HISTORY_RETRY_SECS: u64 = 1;
+
 /// `Retry-After` is in whole seconds; rounding up keeps a client that obeys
 /// it from arriving before its next request is allowed.
 fn retry_after_secs(wait: std::time::Duration) -> u64 {
@@ -298,6 +302,13 @@ fn command_problem(failure: &CommandFailure, detail: String) -> Problem {
             "Event log unavailable",
             detail,
         ),
+        CommandFailure::HistoryBehind { lag } => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "history-behind",
+            "History index behind the log",
+            detail,
+        )
+        .with_extension("lag", serde_json::Value::from(*lag)),
         CommandFailure::ShuttingDown => Problem::typed(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting-down",
@@ -394,6 +405,11 @@ impl IntoResponse for ApiError {
                     HeaderValue::from(retry_after_secs(*wait)),
                 );
             }
+            ApiError::Command(CommandFailure::HistoryBehind { .. }) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(HISTORY_RETRY_SECS));
+            }
             ApiError::Edge(error) => {
                 if let Some(secs) = error.retry_after_secs() {
                     response
@@ -444,6 +460,14 @@ mod tests {
             ApiError::RateLimited(std::time::Duration::from_millis(1500)).into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn a_history_index_behind_the_log_is_503_with_retry_after() {
+        let response = ApiError::Command(CommandFailure::HistoryBehind { lag: 7 }).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
     }
 
     #[test]

@@ -20,10 +20,10 @@
 //!   markers, which no reader gets, so a reader after the last record would
 //!   never reach it. The authoritative answer reads from just before the
 //!   watermark until the partition stays quiet (`readable_end`).
-//! - Kafka has no per-aggregate index: `aggregate_records` uses the lazy
-//!   in-memory one of `log::history`, as the embedded log does. The write
-//!   side does not need it (its command store holds every aggregate's latest
-//!   state); only `GET .../events` does.
+//! - Kafka has no per-aggregate index, and needs none here: the write side
+//!   keeps every aggregate's latest state in its command store, and histories
+//!   come from the write side's persisted history index, built by reading the
+//!   partitions like any reader.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -40,8 +40,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::log::history::HistoryIndex;
-use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record, partition_for};
+use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record};
 
 mod owner;
 mod raw;
@@ -148,7 +147,6 @@ struct Inner {
     meta: BaseConsumer<Context>,
     readers: Mutex<Vec<BaseConsumer<Context>>>,
     ends: Mutex<HashMap<Key, End>>,
-    history: HistoryIndex,
     in_flight: AtomicI64,
     closed: AtomicBool,
     /// Set when a delivery failed on the producer's idempotence state
@@ -222,7 +220,6 @@ impl KafkaLog {
             meta,
             readers: Mutex::new(Vec::new()),
             ends: Mutex::new(HashMap::new()),
-            history: HistoryIndex::default(),
             in_flight: AtomicI64::new(0),
             closed: AtomicBool::new(false),
             producer_broken: AtomicBool::new(false),
@@ -901,27 +898,6 @@ impl KafkaLog {
         Ok(records)
     }
 
-    /// The records of one aggregate holding versions from `from_version` on.
-    /// Blocking; see the module documentation for the index it keeps.
-    pub fn aggregate_records(
-        &self,
-        topic: &str,
-        aggregate_id: &str,
-        from_version: u64,
-    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
-        let partition = partition_for(aggregate_id, self.inner.settings.partitions);
-        let end = self.end_offset(topic, partition)?;
-        self.inner.history.records(
-            topic,
-            partition,
-            aggregate_id,
-            from_version,
-            end,
-            &mut |from, max| self.read(topic, partition, from, max),
-            &|detail| LogError::Corrupt(format!("{topic}:{partition}: {detail}")),
-        )
-    }
-
     /// Waits for queued records to be delivered and stops the refresher. Blocking.
     pub fn close(&self) -> Result<(), LogError> {
         self.inner.closed.store(true, Ordering::Release);
@@ -984,15 +960,6 @@ impl LogBackend for KafkaLog {
 
     fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
         KafkaLog::subscribe(self, topic, partition)
-    }
-
-    fn aggregate_records(
-        &self,
-        topic: &str,
-        aggregate_id: &str,
-        from_version: u64,
-    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
-        KafkaLog::aggregate_records(self, topic, aggregate_id, from_version)
     }
 
     fn close(&self) -> Result<(), LogError> {

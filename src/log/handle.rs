@@ -76,15 +76,6 @@ pub trait LogBackend: Send + Sync + std::fmt::Debug {
     /// Wakes on every change of the partition's end offset.
     fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError>;
 
-    /// The records of one aggregate holding versions from `from_version` on,
-    /// as (partition, offset, record). Blocking.
-    fn aggregate_records(
-        &self,
-        topic: &str,
-        aggregate_id: &str,
-        from_version: u64,
-    ) -> Result<Vec<(u32, u64, Record)>, LogError>;
-
     /// Finishes queued appends and makes them durable. Blocking.
     fn close(&self) -> Result<(), LogError>;
 }
@@ -181,18 +172,6 @@ impl EventLog {
     /// Wakes on every change of the partition's end offset.
     pub fn subscribe(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
         self.backend.subscribe(topic, partition)
-    }
-
-    /// The records of one aggregate holding versions from `from_version` on,
-    /// as (partition, offset, record). Blocking.
-    pub fn aggregate_records(
-        &self,
-        topic: &str,
-        aggregate_id: &str,
-        from_version: u64,
-    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
-        self.backend
-            .aggregate_records(topic, aggregate_id, from_version)
     }
 
     /// Finishes queued appends and flushes. Blocking.

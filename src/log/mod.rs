@@ -4,7 +4,6 @@
 //! Kafka backend share exactly the same notion of topics, partitions, offsets and records.
 
 mod handle;
-pub mod history;
 pub mod partitioner;
 pub mod position;
 pub mod record;

@@ -140,6 +140,12 @@ impl SearchTarget {
             }
         }
         self.index.commit(&self.applied)?;
+        // How many documents each commit carries is what batching buys: a
+        // catch-up should show few commits, each with many documents.
+        metrics::counter!("cqrsd_search_commits_total", "projection" => self.name.clone())
+            .increment(1);
+        metrics::counter!("cqrsd_search_documents_total", "projection" => self.name.clone())
+            .increment(self.pending.len() as u64);
         self.pending.clear();
         self.committed = self.applied.clone();
         self.dirty_since = None;

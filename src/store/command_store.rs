@@ -54,9 +54,16 @@ impl std::fmt::Debug for CommandStore {
 }
 
 impl CommandStore {
-    /// Opens (or creates) the store at `<data_dir>/command`. Blocking.
+    /// Opens (or creates) the store at `<data_dir>/command` with the default
+    /// page cache. Blocking.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = super::open_db(&data_dir.join("command"), super::COMMAND_STORE_CACHE_BYTES)?;
+        Self::open_with_cache(data_dir, super::COMMAND_STORE_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store at `<data_dir>/command` with a sled page
+    /// cache of `cache_bytes`. Blocking.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = super::open_db(&data_dir.join("command"), cache_bytes)?;
         Ok(Self {
             snapshots: db.open_tree("snapshots")?,
             replies: db.open_tree("replies")?,

@@ -6,12 +6,14 @@
 
 pub mod command_store;
 mod frame;
+pub mod history;
 pub mod migrate;
 pub mod search;
 pub mod segment_log;
 pub mod views;
 
 pub use command_store::{CommandStore, Snapshot, StoredReply};
+pub use history::{HistoryEntry, HistoryStore};
 pub use search::{SearchError, SearchHit, SearchIndex, SearchPage, SearchReader};
 pub use segment_log::{EmbeddedSettings, LogStats, SegmentLog, SegmentLogOptions, open_embedded};
 pub use views::ViewStore;
@@ -75,9 +77,13 @@ pub enum StoreError {
 // `cqrsd bench projection --events 1000000`). The command store is mostly
 // written; the views are read by queries, so they get the larger share.
 /// sled page cache of the command store (snapshots, idempotency answers).
-pub(crate) const COMMAND_STORE_CACHE_BYTES: u64 = 32 << 20;
+pub const COMMAND_STORE_CACHE_BYTES: u64 = 32 << 20;
 /// sled page cache of the view store (views, aggregations, positions).
-pub(crate) const VIEW_STORE_CACHE_BYTES: u64 = 128 << 20;
+pub const VIEW_STORE_CACHE_BYTES: u64 = 128 << 20;
+/// sled page cache of the history index (`<data_dir>/history`): written in
+/// order by one indexer per partition and read one aggregate at a time, so it
+/// gains little from a large cache.
+pub const HISTORY_CACHE_BYTES: u64 = 16 << 20;
 
 /// How long opening a database waits for a lock that is being released.
 const LOCK_RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);

@@ -42,9 +42,8 @@ use super::StoreError;
 use super::frame::{
     FRAME_HEADER_LEN, MAX_PAYLOAD_LEN, Scan, decode_frame, encode_frame, scan_frame,
 };
-use crate::log::history::HistoryIndex;
 use crate::log::position::validate_topic_name;
-use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record, partition_for};
+use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record};
 
 /// The directory of the segment log inside the data directory.
 pub const LOG_DIR: &str = "eventlog";
@@ -145,7 +144,6 @@ struct Shared {
     records: AtomicU64,
     largest_group: AtomicU64,
     syncs: AtomicU64,
-    history: HistoryIndex,
     /// Fault injection: the next group commit fails as if fdatasync had failed.
     #[cfg(test)]
     fail_next_sync: AtomicBool,
@@ -248,7 +246,6 @@ impl SegmentLog {
             records: AtomicU64::new(0),
             largest_group: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
-            history: HistoryIndex::default(),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
         });
@@ -479,30 +476,6 @@ impl SegmentLog {
         let topic = self.inner.shared.existing_topic(topic)?;
         let part = check_partition(&topic, partition)?;
         Ok(part.end.subscribe())
-    }
-
-    /// The durable records of one aggregate that contain versions at or above
-    /// `from_version`, in offset order, as (partition, offset, record). Served by an
-    /// in-memory index built from the log when a history is first asked for (off the
-    /// append path); the write side never needs it. Blocking.
-    pub fn aggregate_records(
-        &self,
-        topic: &str,
-        aggregate_id: &str,
-        from_version: u64,
-    ) -> Result<Vec<(u32, u64, Record)>, StoreError> {
-        let partitions = self.inner.shared.existing_topic(topic)?.partitions.len() as u32;
-        let partition = partition_for(aggregate_id, partitions);
-        let end = self.end_offset(topic, partition)?;
-        self.inner.shared.history.records(
-            topic,
-            partition,
-            aggregate_id,
-            from_version,
-            end,
-            &mut |from, max| self.read(topic, partition, from, max),
-            &|detail| StoreError::corrupt(format!("partition {topic}:{partition}"), detail),
-        )
     }
 
     /// Counters of the appender.
@@ -1540,20 +1513,6 @@ impl LogBackend for SegmentLog {
         Ok(SegmentLog::subscribe(self, topic, partition)?)
     }
 
-    fn aggregate_records(
-        &self,
-        topic: &str,
-        aggregate_id: &str,
-        from_version: u64,
-    ) -> Result<Vec<(u32, u64, Record)>, LogError> {
-        Ok(SegmentLog::aggregate_records(
-            self,
-            topic,
-            aggregate_id,
-            from_version,
-        )?)
-    }
-
     fn close(&self) -> Result<(), LogError> {
         Ok(SegmentLog::close(self)?)
     }
@@ -1990,47 +1949,6 @@ mod tests {
         assert!(matches!(err, StoreError::LegacyLog { .. }), "{err}");
         assert!(err.to_string().contains("cqrsd log migrate"), "{err}");
         assert!(!dir.path().join(LOG_DIR).exists());
-    }
-
-    #[tokio::test]
-    async fn aggregate_records_returns_exactly_the_aggregate_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = open(dir.path(), opts(4));
-        let pa = partition_for("a", 4);
-        let pab = partition_for("ab", 4);
-        log.append(TOPIC, pa, vec![rec("a", 1, 2)]).await.unwrap();
-        log.append(TOPIC, pab, vec![rec("ab", 1, 1)]).await.unwrap();
-        log.append(TOPIC, pa, vec![rec("a", 3, 1), rec("a", 4, 3)])
-            .await
-            .unwrap();
-        log.append(TOPIC, pab, vec![rec("ab", 2, 1)]).await.unwrap();
-
-        let versions = |from: u64| -> Vec<(u64, u64)> {
-            log.aggregate_records(TOPIC, "a", from)
-                .unwrap()
-                .into_iter()
-                .map(|(p, _, r)| {
-                    assert_eq!(p, pa);
-                    assert_eq!(r.key, "a");
-                    r.version_range().unwrap()
-                })
-                .collect()
-        };
-        assert_eq!(versions(0), vec![(1, 2), (3, 3), (4, 6)]);
-        assert_eq!(versions(2), vec![(1, 2), (3, 3), (4, 6)]);
-        assert_eq!(versions(3), vec![(3, 3), (4, 6)]);
-        assert_eq!(versions(5), vec![(4, 6)]);
-        assert_eq!(versions(7), Vec::<(u64, u64)>::new());
-        // The index follows later appends.
-        log.append(TOPIC, pa, vec![rec("a", 7, 1)]).await.unwrap();
-        assert_eq!(versions(7), vec![(7, 7)]);
-        assert_eq!(log.aggregate_records(TOPIC, "ab", 0).unwrap().len(), 2);
-        assert!(
-            log.aggregate_records(TOPIC, "nobody", 0)
-                .unwrap()
-                .is_empty()
-        );
-        log.close().unwrap();
     }
 
     #[tokio::test]

@@ -121,7 +121,12 @@ impl ViewStore {
     /// Opens (or creates) the store at `<data_dir>/views`. Blocking. Fails with
     /// sled's lock error when another process (a running daemon) holds it.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = super::open_db(&data_dir.join("views"), super::VIEW_STORE_CACHE_BYTES)?;
+        Self::open_with_cache(data_dir, super::VIEW_STORE_CACHE_BYTES)
+    }
+
+    /// Opens the store with a sled page cache of `cache_bytes`. Blocking.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = super::open_db(&data_dir.join("views"), cache_bytes)?;
         let meta = db.open_tree("meta")?;
         Ok(Self {
             db,

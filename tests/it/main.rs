@@ -14,6 +14,7 @@ mod commands;
 mod console;
 mod crash;
 mod dispatch;
+mod history;
 mod kafka;
 mod keyed_views;
 mod openapi_contract;

@@ -325,3 +325,154 @@ async fn a_restart_resumes_exactly_and_equals_a_rebuild() {
             .starts_with("Grace Hopper")
     );
 }
+
+/// The value of a counter in a Prometheus scrape (0 when absent).
+fn counter(scrape: &str, name_and_labels: &str) -> u64 {
+    scrape
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name_and_labels)?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |value| value as u64)
+}
+
+async fn search_counters(http: &reqwest::Client, base: &str) -> (u64, u64) {
+    let scrape = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (
+        counter(
+            &scrape,
+            r#"cqrsd_search_commits_total{projection="account_search"}"#,
+        ),
+        counter(
+            &scrape,
+            r#"cqrsd_search_documents_total{projection="account_search"}"#,
+        ),
+    )
+}
+
+/// Issue 12 item 5: during a catch-up, documents reach tantivy once per
+/// changed key and commit, not once per event, in a few large commits; and a
+/// single write is still searchable through `consistent_with`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_indexes_each_changed_document_once_per_commit() {
+    use crate::harness::{Process, ProcessOptions, command};
+    const OTHERS: usize = 30;
+    const DEPOSITS: usize = 1500;
+    let daemon = Process::start(ProcessOptions::default());
+    let base = daemon.url("");
+    let http = client();
+    for n in 0..OTHERS {
+        let response = command(
+            &http,
+            &base,
+            &format!("account/o{n}/open"),
+            json!({"owner": "other"}),
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+    }
+    let response = command(&http, &base, "account/hot/open", json!({"owner": "hot"})).await;
+    assert_eq!(response.status(), 200);
+    let mut senders = Vec::new();
+    for _ in 0..8 {
+        let (http, base) = (http.clone(), base.clone());
+        senders.push(tokio::spawn(async move {
+            for _ in 0..DEPOSITS / 8 {
+                let response =
+                    command(&http, &base, "account/hot/deposit", json!({"amount": 1})).await;
+                assert_eq!(response.status(), 200);
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.unwrap();
+    }
+    let report = wait_caught_up(&http, &base).await;
+    let generation = report["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "account_search")
+        .unwrap()["generation"]
+        .as_u64()
+        .unwrap();
+    let (commits_before, documents_before) = search_counters(&http, &base).await;
+
+    // A rebuild catches up over the whole log: every event again.
+    let response = http
+        .post(format!("{base}/admin/projections/account_search/rebuild"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = wait_caught_up(&http, &base).await;
+        let search = report["projections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "account_search")
+            .unwrap()
+            .clone();
+        if search["generation"].as_u64() == Some(generation + 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never rebuilt: {search}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (commits_after, documents_after) = search_counters(&http, &base).await;
+    let (commits, documents) = (
+        commits_after - commits_before,
+        documents_after - documents_before,
+    );
+    let changed_keys = OTHERS as u64 + 1;
+    let events = changed_keys + (DEPOSITS / 8 * 8) as u64;
+    // Every key reached the new index, and each at most once per commit ...
+    assert!(
+        documents >= changed_keys,
+        "{documents} documents for {changed_keys} keys"
+    );
+    assert!(
+        documents <= changed_keys * commits,
+        "{documents} documents in {commits} commits of at most {changed_keys} keys"
+    );
+    // ... so far fewer documents than events went to tantivy (the log is
+    // read 1,000 records at a time, so a batch holds hundreds of the hot
+    // account's deposits), and the commits were few.
+    assert!(
+        documents * 10 < events,
+        "{documents} documents for {events} events: not batched"
+    );
+    assert!(
+        commits * 100 < events,
+        "{commits} commits for {events} events"
+    );
+
+    // A single write is still searchable right after its answer.
+    let response = command(
+        &http,
+        &base,
+        "account/fresh/open",
+        json!({"owner": "zelda"}),
+    )
+    .await;
+    let reply: Value = response.json().await.unwrap();
+    let position = reply["position"].as_str().unwrap();
+    let hits = search_all(
+        &http,
+        &format!("{base}/search/account_search?q=zelda&consistent_with={position}"),
+    )
+    .await;
+    assert_eq!(keys(&hits), ["fresh"]);
+}
