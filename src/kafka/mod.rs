@@ -471,11 +471,11 @@ impl KafkaLog {
             }
             match consumer.poll(quiet_until.unwrap_or(deadline).min(deadline) - now) {
                 None => {}
-                Some(Err(KafkaError::PartitionEOF(eof))) => {
-                    if eof == partition as i32 && quiet_until.is_none() {
-                        quiet_until = Some(Instant::now() + PROBE_QUIET);
-                    }
+                Some(Err(KafkaError::PartitionEOF(eof))) if eof == partition as i32 => {
+                    quiet_until.get_or_insert(Instant::now() + PROBE_QUIET);
                 }
+                // Another partition's end (left from an earlier assignment).
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(error)) => {
                     metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
                     // A partition we cannot read has no known end.
