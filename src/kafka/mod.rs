@@ -19,7 +19,8 @@
 //!   (partition ownership, `owner.rs`) the watermark also counts the commit
 //!   markers, which no reader gets, so a reader after the last record would
 //!   never reach it. The authoritative answer reads from just before the
-//!   watermark until the partition stays quiet (`readable_end`).
+//!   watermark until the partition stays quiet (`readable_end`), the quiet
+//!   counted from the broker's first answer (`probe_end`).
 //! - Kafka has no per-aggregate index, and needs none here: the write side
 //!   keeps every aggregate's latest state in its command store, and histories
 //!   come from the write side's persisted history index, built by reading the
@@ -57,16 +58,21 @@ pub const ENFORCED_PRODUCER_KEYS: &[&str] = &[
     "transactional.id",
 ];
 /// Consumer settings cqrsd sets itself.
-pub const ENFORCED_CONSUMER_KEYS: &[&str] =
-    &["bootstrap.servers", "enable.auto.commit", "group.id"];
+pub const ENFORCED_CONSUMER_KEYS: &[&str] = &[
+    "bootstrap.servers",
+    "enable.auto.commit",
+    "group.id",
+    "enable.partition.eof",
+];
 
 /// How often the background thread refreshes the cached end offsets.
 const REFRESH_EVERY: Duration = Duration::from_millis(250);
 /// Pause between the end-offset answers compared after a failed append.
 const SETTLE: Duration = Duration::from_millis(500);
 /// How long a probe past the reported end waits for one more record before
-/// it takes the partition to end there. A fetch at the end returns after
-/// `fetch.wait.max.ms`, so this is several fetch round trips.
+/// it takes the partition to end there, once the broker has answered a
+/// fetch. A fetch at the end returns after `fetch.wait.max.ms`, so this is
+/// several fetch round trips.
 const PROBE_QUIET: Duration = Duration::from_millis(300);
 /// How long the refresher's peek past the known ends waits for a record
 /// (see [`KafkaLog::peek_past_ends`]): a few fetch round trips.
@@ -255,7 +261,10 @@ impl KafkaLog {
             .set("group.id", "cqrsd-reader")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false")
+            // The end-of-partition event tells a probe that a fetch has been
+            // answered, so an empty answer is not mistaken for a slow one
+            // (see `probe_end`); reads skip it.
+            .set("enable.partition.eof", "true")
             .set("allow.auto.create.topics", "false");
         if !settings.consumer.contains_key("fetch.wait.max.ms") {
             config.set("fetch.wait.max.ms", "20");
@@ -422,6 +431,13 @@ impl KafkaLog {
 
     /// Reads from `from` until no record arrives for `PROBE_QUIET`, and
     /// returns the offset after the last record seen (`None` when none).
+    /// The quiet window starts only once the broker has answered a fetch (a
+    /// record, or the end-of-partition event): a consumer's first fetch can
+    /// take longer than the window (a new process, a loaded machine), and a
+    /// window that ran out before any answer would take a partition holding
+    /// records to be empty, so a restore would fold none of them and hand
+    /// out their versions again. Without any answer within the request
+    /// timeout the end is unknown, which is an error, never "empty".
     fn probe_end(
         &self,
         consumer: &BaseConsumer<Context>,
@@ -431,20 +447,32 @@ impl KafkaLog {
     ) -> Result<Option<u64>, LogError> {
         assign_at(consumer, topic, partition, from)?;
         let deadline = Instant::now() + self.inner.settings.request_timeout;
-        let mut quiet_until = Instant::now() + PROBE_QUIET;
+        // Until the first answer, only the deadline bounds the wait.
+        let mut quiet_until: Option<Instant> = None;
         let mut next = None;
         loop {
             let now = Instant::now();
-            if now >= quiet_until {
+            if quiet_until.is_some_and(|quiet| now >= quiet) {
                 return Ok(next);
             }
             if now >= deadline {
+                if quiet_until.is_none() {
+                    return Err(unavailable(
+                        &format!("end of {topic}:{partition} past {from}"),
+                        "no fetch was answered within the request timeout",
+                    ));
+                }
                 // Records kept coming for the whole bound: someone else is
                 // writing, and any end is only a moment's answer.
                 return Ok(next);
             }
-            match consumer.poll(quiet_until.min(deadline) - now) {
+            match consumer.poll(quiet_until.unwrap_or(deadline).min(deadline) - now) {
                 None => {}
+                Some(Err(KafkaError::PartitionEOF(eof))) if eof == partition as i32 => {
+                    quiet_until.get_or_insert(Instant::now() + PROBE_QUIET);
+                }
+                // Another partition's end (left from an earlier assignment).
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(error)) => {
                     metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
                     // A partition we cannot read has no known end.
@@ -460,7 +488,7 @@ impl KafkaLog {
                         && offset >= next.unwrap_or(from)
                     {
                         next = Some(offset + 1);
-                        quiet_until = Instant::now() + PROBE_QUIET;
+                        quiet_until = Some(Instant::now() + PROBE_QUIET);
                     }
                 }
             }
@@ -502,7 +530,8 @@ impl KafkaLog {
                 break;
             }
             match consumer.poll(quiet_until.min(deadline) - now) {
-                None => {}
+                // A partition read to its end is no error.
+                None | Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(error)) => {
                     metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
                     result = Err(unavailable("peek past the end offsets", error));
@@ -876,7 +905,8 @@ impl KafkaLog {
                 ));
             }
             match consumer.poll(left.min(Duration::from_millis(100))) {
-                None => {}
+                // Reaching the end is no error; the loop ends at `end`.
+                None | Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(error)) => {
                     metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
                     last_error = Some(error);

@@ -336,6 +336,72 @@ async fn deleting_the_data_directory_restores_states_versions_and_idempotent_ans
     );
 }
 
+/// A restore after a SIGKILL folds every record even when the broker is
+/// slow to answer the first fetch of a new process. The consumer settings
+/// make every fetch wait about a second (far longer than the end probe's
+/// quiet window), as a cold consumer on a loaded machine may: a probe that
+/// took "nothing yet" for "nothing there" found the partitions empty, so the
+/// restarted write side had no state for aggregates in the log and decided
+/// their idempotent retries afresh, claiming their versions a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_waits_for_a_slow_first_fetch_before_it_takes_a_partition_to_end() {
+    if skip_kafka() {
+        return;
+    }
+    let config = format!(
+        "{}[log.kafka.consumer]\n\"fetch.min.bytes\" = \"100000000\"\n\"fetch.wait.max.ms\" = \"1000\"\n",
+        kafka_config(&kafka_brokers())
+    );
+    let daemon = Process::start(ProcessOptions {
+        config,
+        ..ProcessOptions::default()
+    });
+    daemon.ready().await;
+    let (http, base) = (client(), daemon.url(""));
+    let mut answers = BTreeMap::new();
+    for account in 0..8 {
+        let id = format!("s{account}");
+        let key = format!("{id}-open");
+        let response = http
+            .post(format!("{base}/commands/account/{id}/open"))
+            .header("idempotency-key", &key)
+            .json(&json!({"owner": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        answers.insert((id, key), response.text().await.unwrap());
+    }
+    // Killed well before the idle checkpoint: the restart restores every
+    // partition from the log alone.
+    let daemon = daemon.restart(true);
+    daemon.ready().await;
+    let base = daemon.url("");
+    for ((id, key), first) in &answers {
+        let state = get(&http, format!("{base}/aggregates/account/{id}")).await;
+        assert_eq!(state["version"], json!(1), "{id} restored: {state}");
+        let response = http
+            .post(format!("{base}/commands/account/{id}/open"))
+            .header("idempotency-key", key)
+            .json(&json!({"owner": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{key}");
+        assert_eq!(
+            &response.text().await.unwrap(),
+            first,
+            "{key} answered as before"
+        );
+        let state = get(&http, format!("{base}/aggregates/account/{id}")).await;
+        assert_eq!(
+            state["version"],
+            json!(1),
+            "the retry of {id} applied nothing"
+        );
+    }
+}
+
 #[test]
 fn a_topic_with_another_partition_count_is_a_startup_error() {
     if skip_kafka() {
