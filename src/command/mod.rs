@@ -281,6 +281,7 @@ impl CommandSide {
             .health
             .register("command", "restoring aggregates from the log");
         let restored = Arc::new(tokio::sync::Semaphore::new(0));
+        let settled = Arc::new(tokio::sync::Semaphore::new(0));
         let mut writers = HashMap::new();
         for aggregate in parts.domain.aggregates() {
             let topic = parts.log.topic(aggregate.name());
@@ -299,16 +300,20 @@ impl CommandSide {
                 );
                 let stop = parts.stop.clone();
                 let restored = restored.clone();
+                let settled = settled.clone();
                 parts.tracker.spawn_on(
-                    async move { writer.run(rx, stop, restored).await },
+                    async move { writer.run(rx, stop, restored, settled).await },
                     parts.runtime,
                 );
             }
             writers.insert(aggregate.name().to_owned(), queues);
         }
-        // The indexers start once every writer has restored: the restore and
-        // the indexing both write sled hard, and together they were the peak
-        // of the daemon's memory at startup (BENCHMARKS.md, issue 13 item 4).
+        // The indexers start once every writer's restore has ended (restored
+        // or failed): the restore and the indexing both write sled hard, and
+        // together they were the peak of the daemon's memory at startup
+        // (BENCHMARKS.md, issue 13 item 4). A failed restore does not hold
+        // them back, so the other partitions' histories are still served and
+        // a history read on the failed one answers with its reason.
         let (restored_tx, restored_rx) = tokio::sync::watch::channel(false);
         let histories = history::Histories::start(
             parts.history,
@@ -329,6 +334,13 @@ impl CommandSide {
             async move {
                 if restored.acquire_many(permits).await.is_ok() {
                     readiness.ready();
+                }
+            },
+            parts.runtime,
+        );
+        parts.tracker.spawn_on(
+            async move {
+                if settled.acquire_many(permits).await.is_ok() {
                     restored_tx.send_replace(true);
                 }
             },

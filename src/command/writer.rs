@@ -141,8 +141,15 @@ impl Writer {
         mut jobs: mpsc::Receiver<Job>,
         stop: CancellationToken,
         restored: Arc<Semaphore>,
+        settled: Arc<Semaphore>,
     ) {
-        if let Err(error) = self.restore().await {
+        let restore = self.restore().await;
+        // Whether or not it worked, the restore has stopped writing the
+        // command store: the history indexers may begin once every writer is
+        // past this point, and a partition that cannot be restored must not
+        // keep the others' histories from being indexed.
+        settled.add_permits(1);
+        if let Err(error) = restore {
             // Without a restored partition the writer could hand out wrong
             // versions or forget idempotent answers: refuse its commands.
             tracing::error!(topic = %self.topic, partition = self.partition, %error, "cannot restore the partition; its commands will fail");
