@@ -36,6 +36,11 @@ pub(super) struct Histories {
     log: EventLog,
     /// Topic → the indexed position (next offset) of each partition.
     indexed: HashMap<String, Vec<watch::Receiver<u64>>>,
+    /// Topic → whether each partition's history has been asked for: an
+    /// indexer starts on its first history read (or at startup when its
+    /// index already holds some of the partition), so a node whose
+    /// histories nobody reads pays nothing for them.
+    wanted: HashMap<String, Vec<watch::Sender<bool>>>,
     wait: Duration,
 }
 
@@ -54,11 +59,15 @@ impl Histories {
         stop: CancellationToken,
     ) -> Histories {
         let mut indexed = HashMap::new();
+        let mut wanted = HashMap::new();
         for topic in topics {
             let mut receivers = Vec::new();
+            let mut asks = Vec::new();
             for partition in 0..log.partitions() {
                 let (tx, rx) = watch::channel(0);
                 receivers.push(rx);
+                let (ask, asked) = watch::channel(false);
+                asks.push(ask);
                 let indexer = Indexer {
                     store: store.clone(),
                     log: log.clone(),
@@ -66,14 +75,16 @@ impl Histories {
                     partition,
                     indexed: tx,
                 };
-                tracker.spawn_on(indexer.run(restored.clone(), stop.clone()), runtime);
+                tracker.spawn_on(indexer.run(restored.clone(), asked, stop.clone()), runtime);
             }
-            indexed.insert(topic, receivers);
+            indexed.insert(topic.clone(), receivers);
+            wanted.insert(topic, asks);
         }
         Histories {
             store,
             log,
             indexed,
+            wanted,
             wait,
         }
     }
@@ -91,6 +102,13 @@ impl Histories {
             .and_then(|partitions| partitions.get(partition as usize))
             .cloned()
             .ok_or_else(|| CommandFailure::Internal(format!("no history index for {topic}")))?;
+        if let Some(ask) = self
+            .wanted
+            .get(topic)
+            .and_then(|partitions| partitions.get(partition as usize))
+        {
+            ask.send_if_modified(|asked| !std::mem::replace(asked, true));
+        }
         let end = self.log.end_offset(topic, partition)?;
         let reached = tokio::time::timeout(self.wait, indexed.wait_for(|at| *at >= end))
             .await
@@ -172,12 +190,32 @@ struct Indexer {
 }
 
 impl Indexer {
-    async fn run(self, mut restored: watch::Receiver<bool>, stop: CancellationToken) {
+    async fn run(
+        self,
+        mut restored: watch::Receiver<bool>,
+        mut asked: watch::Receiver<bool>,
+        stop: CancellationToken,
+    ) {
         tokio::select! {
             _ = stop.cancelled() => return,
             started = restored.wait_for(|restored| *restored) => if started.is_err() { return },
         }
         let this = Arc::new(self);
+        // Indexing a partition costs a sled write per record (BENCHMARKS.md,
+        // "The history index"), so it starts only once its history is asked
+        // for, or at once when the index already holds some of it (it was
+        // asked for before a restart and must keep up).
+        let store = this.clone();
+        let kept = tokio::task::spawn_blocking(move || {
+            store.store.position(&store.topic, store.partition)
+        })
+        .await;
+        if !matches!(kept, Ok(Ok(position)) if position > 0) {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                asked = asked.wait_for(|asked| *asked) => if asked.is_err() { return },
+            }
+        }
         let mut end = match this.log.subscribe(&this.topic, this.partition) {
             Ok(end) => end,
             Err(error) => {
@@ -441,6 +479,38 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_is_indexed_only_once_its_history_is_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log(dir.path());
+        log.append(TOPIC, 0, vec![record("a", 1..=1), record("b", 1..=1)])
+            .await
+            .unwrap();
+        let store = HistoryStore::open(dir.path(), 1 << 20).unwrap();
+        let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
+        let histories = Histories::start(
+            store.clone(),
+            watch::channel(true).1,
+            log,
+            vec![TOPIC.to_owned()],
+            Duration::from_secs(30),
+            &tokio::runtime::Handle::current(),
+            &tracker,
+            stop.clone(),
+        );
+        // Restored, records in the log, nobody asking: nothing is indexed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(store.position(TOPIC, 0).unwrap(), 0);
+        assert_eq!(*histories.indexed[TOPIC][0].borrow(), 0);
+        // The first history read starts the indexer and waits for it.
+        histories.caught_up(TOPIC, 0).await.unwrap();
+        assert_eq!(*histories.indexed[TOPIC][0].borrow(), 2);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(store.position(TOPIC, 0).unwrap(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_past_the_wait_is_refused_with_the_lag() {
         let dir = tempfile::tempdir().unwrap();
         let log = log(dir.path());
@@ -453,6 +523,7 @@ mod tests {
             store: HistoryStore::open(dir.path(), 1 << 20).unwrap(),
             log,
             indexed: HashMap::from([(TOPIC.to_owned(), vec![indexed])]),
+            wanted: HashMap::new(),
             wait: Duration::from_millis(10),
         };
         match histories.caught_up(TOPIC, 0).await {

@@ -51,8 +51,18 @@ async fn sigkill_mid_indexing_leaves_an_index_equal_to_a_rebuild(backend: Backen
     let daemon = Process::start(ProcessOptions::backend(backend));
     let base = daemon.url("");
     let http = client();
-    // The indexer tails the log while commands land, committing a batch per
-    // read; the kill lands among those commits.
+    // An indexer starts on its partition's first history read: ask for every
+    // account's (none exists yet) so that each indexer tails the log while
+    // commands land, committing a batch per read; the kill lands among those
+    // commits.
+    for account in 0..ACCOUNTS {
+        let asked = http
+            .get(format!("{base}/aggregates/account/acc{account}/events"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(asked.status(), 404);
+    }
     let (acknowledged, clients) = deposit_until_killed(&http, &base, ACCOUNTS, CLIENTS, 400).await;
     let daemon = daemon.restart(true);
     for client in clients {
