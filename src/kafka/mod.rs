@@ -389,10 +389,30 @@ impl KafkaLog {
     /// takes at least `PROBE_QUIET`.
     fn authoritative_end(&self, topic: &str, partition: u32) -> Result<u64, LogError> {
         let reported = self.fetch_end(topic, partition)?;
-        let consumer = self.pooled_consumer()?;
-        let result = self.readable_end(&consumer, topic, partition, reported);
-        self.return_consumer(consumer);
-        let end = result?;
+        // A consumer of its own, not one from the pool: a pooled consumer may
+        // still hold an end-of-partition event of its earlier assignment (the
+        // refresher's peek leaves them), which would start the probe's quiet
+        // window before this assignment's first fetch is answered, and a slow
+        // broker then reads as an empty partition. This runs when a partition
+        // is opened and after a failed append, so its cost is rare.
+        let consumer = Self::consumer(&self.inner.settings)?;
+        let deadline = Instant::now() + self.inner.settings.request_timeout;
+        let end = loop {
+            let end = self.readable_end(&consumer, topic, partition, reported)?;
+            // Without transactions every offset below the watermark is a
+            // record, so a watermark above 0 with nothing read means no
+            // answer came in time, not an empty partition: ask again, within
+            // the request timeout.
+            if end > 0 || reported == 0 || Instant::now() >= deadline {
+                break end;
+            }
+            tracing::debug!(
+                topic,
+                partition,
+                reported,
+                "nothing read below a watermark above 0; probing again"
+            );
+        };
         if end > reported {
             metrics::counter!("cqrsd_kafka_stale_end_offsets_total").increment(1);
             tracing::debug!(
