@@ -381,6 +381,25 @@ mod tests {
 
     const TOPIC: &str = "cqrsd.account";
 
+    /// The histories of `TOPIC` on a write side that has restored.
+    fn restored_histories(
+        store: HistoryStore,
+        log: EventLog,
+        tracker: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Histories {
+        Histories::start(
+            store,
+            watch::channel(true).1,
+            log,
+            vec![TOPIC.to_owned()],
+            Duration::from_secs(30),
+            &tokio::runtime::Handle::current(),
+            tracker,
+            stop.clone(),
+        )
+    }
+
     fn record(id: &str, versions: std::ops::RangeInclusive<u64>) -> Record {
         let events: Vec<Event> = versions
             .map(|version| Event {
@@ -436,15 +455,11 @@ mod tests {
             .unwrap();
         let store = HistoryStore::open(dir.path(), 1 << 20).unwrap();
         let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
-        let histories = Arc::new(Histories::start(
+        let histories = Arc::new(restored_histories(
             store.clone(),
-            watch::channel(true).1,
             log.clone(),
-            vec![TOPIC.to_owned()],
-            Duration::from_secs(30),
-            &tokio::runtime::Handle::current(),
             &tracker,
-            stop.clone(),
+            &stop,
         ));
         for round in 0..3u64 {
             // Appended while the indexer runs: the wait covers it.
@@ -487,16 +502,7 @@ mod tests {
             .unwrap();
         let store = HistoryStore::open(dir.path(), 1 << 20).unwrap();
         let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
-        let histories = Histories::start(
-            store.clone(),
-            watch::channel(true).1,
-            log,
-            vec![TOPIC.to_owned()],
-            Duration::from_secs(30),
-            &tokio::runtime::Handle::current(),
-            &tracker,
-            stop.clone(),
-        );
+        let histories = restored_histories(store.clone(), log, &tracker, &stop);
         // Restored, records in the log, nobody asking: nothing is indexed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(store.position(TOPIC, 0).unwrap(), 0);
@@ -548,16 +554,7 @@ mod tests {
         };
         store.commit(TOPIC, 0, 0, 10, &[stale]).unwrap();
         let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
-        let histories = Histories::start(
-            store.clone(),
-            watch::channel(true).1,
-            log,
-            vec![TOPIC.to_owned()],
-            Duration::from_secs(30),
-            &tokio::runtime::Handle::current(),
-            &tracker,
-            stop.clone(),
-        );
+        let histories = restored_histories(store.clone(), log, &tracker, &stop);
         let mut indexed = histories.indexed[TOPIC][0].clone();
         indexed.wait_for(|at| *at == 1).await.unwrap();
         assert!(store.offsets(TOPIC, 0, "gone", 1, 10).unwrap().is_empty());
