@@ -34,14 +34,21 @@ const RETRY: Duration = Duration::from_millis(500);
 pub(super) struct Histories {
     store: HistoryStore,
     log: EventLog,
-    /// Topic → the indexed position (next offset) of each partition.
-    indexed: HashMap<String, Vec<watch::Receiver<u64>>>,
-    /// Topic → whether each partition's history has been asked for: an
-    /// indexer starts on its first history read (or at startup when its
-    /// index already holds some of the partition), so a node whose
-    /// histories nobody reads pays nothing for them.
-    wanted: HashMap<String, Vec<watch::Sender<bool>>>,
+    /// Topic → each partition's indexer, as a history read sees it.
+    partitions: HashMap<String, Vec<Partition>>,
     wait: Duration,
+}
+
+/// One partition's indexer seen from the history reads.
+#[derive(Debug)]
+struct Partition {
+    /// The indexed position (next offset).
+    indexed: watch::Receiver<u64>,
+    /// Whether the partition's history has been asked for: an indexer starts
+    /// on its first history read (or at startup when its index already holds
+    /// some of the partition), so a node whose histories nobody reads pays
+    /// nothing for them.
+    asked: watch::Sender<bool>,
 }
 
 impl Histories {
@@ -58,16 +65,16 @@ impl Histories {
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Histories {
-        let mut indexed = HashMap::new();
-        let mut wanted = HashMap::new();
+        let mut partitions = HashMap::new();
         for topic in topics {
-            let mut receivers = Vec::new();
-            let mut asks = Vec::new();
+            let mut seen = Vec::new();
             for partition in 0..log.partitions() {
-                let (tx, rx) = watch::channel(0);
-                receivers.push(rx);
+                let (tx, indexed) = watch::channel(0);
                 let (ask, asked) = watch::channel(false);
-                asks.push(ask);
+                seen.push(Partition {
+                    indexed,
+                    asked: ask,
+                });
                 let indexer = Indexer {
                     store: store.clone(),
                     log: log.clone(),
@@ -77,14 +84,12 @@ impl Histories {
                 };
                 tracker.spawn_on(indexer.run(restored.clone(), asked, stop.clone()), runtime);
             }
-            indexed.insert(topic.clone(), receivers);
-            wanted.insert(topic, asks);
+            partitions.insert(topic, seen);
         }
         Histories {
             store,
             log,
-            indexed,
-            wanted,
+            partitions,
             wait,
         }
     }
@@ -96,19 +101,14 @@ impl Histories {
         topic: &str,
         partition: u32,
     ) -> Result<(), CommandFailure> {
-        let mut indexed = self
-            .indexed
+        let seen = self
+            .partitions
             .get(topic)
             .and_then(|partitions| partitions.get(partition as usize))
-            .cloned()
             .ok_or_else(|| CommandFailure::Internal(format!("no history index for {topic}")))?;
-        if let Some(ask) = self
-            .wanted
-            .get(topic)
-            .and_then(|partitions| partitions.get(partition as usize))
-        {
-            ask.send_if_modified(|asked| !std::mem::replace(asked, true));
-        }
+        seen.asked
+            .send_if_modified(|asked| !std::mem::replace(asked, true));
+        let mut indexed = seen.indexed.clone();
         let end = self.log.end_offset(topic, partition)?;
         let reached = tokio::time::timeout(self.wait, indexed.wait_for(|at| *at >= end))
             .await
@@ -506,10 +506,10 @@ mod tests {
         // Restored, records in the log, nobody asking: nothing is indexed.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(store.position(TOPIC, 0).unwrap(), 0);
-        assert_eq!(*histories.indexed[TOPIC][0].borrow(), 0);
+        assert_eq!(*histories.partitions[TOPIC][0].indexed.borrow(), 0);
         // The first history read starts the indexer and waits for it.
         histories.caught_up(TOPIC, 0).await.unwrap();
-        assert_eq!(*histories.indexed[TOPIC][0].borrow(), 2);
+        assert_eq!(*histories.partitions[TOPIC][0].indexed.borrow(), 2);
         stop.cancel();
         tracker.close();
         tracker.wait().await;
@@ -525,11 +525,11 @@ mod tests {
             .unwrap();
         // No indexer runs: the index stays at 0.
         let (_indexed_tx, indexed) = watch::channel(0);
+        let (asked, _asked_rx) = watch::channel(false);
         let histories = Histories {
             store: HistoryStore::open(dir.path(), 1 << 20).unwrap(),
             log,
-            indexed: HashMap::from([(TOPIC.to_owned(), vec![indexed])]),
-            wanted: HashMap::new(),
+            partitions: HashMap::from([(TOPIC.to_owned(), vec![Partition { indexed, asked }])]),
             wait: Duration::from_millis(10),
         };
         match histories.caught_up(TOPIC, 0).await {
@@ -555,7 +555,7 @@ mod tests {
         store.commit(TOPIC, 0, 0, 10, &[stale]).unwrap();
         let (tracker, stop) = (TaskTracker::new(), CancellationToken::new());
         let histories = restored_histories(store.clone(), log, &tracker, &stop);
-        let mut indexed = histories.indexed[TOPIC][0].clone();
+        let mut indexed = histories.partitions[TOPIC][0].indexed.clone();
         indexed.wait_for(|at| *at == 1).await.unwrap();
         assert!(store.offsets(TOPIC, 0, "gone", 1, 10).unwrap().is_empty());
         assert_eq!(store.offsets(TOPIC, 0, "a", 1, 10).unwrap(), vec![0]);
