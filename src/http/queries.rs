@@ -49,7 +49,8 @@ struct QueryState {
         QuarantinedEvent,
         RebuildInfo,
         RebuildAccepted,
-        PolicyPositions
+        PolicyPositions,
+        MovePositions
     ))
 )]
 struct QueryApi;
@@ -427,12 +428,21 @@ const MOVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A policy's positions: `"<topic>:<partition>"` → the next offset to read,
 /// as `/admin/projections` reports them.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Serialize, ToSchema)]
 struct PolicyPositions {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    policy: Option<String>,
-    #[schema(value_type = Object)]
+    policy: String,
+    positions: std::collections::BTreeMap<String, u64>,
+}
+
+// The schema of a move's body says exactly what the handler parses (an
+// object of non-negative integers, no other field), so a body the document
+// calls well-formed is one the handler reads.
+/// The body of a move: the new next offset to read of each partition to
+/// move. Partitions not named stay where they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct MovePositions {
+    /// `"<topic>:<partition>"` → the new next offset to read.
     positions: std::collections::BTreeMap<String, u64>,
 }
 
@@ -442,7 +452,7 @@ struct PolicyPositions {
 /// events it should not act on. Partitions not named stay where they are.
 #[utoipa::path(post, path = "/admin/projections/{name}/position", tag = "admin", operation_id = "movePolicyPosition",
     params(("name" = String, Path, description = "The policy")),
-    request_body(content = PolicyPositions, content_type = "application/json"),
+    request_body(content = MovePositions, content_type = "application/json"),
     responses(
         (status = 200, description = "The policy's positions after the move", body = PolicyPositions),
         (status = 400, description = "Malformed body, an unknown partition, a position behind the policy's or past the end of the log", body = Problem, content_type = "application/problem+json"),
@@ -455,7 +465,7 @@ async fn move_policy_position(
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<PolicyPositions>, ApiError> {
-    let request: PolicyPositions = serde_json::from_slice(&body).map_err(|error| {
+    let request: MovePositions = serde_json::from_slice(&body).map_err(|error| {
         QueryError::BadParameter(format!(
             "the body must be {{\"positions\": {{\"<topic>:<partition>\": <next offset>}}}}: {error}"
         ))
@@ -488,7 +498,7 @@ async fn move_policy_position(
         }
     };
     Ok(Json(PolicyPositions {
-        policy: Some(name),
+        policy: name,
         positions: moved
             .into_iter()
             .map(|((topic, partition), next)| (format!("{topic}:{partition}"), next))

@@ -206,18 +206,23 @@ fn assert_well_formed(document: &Value, paths: &[&str]) {
     }
 }
 
-/// Validates a real answer against the document's schema for it.
-fn assert_matches(document: &Value, schema: &Value, instance: &Value) {
+/// What the document's schema (a reference) says is wrong with an instance.
+fn schema_errors(document: &Value, schema: &Value, instance: &Value) -> Vec<String> {
     // The document itself is the root, so every `#/components/...` reference
     // resolves; its other members are keywords a validator ignores.
     let mut root = document.clone();
     root["$ref"] = schema["$ref"].clone();
     assert!(root["$ref"].is_string(), "not a reference: {schema}");
     let validator = jsonschema::validator_for(&root).unwrap();
-    let errors: Vec<String> = validator
+    validator
         .iter_errors(instance)
         .map(|e| e.to_string())
-        .collect();
+        .collect()
+}
+
+/// Validates a real answer against the document's schema for it.
+fn assert_matches(document: &Value, schema: &Value, instance: &Value) {
+    let errors = schema_errors(document, schema, instance);
     assert!(
         errors.is_empty(),
         "{instance} does not match {schema}: {errors:?}"
@@ -444,6 +449,24 @@ async fn the_bank_document_is_typed_for_the_domain_and_true_to_its_answers() {
         assert!(
             doc["components"]["schemas"].get(generic).is_none(),
             "{generic}"
+        );
+    }
+
+    // A policy's move body is described as the handler parses it: an
+    // object of non-negative integers and no other member, so a body the
+    // document accepts is never refused as malformed.
+    let move_body = &operation(&doc, "/admin/projections/{name}/position", "post")["requestBody"]["content"]
+        ["application/json"]["schema"];
+    assert!(schema_errors(&doc, move_body, &json!({"positions": {"account:0": 3}})).is_empty());
+    for malformed in [
+        json!({"positions": {"account:0": []}}),
+        json!({"positions": {"account:0": -1}}),
+        json!({"policy": "", "positions": {}}),
+        json!({}),
+    ] {
+        assert!(
+            !schema_errors(&doc, move_body, &malformed).is_empty(),
+            "{malformed}"
         );
     }
 
