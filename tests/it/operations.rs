@@ -15,6 +15,9 @@ async fn operations_endpoints_answer() {
         "ok"
     );
 
+    // The daemon listens before its components are ready (a loaded machine
+    // shows /readyz 503 for a moment): wait for readiness, then read it.
+    daemon.ready().await;
     let ready = http.get(daemon.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     let ready: serde_json::Value = ready.json().await.unwrap();
