@@ -44,7 +44,11 @@ use tokio::sync::watch;
 use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record};
 
 mod owner;
+mod owners;
 mod raw;
+pub use owners::{
+    GroupSettings, GroupStats, Membership, OwnerMap, OwnershipHandler, TopicPartition,
+};
 pub use raw::RawProducer;
 
 /// Producer settings cqrsd sets itself; the pass-through map may not change them.

@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use cqrsd::kafka::{KafkaLog, KafkaSettings};
+use std::sync::Arc;
+
+use cqrsd::kafka::{GroupSettings, KafkaLog, KafkaSettings, OwnershipHandler};
 use cqrsd::log::{LogError, Record};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -400,4 +402,174 @@ async fn a_batch_that_fails_in_an_outage_is_decided_before_the_next_one_and_neve
     for log in [log, fresh] {
         blocking(move || log.close()).await.unwrap();
     }
+}
+
+/// A stand-in for a command node in the command-owners group: it takes what
+/// the group gives it (fencing the previous owner) and releases what the
+/// group takes away, and remembers what it holds.
+struct GroupNode {
+    log: KafkaLog,
+    held: std::sync::Mutex<BTreeSet<(String, u32)>>,
+}
+
+impl OwnershipHandler for GroupNode {
+    fn assigned(&self, partitions: &[(String, u32)]) -> Vec<(String, u32)> {
+        let mut taken = Vec::new();
+        for (topic, partition) in partitions {
+            if self.log.take_partition(topic, *partition).is_ok() {
+                taken.push((topic.clone(), *partition));
+            }
+        }
+        self.held.lock().unwrap().extend(taken.iter().cloned());
+        taken
+    }
+
+    fn revoked(&self, partitions: &[(String, u32)], _lost: bool) {
+        let mut held = self.held.lock().unwrap();
+        for (topic, partition) in partitions {
+            self.log.release_partition(topic, *partition);
+            held.remove(&(topic.clone(), *partition));
+        }
+    }
+}
+
+impl GroupNode {
+    fn held(&self) -> BTreeSet<(String, u32)> {
+        self.held.lock().unwrap().clone()
+    }
+}
+
+/// Waits (bounded) until `done` holds; fails with `what` otherwise.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + BOUND;
+    while !done() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_owners_group_splits_the_partitions_and_the_map_names_each_owner() {
+    if skip_kafka() {
+        return;
+    }
+    let brokers = kafka_brokers();
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}.account");
+    let partitions = 4;
+    let open = |with_prefix: bool| {
+        let (brokers, prefix) = (brokers.clone(), prefix.clone());
+        blocking(move || {
+            let mut settings = settings(&brokers, with_prefix.then_some(&*prefix));
+            settings.partitions = partitions;
+            KafkaLog::open(settings).unwrap()
+        })
+    };
+    let query = open(false).await;
+    let ensure = (query.clone(), topic.clone());
+    blocking(move || ensure.0.ensure_topic(&ensure.1).unwrap()).await;
+    let map_topic = format!("{prefix}.command-owners.map");
+    let map = {
+        let (query, map_topic) = (query.clone(), map_topic.clone());
+        blocking(move || query.watch_owner_map(&map_topic).unwrap()).await
+    };
+    let group = |url: &str| GroupSettings {
+        group_id: format!("{prefix}.command-owners"),
+        topics: vec![topic.clone()],
+        map_topic: map_topic.clone(),
+        url: url.to_owned(),
+        session_timeout: Duration::from_millis(3000),
+    };
+    let join = |node: &Arc<GroupNode>, settings: GroupSettings| {
+        let node = node.clone();
+        blocking(move || {
+            let handler: Arc<dyn OwnershipHandler> = node.clone();
+            node.log.join_command_owners(settings, handler).unwrap()
+        })
+    };
+    let every: BTreeSet<(String, u32)> = (0..partitions).map(|p| (topic.clone(), p)).collect();
+    let a = Arc::new(GroupNode {
+        log: open(true).await,
+        held: Default::default(),
+    });
+    let b = Arc::new(GroupNode {
+        log: open(true).await,
+        held: Default::default(),
+    });
+    let (url_a, url_b) = ("http://127.0.0.1:1", "http://127.0.0.1:2");
+
+    // Alone in the group, A takes every partition and the map says so.
+    let member_a = join(&a, group(url_a)).await;
+    eventually("A alone holds every partition, as the map says", || {
+        a.held() == every
+            && every
+                .iter()
+                .all(|(t, p)| map.owner(t, *p).as_deref() == Some(url_a))
+    })
+    .await;
+
+    // With B, the partitions are split: each holds some, none is held twice,
+    // and the map names each partition's holder.
+    let member_b = join(&b, group(url_b)).await;
+    eventually("A and B split the partitions, as the map says", || {
+        let (held_a, held_b) = (a.held(), b.held());
+        !held_a.is_empty()
+            && !held_b.is_empty()
+            && held_a.is_disjoint(&held_b)
+            && held_a.union(&held_b).cloned().collect::<BTreeSet<_>>() == every
+            && every.iter().all(|(t, p)| {
+                let url = if held_a.contains(&(t.clone(), *p)) {
+                    url_a
+                } else {
+                    url_b
+                };
+                map.owner(t, *p).as_deref() == Some(url)
+            })
+    })
+    .await;
+    assert!(
+        member_a
+            .stats()
+            .revocations
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // Only the holder can append; the other node's producer was fenced or
+    // released.
+    let (p_b, p_a) = (b.held().first().unwrap().1, a.held().first().unwrap().1);
+    b.log
+        .append(&topic, p_b, vec![record("by-b")])
+        .await
+        .unwrap();
+    assert!(not_owned(&a.log, &topic, p_b, "a-on-b").await);
+    assert!(not_owned(&b.log, &topic, p_a, "b-on-a").await);
+
+    // B leaves cleanly: it releases everything, and A takes it all again.
+    blocking(move || member_b.leave()).await;
+    assert!(
+        b.held().is_empty(),
+        "B released what it held before leaving"
+    );
+    assert!(not_owned(&b.log, &topic, p_b, "b-after-leave").await);
+    eventually("A holds every partition again, as the map says", || {
+        a.held() == every
+            && every
+                .iter()
+                .all(|(t, p)| map.owner(t, *p).as_deref() == Some(url_a))
+    })
+    .await;
+    a.log
+        .append(&topic, p_b, vec![record("by-a")])
+        .await
+        .unwrap();
+    assert_eq!(
+        everything_in(&brokers, &topic, p_b as i32)
+            .iter()
+            .filter(|p| p.starts_with("by-"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["by-b", "by-a"]
+    );
+    blocking(move || member_a.leave()).await;
+    assert!(a.held().is_empty());
 }
