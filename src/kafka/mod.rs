@@ -165,6 +165,8 @@ struct Inner {
     /// The partitions this node has taken, with their transactional
     /// producers (only with `transactional_id_prefix`).
     owners: Mutex<HashMap<Key, Arc<owner::Owned>>>,
+    /// How often another node fenced one of this node's owners.
+    fenced: std::sync::atomic::AtomicU64,
 }
 
 /// A handle on the Kafka backend; cheap to clone.
@@ -234,6 +236,7 @@ impl KafkaLog {
             closed: AtomicBool::new(false),
             producer_broken: AtomicBool::new(false),
             owners: Mutex::new(HashMap::new()),
+            fenced: std::sync::atomic::AtomicU64::new(0),
         });
         // Fail at startup, with a clear message, when no broker answers.
         inner

@@ -102,8 +102,8 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn stats(&self) -> &GroupStats {
-        &self.stats
+    pub fn stats(&self) -> Arc<GroupStats> {
+        self.stats.clone()
     }
 
     /// Leaves the group: the handler's `revoked` runs for what this node
@@ -393,6 +393,12 @@ impl Drop for Reader {
         if let Some(thread) = self.thread.lock().unwrap().take() {
             let _ = thread.join();
         }
+    }
+}
+
+impl crate::node::OwnerLookup for OwnerMap {
+    fn owner(&self, topic: &str, partition: u32) -> Option<String> {
+        OwnerMap::owner(self, topic, partition)
     }
 }
 
