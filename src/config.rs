@@ -1578,6 +1578,44 @@ mod tests {
         assert_eq!(url.len(), 1);
         assert!(url[0].starts_with("node.advertise_url: "), "{url:?}");
         assert!(problems("[node]\nrole = \"edge\"\n")[0].contains("node.role"));
+
+        // Several command nodes: only roles command and query, a command
+        // node must say where it is reached, and the session is bounded.
+        assert_eq!(
+            Config::default().node.ownership,
+            crate::node::Ownership::None
+        );
+        let all = problems("[node]\nownership = \"group\"\n");
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].starts_with("node.ownership: ") && all[0].contains("\"all\""));
+        let unreachable = problems(&format!(
+            "{kafka}[node]\nrole = \"command\"\nownership = \"group\"\n"
+        ));
+        assert_eq!(unreachable.len(), 1, "{unreachable:?}");
+        assert!(unreachable[0].contains("advertise_url"), "{unreachable:?}");
+        assert!(problems(&format!(
+            "{kafka}[node]\nrole = \"command\"\nownership = \"group\"\nadvertise_url = \"http://a:1\"\n"
+        ))
+        .is_empty());
+        assert!(
+            problems(&format!(
+                "{kafka}[node]\nrole = \"query\"\nownership = \"group\"\n"
+            ))
+            .is_empty()
+        );
+        let bounds = problems(&format!(
+            "{kafka}[node]\nrole = \"query\"\nownership = \"group\"\nsession_timeout_ms = 999\nmoving_retry_after_ms = 0\n"
+        ));
+        let keys: Vec<&str> = bounds
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            ["node.session_timeout_ms", "node.moving_retry_after_ms"],
+            "{bounds:?}"
+        );
+        assert!(problems("[node]\nownership = \"leases\"\n")[0].contains("node.ownership"));
     }
 
     #[test]
