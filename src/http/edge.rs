@@ -431,10 +431,24 @@ async fn to_owner(
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
-    match send(&edge, &edge.to_owner, Side::Command, &owner, &parts, &body).await {
-        Ok(Sent::Answered(response)) => response,
-        Ok(Sent::Unreachable(reason)) => no_owner(format!("its owner {owner}: {reason}")),
-        Err(error) => error.into_response(),
+    // An owner that stops (SIGTERM) closes its idle keep-alive connections,
+    // and a request written into one just then breaks off unanswered. A
+    // read, or a command with an Idempotency-Key (the owner answers a second
+    // copy with the first one's answer), is then sent once more, on a new
+    // connection; any other command's outcome is unknown: 502.
+    let resendable = parts.method == Method::GET || parts.headers.contains_key("idempotency-key");
+    let mut resent = false;
+    loop {
+        match send(&edge, &edge.to_owner, Side::Command, &owner, &parts, &body).await {
+            Ok(Sent::Answered(response)) => return response,
+            Ok(Sent::Unreachable(reason)) => {
+                return no_owner(format!("its owner {owner}: {reason}"));
+            }
+            Err(ApiError::Edge(EdgeError::PeerFailed { .. })) if resendable && !resent => {
+                resent = true;
+            }
+            Err(error) => return error.into_response(),
+        }
     }
 }
 

@@ -32,11 +32,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
@@ -229,35 +228,7 @@ fn parse_map_key(key: &str) -> Option<TopicPartition> {
 impl KafkaLog {
     /// Creates the owner map's topic (one partition) unless it exists. Blocking.
     pub fn ensure_owner_map(&self, map_topic: &str) -> Result<(), LogError> {
-        let settings = &self.inner.settings;
-        let mut config = ClientConfig::new();
-        for (key, value) in &settings.producer {
-            config.set(key, value);
-        }
-        let admin: AdminClient<Context> = config
-            .set("bootstrap.servers", &settings.brokers)
-            .create_with_context(Context)
-            .map_err(|e| unavailable("cannot create the admin client", e))?;
-        let new = NewTopic::new(
-            map_topic,
-            1,
-            TopicReplication::Fixed(settings.replication_factor),
-        );
-        let options = AdminOptions::new().operation_timeout(Some(settings.request_timeout));
-        let results = futures::executor::block_on(admin.create_topics([&new], &options))
-            .map_err(|e| unavailable(&format!("cannot create topic {map_topic}"), e))?;
-        for result in results {
-            match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => {
-                    return Err(unavailable(
-                        &format!("cannot create topic {map_topic}"),
-                        code,
-                    ));
-                }
-            }
-        }
-        Ok(())
+        self.create_topic(map_topic, 1)
     }
 
     /// Joins the command-owners group. The handler is called on the

@@ -382,6 +382,16 @@ pub fn kafka_brokers() -> String {
     BROKER.get_or_init(Broker::start).addr.clone()
 }
 
+/// A free loopback port for a node whose URL its peers must know before it
+/// starts (the OS picks it; the node binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Options for starting a child daemon.
 #[derive(Default)]
 pub struct ProcessOptions {

@@ -15,7 +15,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::harness::{Broker, Process, ProcessOptions, kafka_brokers, skip_kafka, tansu_bin};
+use crate::harness::{
+    Broker, Process, ProcessOptions, free_port, kafka_brokers, skip_kafka, tansu_bin,
+};
 
 /// How long a test waits for something to become true before it fails.
 const BOUND: Duration = Duration::from_secs(30);
@@ -572,16 +574,6 @@ async fn the_command_owners_group_splits_the_partitions_and_the_map_names_each_o
     );
     blocking(move || member_a.leave()).await;
     assert!(a.held().is_empty());
-}
-
-/// A free loopback port for a node whose URL its peers must know before it
-/// starts (the OS picks it; the node binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn node_url(port: u16) -> String {

@@ -9,19 +9,9 @@ use serde_json::{Value, json};
 
 use crate::auth::{TestToken, token};
 use crate::harness::{
-    Process, ProcessOptions, client, expect_problem, kafka_brokers, kafka_config, path_str,
-    run_cli, skip_kafka,
+    Process, ProcessOptions, client, expect_problem, free_port, kafka_brokers, kafka_config,
+    path_str, run_cli, skip_kafka,
 };
-
-/// A free loopback port for a node whose URL its peers must know before it
-/// starts (the OS picks it; the node binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn url(port: u16) -> String {
     format!("http://127.0.0.1:{port}")
