@@ -15,9 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::harness::{
-    Broker, Process, ProcessOptions, free_port, kafka_brokers, skip_kafka, tansu_bin,
-};
+use crate::harness::{Broker, Process, free_port, kafka_brokers, node_url, skip_kafka, tansu_bin};
 
 /// How long a test waits for something to become true before it fails.
 const BOUND: Duration = Duration::from_secs(30);
@@ -576,31 +574,16 @@ async fn the_command_owners_group_splits_the_partitions_and_the_map_names_each_o
     assert!(a.held().is_empty());
 }
 
-fn node_url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
-}
-
 /// Starts a node of a cluster whose command nodes share the partitions.
 fn group_node(log: &str, role: &str, port: u16, peers: &[u16]) -> Process {
-    let peers: Vec<String> = peers
-        .iter()
-        .map(|p| format!("\"{}\"", node_url(*p)))
-        .collect();
-    let config = format!(
-        "{log}\n[node]\nrole = \"{role}\"\nadvertise_url = \"{}\"\npeers = [{}]\n\
-         ownership = \"group\"\nsession_timeout_ms = 3000\nmoving_retry_after_ms = 1000\n\
-         health_interval_ms = 200\nconnect_timeout_ms = 500\nresponse_timeout_ms = 5000\n",
-        node_url(port),
-        peers.join(", ")
-    );
-    Process::start(ProcessOptions {
-        config,
-        env: vec![(
-            "CQRSD__HTTP__LISTEN".to_owned(),
-            format!("127.0.0.1:{port}"),
-        )],
-        domain: None,
-    })
+    crate::harness::start_node(
+        log,
+        role,
+        port,
+        peers,
+        "ownership = \"group\"\nsession_timeout_ms = 3000\nmoving_retry_after_ms = 1000\n\
+         response_timeout_ms = 5000\n",
+    )
 }
 
 /// What the clients saw while partitions moved.
