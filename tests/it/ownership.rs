@@ -1005,10 +1005,48 @@ async fn killed_and_stopped_command_nodes_lose_nothing_and_a_zombie_lands_nothin
         // SIGSTOP another past its session: its partitions move to the
         // last node while it still believes it owns them; then SIGCONT.
         acknowledged_at_least(&seen, before + 2 * total / 3).await;
+        let believed = owned_by(&http, &urls[stopped]).await.unwrap();
         commands[stopped].as_ref().unwrap().signal("STOP");
         let last = (0..3).find(|i| *i != killed && *i != stopped).unwrap();
         serve_every_partition(&http, &urls[last..=last], partitions).await;
+        // A command that waits in the stopped node's socket for one of the
+        // partitions it believes it owns, marked forwarded so that the
+        // zombie handles it itself whatever its owner map says by then: it
+        // must be refused (fenced, or no longer served), and never land.
+        let zombie = account_in(&believed, accounts, partitions as u32).map(|account| {
+            // A connection of its own: a pooled one may be closed as idle
+            // by the node as soon as it runs again.
+            let fresh = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap();
+            let request = fresh
+                .post(format!(
+                    "{}/commands/account/{account}/deposit",
+                    urls[stopped]
+                ))
+                .header("cqrsd-forwarded", "1")
+                .header("idempotency-key", format!("zombie-{round}"))
+                .timeout(BOUND * 2)
+                .json(&serde_json::json!({"amount": 1}))
+                .send();
+            tokio::spawn(request)
+        });
+        // Let the request reach the stopped node's socket before it runs.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         commands[stopped].as_ref().unwrap().signal("CONT");
+        if let Some(zombie) = zombie {
+            let answer = zombie
+                .await
+                .unwrap()
+                .expect("the zombie answered the command queued while it was stopped");
+            assert_eq!(answer.status(), 503, "the zombie accepted a command");
+            assert!(answer.headers().contains_key("retry-after"));
+            eprintln!(
+                "round {round}: the zombie answered 503: {}",
+                answer.text().await.unwrap_or_default()
+            );
+        }
 
         for task in load {
             task.await.unwrap();
