@@ -466,6 +466,15 @@ pub struct NodeConfig {
     pub response_timeout_ms: u64,
     /// How often each peer's `/readyz` is asked for its health and role.
     pub health_interval_ms: u64,
+    /// `none` (one node runs the write side) or `group` (several command
+    /// nodes share the partitions; set on every node of such a cluster).
+    pub ownership: crate::node::Ownership,
+    /// The command-owners group's session timeout: how long a silent
+    /// command node keeps its partitions before they move.
+    pub session_timeout_ms: u64,
+    /// The `Retry-After` (rounded up to seconds) of a command whose
+    /// partition has no owner here, or is moving.
+    pub moving_retry_after_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -477,6 +486,9 @@ impl Default for NodeConfig {
             connect_timeout_ms: 1_000,
             response_timeout_ms: 10_000,
             health_interval_ms: 1_000,
+            ownership: crate::node::Ownership::None,
+            session_timeout_ms: 10_000,
+            moving_retry_after_ms: 1_000,
         }
     }
 }
@@ -1048,10 +1060,34 @@ impl Config {
                 format!("{} peers is more than the limit of 64", node.peers.len()),
             );
         }
+        if node.ownership == crate::node::Ownership::Group {
+            match node.role {
+                crate::node::Role::All => problem(
+                    "node.ownership",
+                    "ownership = \"group\" needs role \"command\" or \"query\": a node with role \"all\" runs the whole write side alone".to_owned(),
+                ),
+                crate::node::Role::Command if node.advertise_url.is_none() => problem(
+                    "node.ownership",
+                    "ownership = \"group\" on a command node needs node.advertise_url: the owner map tells the other nodes where this node's partitions are served".to_owned(),
+                ),
+                _ => {}
+            }
+            if node.session_timeout_ms < 1_000 {
+                problem(
+                    "node.session_timeout_ms",
+                    format!(
+                        "{} ms is less than the least of 1000",
+                        node.session_timeout_ms
+                    ),
+                );
+            }
+        }
         for (key, value) in [
             ("node.connect_timeout_ms", node.connect_timeout_ms),
             ("node.response_timeout_ms", node.response_timeout_ms),
             ("node.health_interval_ms", node.health_interval_ms),
+            ("node.session_timeout_ms", node.session_timeout_ms),
+            ("node.moving_retry_after_ms", node.moving_retry_after_ms),
         ] {
             if value == 0 {
                 problem(key, "must be greater than 0".to_owned());
@@ -1542,6 +1578,44 @@ mod tests {
         assert_eq!(url.len(), 1);
         assert!(url[0].starts_with("node.advertise_url: "), "{url:?}");
         assert!(problems("[node]\nrole = \"edge\"\n")[0].contains("node.role"));
+
+        // Several command nodes: only roles command and query, a command
+        // node must say where it is reached, and the session is bounded.
+        assert_eq!(
+            Config::default().node.ownership,
+            crate::node::Ownership::None
+        );
+        let all = problems("[node]\nownership = \"group\"\n");
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].starts_with("node.ownership: ") && all[0].contains("\"all\""));
+        let unreachable = problems(&format!(
+            "{kafka}[node]\nrole = \"command\"\nownership = \"group\"\n"
+        ));
+        assert_eq!(unreachable.len(), 1, "{unreachable:?}");
+        assert!(unreachable[0].contains("advertise_url"), "{unreachable:?}");
+        assert!(problems(&format!(
+            "{kafka}[node]\nrole = \"command\"\nownership = \"group\"\nadvertise_url = \"http://a:1\"\n"
+        ))
+        .is_empty());
+        assert!(
+            problems(&format!(
+                "{kafka}[node]\nrole = \"query\"\nownership = \"group\"\n"
+            ))
+            .is_empty()
+        );
+        let bounds = problems(&format!(
+            "{kafka}[node]\nrole = \"query\"\nownership = \"group\"\nsession_timeout_ms = 999\nmoving_retry_after_ms = 0\n"
+        ));
+        let keys: Vec<&str> = bounds
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            ["node.session_timeout_ms", "node.moving_retry_after_ms"],
+            "{bounds:?}"
+        );
+        assert!(problems("[node]\nownership = \"leases\"\n")[0].contains("node.ownership"));
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub struct Daemon {
     domain: Arc<Domain>,
     components_stop: CancellationToken,
     projections: Option<ProjectionPool>,
+    /// With `[node] ownership = "group"` on a command node: its membership
+    /// in the command-owners group, left at shutdown.
+    membership: Option<crate::kafka::Membership>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -131,7 +134,23 @@ impl Daemon {
             ),
         }
 
-        let log = open_log(&config, &domain)?;
+        let group = config.node.ownership == crate::node::Ownership::Group;
+        // With several command nodes the daemon needs the Kafka backend
+        // itself: to take partitions, join the group and read the owner map.
+        let (log, kafka) = if group {
+            let (log, kafka) = open_group_log(&config, &domain)?;
+            (log, Some(kafka))
+        } else {
+            (open_log(&config, &domain)?, None)
+        };
+        let owner_map = match &kafka {
+            Some(kafka) => Some(
+                kafka
+                    .watch_owner_map(&owner_map_topic(&config))
+                    .context("cannot read the owner map")?,
+            ),
+            None => None,
+        };
         let domain = Arc::new(domain);
 
         let role = config.node.role;
@@ -183,6 +202,15 @@ impl Daemon {
             domain: Some(domain.clone()),
             ..ApiRoutes::default()
         };
+        let owners = owner_map.map(|map| crate::http::edge::OwnerRouting {
+            lookup: Arc::new(map),
+            topic_prefix: config.log.kafka.topic_prefix.clone(),
+            partitions: log.partitions(),
+            aggregates: domain.aggregates().map(|a| a.name().to_owned()).collect(),
+            retry_after_secs: config.node.moving_retry_after_ms.div_ceil(1000).max(1),
+        });
+        let edge = start_edge(&config, io.handle(), &tracker, &shutdown, owners);
+        let mut membership = None;
         // A query node has no write side: no command store, no writers, no
         // restore; its commands are forwarded.
         if role.runs(Side::Command) {
@@ -217,7 +245,36 @@ impl Daemon {
                 stop: components_stop.clone(),
                 tracker: &tracker,
                 health: &health,
+                ownership: kafka.as_ref().map(|_| crate::command::Ownership {
+                    retry_after_secs: config.node.moving_retry_after_ms.div_ceil(1000).max(1),
+                }),
             });
+            if let Some(kafka) = &kafka {
+                let takeover = Arc::new(std::sync::Mutex::new(None));
+                let handler = Arc::new(GroupOwner {
+                    side: commands.clone(),
+                    kafka: kafka.clone(),
+                    runtime: command.handle().clone(),
+                    takeover: takeover.clone(),
+                });
+                let joined =
+                    kafka.join_command_owners(group_settings(&config, &domain, &log), handler);
+                match joined {
+                    Ok(joined) => {
+                        edge.report_ownership(Arc::new(GroupReport {
+                            side: commands.clone(),
+                            kafka: kafka.clone(),
+                            stats: joined.stats(),
+                            takeover,
+                        }));
+                        membership = Some(joined);
+                    }
+                    Err(error) => {
+                        stop_projections(projections);
+                        return Err(error).context("cannot join the command-owners group");
+                    }
+                }
+            }
             policy_sender.set(Arc::new(http::commands::PolicyCommands::new(
                 commands.clone(),
                 command.handle().clone(),
@@ -225,7 +282,7 @@ impl Daemon {
             )));
             let (command_routes, command_api) = http::commands::routes(commands);
             routes.merge(ApiRoutes {
-                command: command_routes,
+                command: edge.route_to_owners(command_routes),
                 openapi: Some(command_api),
                 ..ApiRoutes::default()
             });
@@ -249,7 +306,7 @@ impl Daemon {
                 ..ApiRoutes::default()
             });
         }
-        routes.merge(start_edge(&config, io.handle(), &tracker, &shutdown).routes());
+        routes.merge(edge.routes());
         if let Some(hook) = options.extra_routes {
             routes.merge(hook(&runtimes));
         }
@@ -323,6 +380,7 @@ impl Daemon {
             domain,
             components_stop,
             projections,
+            membership,
         })
     }
 
@@ -356,12 +414,20 @@ impl Daemon {
         let shutdown = self.shutdown.clone();
         let tracker = self.tracker.clone();
         let components_stop = self.components_stop.clone();
+        let membership = self.membership.take();
         self.io.block_on(async move {
             shutdown.cancelled().await;
             tracing::info!("shutting down");
             crate::systemd::notify_stopping();
             if let Some(server) = server {
                 server.stopped().await;
+            }
+            // Hands this node's partitions over: each is given up (its
+            // commands in flight answered, its state checkpointed) and
+            // released before the member leaves, so the next owner restores
+            // from the log's end at once.
+            if let Some(membership) = membership {
+                let _ = tokio::task::spawn_blocking(move || membership.leave()).await;
             }
             components_stop.cancel();
             tracker.close();
@@ -407,6 +473,7 @@ fn start_edge(
     io: &tokio::runtime::Handle,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
+    owners: Option<crate::http::edge::OwnerRouting>,
 ) -> Edge {
     let node = &config.node;
     // Validation accepted every URL, so none is dropped here.
@@ -417,14 +484,148 @@ fn start_edge(
         .collect();
     let options = EdgeOptions {
         role: node.role,
-        advertise_url: node.advertise_url.clone(),
+        // Canonical, as the owner map's URLs are.
+        advertise_url: node
+            .advertise_url
+            .as_ref()
+            .map(|url| crate::node::canonical_url(url).unwrap_or_else(|_| url.clone())),
         peers,
         connect_timeout: Duration::from_millis(node.connect_timeout_ms),
         response_timeout: Duration::from_millis(node.response_timeout_ms),
         health_interval: Duration::from_millis(node.health_interval_ms),
         body_limit_bytes: config.http.body_limit_bytes,
+        owners,
     };
     Edge::start(options, io, tracker, shutdown.clone())
+}
+
+/// The owner map's topic, `<topic_prefix>.command-owners.map`.
+fn owner_map_topic(config: &Config) -> String {
+    format!("{}.command-owners.map", config.log.kafka.topic_prefix)
+}
+
+/// A command node's place in the command-owners group.
+fn group_settings(config: &Config, domain: &Domain, log: &EventLog) -> crate::kafka::GroupSettings {
+    let url = config.node.advertise_url.clone().unwrap_or_default();
+    crate::kafka::GroupSettings {
+        group_id: format!("{}.command-owners", config.log.kafka.topic_prefix),
+        topics: domain.aggregates().map(|a| log.topic(a.name())).collect(),
+        map_topic: owner_map_topic(config),
+        url: crate::node::canonical_url(&url).unwrap_or(url),
+        session_timeout: Duration::from_millis(config.node.session_timeout_ms),
+    }
+}
+
+/// Opens the Kafka backend for a node of a cluster whose command nodes
+/// share the partitions: appends only to partitions taken (fenced by a
+/// transactional producer per partition), and the handle the group needs.
+fn open_group_log(
+    config: &Config,
+    domain: &Domain,
+) -> anyhow::Result<(EventLog, crate::kafka::KafkaLog)> {
+    let mut settings = kafka_settings(&config.log.kafka);
+    if config.node.role.runs(Side::Command) {
+        settings.transactional_id_prefix =
+            Some(format!("{}.command-owners", config.log.kafka.topic_prefix));
+    }
+    let partitions = settings.partitions;
+    let kafka = crate::kafka::KafkaLog::open(settings).context("cannot open the event log")?;
+    let log = EventLog::new(
+        Arc::new(kafka.clone()),
+        config.log.kafka.topic_prefix.clone(),
+        partitions,
+    );
+    ensure_topics(&log, domain)?;
+    Ok((log, kafka))
+}
+
+/// What a command node does when the group moves partitions: on
+/// assignment, fence the previous owner, then restore and serve; on
+/// revocation, give the partition up (in-flight commands answered, state
+/// checkpointed), then release it. Runs on the group member's thread.
+struct GroupOwner {
+    side: CommandSide,
+    kafka: crate::kafka::KafkaLog,
+    runtime: tokio::runtime::Handle,
+    /// The last assignment's takeover time, for `/admin/node`.
+    takeover: Arc<std::sync::Mutex<Option<Duration>>>,
+}
+
+/// A command node's partitions and rebalances, for `/admin/node`.
+struct GroupReport {
+    side: CommandSide,
+    kafka: crate::kafka::KafkaLog,
+    stats: Arc<crate::kafka::GroupStats>,
+    takeover: Arc<std::sync::Mutex<Option<Duration>>>,
+}
+
+impl std::fmt::Debug for GroupReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupReport").finish_non_exhaustive()
+    }
+}
+
+impl crate::node::OwnershipSource for GroupReport {
+    fn report(&self) -> crate::node::OwnershipReport {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::node::OwnershipReport {
+            owned: self
+                .side
+                .owned()
+                .into_iter()
+                .map(|(topic, partition)| format!("{topic}:{partition}"))
+                .collect(),
+            assignments: self.stats.assignments.load(Relaxed),
+            revocations: self.stats.revocations.load(Relaxed),
+            lost: self.stats.lost.load(Relaxed),
+            fenced: self.kafka.fenced_count(),
+            last_takeover: *self.takeover.lock().unwrap(),
+        }
+    }
+}
+
+impl crate::kafka::OwnershipHandler for GroupOwner {
+    fn assigned(&self, partitions: &[(String, u32)]) -> Vec<(String, u32)> {
+        let started = std::time::Instant::now();
+        // Fencing is one quick round trip per partition; the restores, each
+        // reading its partition to an end the brokers confirm, run together.
+        let fenced: Vec<&(String, u32)> = partitions
+            .iter()
+            .filter(|(topic, partition)| match self.kafka.take_partition(topic, *partition) {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::error!(topic, partition, %error, "cannot take the partition assigned");
+                    false
+                }
+            })
+            .collect();
+        let restored = self.runtime.block_on(futures::future::join_all(
+            fenced
+                .iter()
+                .map(|(topic, partition)| self.side.take(topic, *partition)),
+        ));
+        let mut taken = Vec::new();
+        for ((topic, partition), restored) in fenced.into_iter().zip(restored) {
+            if let Err(error) = restored {
+                tracing::error!(topic, partition, %error, "cannot serve the partition assigned");
+                self.kafka.release_partition(topic, *partition);
+                continue;
+            }
+            taken.push((topic.clone(), *partition));
+        }
+        let took = started.elapsed();
+        *self.takeover.lock().unwrap() = Some(took);
+        metrics::histogram!("cqrsd_command_owners_takeover_seconds").record(took.as_secs_f64());
+        tracing::info!(partitions = ?taken, ?took, "partitions taken over: commands accepted");
+        taken
+    }
+
+    fn revoked(&self, partitions: &[(String, u32)], _lost: bool) {
+        for (topic, partition) in partitions {
+            self.runtime.block_on(self.side.give_up(topic, *partition));
+            self.kafka.release_partition(topic, *partition);
+        }
+    }
 }
 
 /// Opens the configured event log and creates (or checks) one topic per
@@ -438,12 +639,18 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
         ),
     }
     .context("cannot open the event log")?;
+    ensure_topics(&log, domain)?;
+    Ok(log)
+}
+
+/// Creates (or checks) one topic per aggregate type.
+fn ensure_topics(log: &EventLog, domain: &Domain) -> anyhow::Result<()> {
     for aggregate in domain.aggregates() {
         let topic = log.topic(aggregate.name());
         log.ensure_topic(&topic)
             .with_context(|| format!("cannot create or check topic {topic}"))?;
     }
-    Ok(log)
+    Ok(())
 }
 
 /// The embedded log's settings from `[storage]` and `[log.embedded]` (also

@@ -23,6 +23,53 @@ pub enum Role {
     Query,
 }
 
+/// How the command nodes of a cluster share each aggregate topic's
+/// partitions.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Ownership {
+    /// One node runs the write side for every partition (the default, and
+    /// the only choice for role `all`).
+    #[default]
+    None,
+    /// Several command nodes split the partitions through the consumer
+    /// group `<topic_prefix>.command-owners`; every node routes a command
+    /// to its partition's owner, named in the owner map.
+    Group,
+}
+
+/// Every partition's owner, as the node knows it: the URL of the command
+/// node that serves it. Implemented by the Kafka backend's owner map; the
+/// edge asks it where a command goes.
+pub trait OwnerLookup: Send + Sync + std::fmt::Debug {
+    /// The canonical URL of the partition's owner, if one was published.
+    fn owner(&self, topic: &str, partition: u32) -> Option<String>;
+}
+
+/// What a command node of a group says about its partitions, for
+/// `GET /admin/node`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OwnershipReport {
+    /// The partitions it serves now, as `topic:partition`, sorted.
+    pub owned: Vec<String>,
+    /// Assignments received from the group (one per rebalance).
+    pub assignments: u64,
+    /// Revocations received, lost ones included.
+    pub revocations: u64,
+    /// Revocations after this node's session had expired.
+    pub lost: u64,
+    /// Times another node fenced this one's producer of a partition.
+    pub fenced: u64,
+    /// The last assignment's takeover: from the assignment to every
+    /// partition of it accepting commands.
+    pub last_takeover: Option<std::time::Duration>,
+}
+
+/// The source of a node's [`OwnershipReport`].
+pub trait OwnershipSource: Send + Sync + std::fmt::Debug {
+    fn report(&self) -> OwnershipReport;
+}
+
 /// One half of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Side {

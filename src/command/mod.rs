@@ -115,6 +115,13 @@ pub enum CommandFailure {
     Unavailable(String),
     #[error("the write side is shutting down")]
     ShuttingDown,
+    /// The aggregate's partition is not served by this node now: it is
+    /// owned by another command node, or moving between nodes.
+    #[error("{reason}; retry in {retry_after_secs} s")]
+    Moving {
+        reason: String,
+        retry_after_secs: u64,
+    },
     /// A stored event cannot be brought to its type's current version (a
     /// domain problem an operator fixes in the domain file, not a client's).
     #[error("a stored event cannot be upcast: {0}")]
@@ -148,9 +155,13 @@ impl From<LogError> for CommandFailure {
     fn from(error: LogError) -> Self {
         match error {
             LogError::Closed => CommandFailure::ShuttingDown,
-            LogError::Unavailable(reason) | LogError::NotOwned(reason) => {
-                CommandFailure::Unavailable(reason)
-            }
+            LogError::Unavailable(reason) => CommandFailure::Unavailable(reason),
+            // Fenced or released under the writer: another node owns the
+            // partition now, or will once the group has moved it.
+            LogError::NotOwned(reason) => CommandFailure::Moving {
+                reason,
+                retry_after_secs: 1,
+            },
             LogError::Corrupt(reason) | LogError::Invalid(reason) => {
                 CommandFailure::Internal(reason)
             }
@@ -232,6 +243,10 @@ struct Inner {
     log: EventLog,
     /// Per aggregate type, the queue of each partition's writer.
     writers: HashMap<String, Vec<mpsc::Sender<Job>>>,
+    /// With ownership, each writer's control queue, by topic and partition.
+    controls: HashMap<(String, u32), mpsc::Sender<writer::Control>>,
+    /// With ownership, the partitions this node serves now.
+    owned: std::sync::Mutex<std::collections::BTreeSet<(String, u32)>>,
     histories: history::Histories,
 }
 
@@ -256,6 +271,17 @@ pub struct CommandSideParts<'a> {
     pub stop: CancellationToken,
     pub tracker: &'a TaskTracker,
     pub health: &'a Health,
+    /// With several command nodes, the partitions this node serves are the
+    /// ones it is told to take ([`CommandSide::take`]); without, all.
+    pub ownership: Option<Ownership>,
+}
+
+/// How the write side behaves when several command nodes share the
+/// partitions.
+#[derive(Debug, Clone, Copy)]
+pub struct Ownership {
+    /// The `Retry-After` of a command for a partition not served here.
+    pub retry_after_secs: u64,
 }
 
 impl CommandSide {
@@ -283,22 +309,52 @@ impl CommandSide {
         let restored = Arc::new(tokio::sync::Semaphore::new(0));
         let settled = Arc::new(tokio::sync::Semaphore::new(0));
         let mut writers = HashMap::new();
+        let mut controls = HashMap::new();
         for aggregate in parts.domain.aggregates() {
             let topic = parts.log.topic(aggregate.name());
             let mut queues = Vec::with_capacity(partitions as usize);
             for partition in 0..partitions {
                 let (tx, rx) = mpsc::channel(parts.config.queue_depth);
                 queues.push(tx);
-                let writer = writer::Writer::new(
-                    parts.domain.clone(),
-                    aggregate.name().to_owned(),
-                    topic.clone(),
-                    partition,
-                    parts.log.clone(),
-                    parts.store.clone(),
-                    settings.clone(),
-                );
+                let make = {
+                    let (domain, log, store, settings) = (
+                        parts.domain.clone(),
+                        parts.log.clone(),
+                        parts.store.clone(),
+                        settings.clone(),
+                    );
+                    let (name, topic) = (aggregate.name().to_owned(), topic.clone());
+                    move || {
+                        writer::Writer::new(
+                            domain.clone(),
+                            name.clone(),
+                            topic.clone(),
+                            partition,
+                            log.clone(),
+                            store.clone(),
+                            settings.clone(),
+                        )
+                    }
+                };
                 let stop = parts.stop.clone();
+                if let Some(ownership) = parts.ownership {
+                    // Nothing to restore before the group gives a partition:
+                    // the writer counts as restored and settled at once.
+                    restored.add_permits(1);
+                    settled.add_permits(1);
+                    let (control_tx, control_rx) = mpsc::channel(4);
+                    controls.insert((topic.clone(), partition), control_tx);
+                    let moving = CommandFailure::Moving {
+                        reason: format!("partition {topic}:{partition} is not served by this node"),
+                        retry_after_secs: ownership.retry_after_secs,
+                    };
+                    parts.tracker.spawn_on(
+                        writer::Writer::run_owned(make, rx, control_rx, stop, moving),
+                        parts.runtime,
+                    );
+                    continue;
+                }
+                let writer = make();
                 let restored = restored.clone();
                 let settled = settled.clone();
                 parts.tracker.spawn_on(
@@ -351,9 +407,72 @@ impl CommandSide {
                 domain: parts.domain,
                 log: parts.log,
                 writers,
+                controls,
+                owned: std::sync::Mutex::default(),
                 histories,
             }),
         }
+    }
+
+    /// With ownership: restores the partition (the caller fenced its
+    /// previous owner first) and serves its commands from now on.
+    pub async fn take(&self, topic: &str, partition: u32) -> Result<(), CommandFailure> {
+        let control = self.control(topic, partition)?;
+        let (reply, answer) = oneshot::channel();
+        control
+            .send(writer::Control::Take { reply })
+            .await
+            .map_err(|_| CommandFailure::ShuttingDown)?;
+        answer.await.map_err(|_| CommandFailure::ShuttingDown)??;
+        self.inner
+            .owned
+            .lock()
+            .unwrap()
+            .insert((topic.to_owned(), partition));
+        Ok(())
+    }
+
+    /// With ownership: stops serving the partition once the commands in
+    /// flight are answered and its state is checkpointed; the caller then
+    /// releases it in the log.
+    pub async fn give_up(&self, topic: &str, partition: u32) {
+        self.inner
+            .owned
+            .lock()
+            .unwrap()
+            .remove(&(topic.to_owned(), partition));
+        let Ok(control) = self.control(topic, partition) else {
+            return;
+        };
+        let (reply, answer) = oneshot::channel();
+        if control
+            .send(writer::Control::Release { reply })
+            .await
+            .is_ok()
+        {
+            // A writer that stopped meanwhile has checkpointed on its own.
+            let _ = answer.await;
+        }
+    }
+
+    /// With ownership: the partitions this node serves now, sorted.
+    pub fn owned(&self) -> Vec<(String, u32)> {
+        self.inner.owned.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn control(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<&mpsc::Sender<writer::Control>, CommandFailure> {
+        self.inner
+            .controls
+            .get(&(topic.to_owned(), partition))
+            .ok_or_else(|| {
+                CommandFailure::Internal(format!(
+                    "no owned writer for {topic}:{partition} (ownership is off, or no such partition)"
+                ))
+            })
     }
 
     fn queue(&self, aggregate: &str, id: &str) -> Result<&mpsc::Sender<Job>, CommandFailure> {
@@ -395,6 +514,7 @@ impl CommandSide {
                 CommandFailure::Overloaded
                 | CommandFailure::Unavailable(_)
                 | CommandFailure::ShuttingDown
+                | CommandFailure::Moving { .. }
                 | CommandFailure::HistoryBehind { .. }
                 | CommandFailure::Internal(_),
             ) => "failed",

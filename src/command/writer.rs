@@ -36,6 +36,16 @@ const MAX_IN_FLIGHT_BATCHES: usize = 4;
 
 type Answer = oneshot::Sender<Result<CommandReply, CommandFailure>>;
 
+/// What the node's ownership tells a partition's writer.
+pub(super) enum Control {
+    /// Restore the partition and serve it; answered once restored.
+    Take {
+        reply: oneshot::Sender<Result<(), CommandFailure>>,
+    },
+    /// Stop serving it; answered once its state is checkpointed and dropped.
+    Release { reply: oneshot::Sender<()> },
+}
+
 /// A decided batch whose append is in flight.
 struct InFlight {
     seq: u64,
@@ -169,6 +179,19 @@ impl Writer {
             }
         }
         restored.add_permits(1);
+        self.serve(&mut jobs, stop.cancelled()).await;
+        self.finish_queued(jobs).await;
+    }
+
+    /// Takes commands until `end` completes (its output is returned) or
+    /// the queue closes (`None`); appends still in flight are left to the
+    /// caller.
+    async fn serve<T>(
+        &mut self,
+        jobs: &mut mpsc::Receiver<Job>,
+        end: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(end);
         let mut idle = tokio::time::interval(IDLE_CHECKPOINT);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -181,21 +204,25 @@ impl Writer {
                 }
                 job = jobs.recv(), if self.appending.len() < self.depth => match job {
                     Some(first) => {
-                        let batch = take_batch(first, &mut jobs, self.settings.max_batch);
+                        let batch = take_batch(first, jobs, self.settings.max_batch);
                         self.process(batch).await;
                     }
-                    None => break,
+                    None => return None,
                 },
                 _ = idle.tick() => {
                     if self.appending.is_empty() && self.records_since_checkpoint > 0 {
                         self.checkpoint().await;
                     }
                 }
-                () = stop.cancelled() => break,
+                ended = &mut end => return Some(ended),
             }
         }
-        // Finish what was queued before the stop, refuse anything later, and
-        // leave a checkpoint so the next start replays nothing.
+    }
+
+    /// At shutdown: finishes what was queued before the stop, refuses
+    /// anything later, and leaves a checkpoint so the next start replays
+    /// nothing.
+    async fn finish_queued(&mut self, mut jobs: mpsc::Receiver<Job>) {
         jobs.close();
         loop {
             let Some(first) = jobs.recv().await else {
@@ -205,9 +232,85 @@ impl Writer {
             self.process(batch).await;
             self.drain().await;
         }
+        self.settle().await;
+    }
+
+    /// Answers every batch in flight and checkpoints what is unsaved.
+    async fn settle(&mut self) {
         self.drain().await;
         if self.records_since_checkpoint > 0 || !self.replies.is_empty() {
             self.checkpoint().await;
+        }
+    }
+
+    /// A partition writer when several command nodes share the partitions:
+    /// it starts without the partition, and answers its commands with
+    /// `Moving` until it is told to take it (`Control::Take`: a fresh
+    /// writer restores it from the checkpoint to the log's end, the caller
+    /// having fenced the previous owner first), then serves them until it
+    /// is told to give it up (`Control::Release`: commands still queued are
+    /// answered `Moving`, those in flight are answered, the state is
+    /// checkpointed and dropped) or the daemon stops.
+    pub(super) async fn run_owned(
+        make: impl Fn() -> Writer,
+        mut jobs: mpsc::Receiver<Job>,
+        mut control: mpsc::Receiver<Control>,
+        stop: CancellationToken,
+        moving: CommandFailure,
+    ) {
+        let mut next: Option<Control> = None;
+        loop {
+            let order = match next.take() {
+                Some(order) => order,
+                None => tokio::select! {
+                    job = jobs.recv() => match job {
+                        Some(job) => {
+                            answer_failure(job, moving.clone());
+                            continue;
+                        }
+                        None => return,
+                    },
+                    order = control.recv() => match order {
+                        Some(order) => order,
+                        None => return,
+                    },
+                    () = stop.cancelled() => return,
+                },
+            };
+            let reply = match order {
+                Control::Release { reply } => {
+                    let _ = reply.send(());
+                    continue;
+                }
+                Control::Take { reply } => reply,
+            };
+            let mut writer = make();
+            if let Err(error) = writer.restore().await {
+                tracing::error!(topic = %writer.topic, partition = writer.partition, %error, "cannot restore the partition taken; it is not served here");
+                let _ = reply.send(Err(error));
+                continue;
+            }
+            let _ = reply.send(Ok(()));
+            let ended = writer
+                .serve(&mut jobs, async {
+                    tokio::select! {
+                        () = stop.cancelled() => None,
+                        order = control.recv() => order,
+                    }
+                })
+                .await;
+            match ended {
+                // Released (or told to take it again, which starts afresh).
+                Some(Some(order)) => {
+                    writer.settle().await;
+                    tracing::info!(topic = %writer.topic, partition = writer.partition, "partition given up");
+                    next = Some(order);
+                }
+                Some(None) | None => {
+                    writer.finish_queued(jobs).await;
+                    return;
+                }
+            }
         }
     }
 

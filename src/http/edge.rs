@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on};
@@ -32,7 +32,7 @@ use utoipa::OpenApi;
 use super::ApiRoutes;
 use super::peers::{PeerClient, PeerView, Peers};
 use super::problem::ApiError;
-use crate::node::{Role, Side};
+use crate::node::{OwnerLookup, OwnershipSource, Role, Side};
 
 /// The header that marks a request one node forwarded to another.
 pub const FORWARDED: HeaderName = HeaderName::from_static("cqrsd-forwarded");
@@ -97,6 +97,16 @@ pub enum EdgeError {
     PeerFailed { peer: String, reason: String },
     #[error("cannot read the request body: {0}")]
     Body(String),
+    /// No command node has published itself as the partition's owner yet,
+    /// or the owner cannot be reached: the partition is moving.
+    #[error(
+        "partition {partition} has no reachable owner now ({reason}); retry in {retry_after_secs} s"
+    )]
+    NoOwner {
+        partition: String,
+        reason: String,
+        retry_after_secs: u64,
+    },
 }
 
 impl EdgeError {
@@ -107,6 +117,9 @@ impl EdgeError {
                 retry_after_secs, ..
             }
             | EdgeError::NotServedHere {
+                retry_after_secs, ..
+            }
+            | EdgeError::NoOwner {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             _ => None,
@@ -125,6 +138,24 @@ pub struct EdgeOptions {
     pub response_timeout: Duration,
     pub health_interval: Duration,
     pub body_limit_bytes: usize,
+    /// With several command nodes (`[node] ownership = "group"`): where
+    /// each partition's commands go.
+    pub owners: Option<OwnerRouting>,
+}
+
+/// How the edge finds the node that serves an aggregate's commands when
+/// several command nodes share the partitions.
+#[derive(Debug, Clone)]
+pub struct OwnerRouting {
+    pub lookup: Arc<dyn OwnerLookup>,
+    /// Topic names are `<topic_prefix>.<aggregate>`.
+    pub topic_prefix: String,
+    pub partitions: u32,
+    /// The domain's aggregate types; a request for another is not routed
+    /// (wherever it goes, it is answered 404).
+    pub aggregates: Vec<String>,
+    /// The `Retry-After` of a command whose partition has no owner now.
+    pub retry_after_secs: u64,
 }
 
 /// Counts and latency of one side's forwards.
@@ -173,6 +204,13 @@ struct Inner {
     shutdown: CancellationToken,
     command: SideStats,
     query: SideStats,
+    owners: Option<OwnerRouting>,
+    /// Commands and aggregate reads sent to their partition's owner.
+    to_owner: SideStats,
+    /// Answered 503 here: the partition had no reachable owner.
+    no_owner: AtomicU64,
+    /// A command node of a group: what it says about its partitions.
+    ownership: std::sync::OnceLock<Arc<dyn OwnershipSource>>,
 }
 
 /// Why a request for a side this node does not run was answered here.
@@ -262,6 +300,10 @@ impl Edge {
                 shutdown,
                 command: SideStats::new(),
                 query: SideStats::new(),
+                owners: options.owners,
+                to_owner: SideStats::new(),
+                no_owner: AtomicU64::new(0),
+                ownership: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -290,7 +332,10 @@ impl Edge {
             for (method, template) in templates {
                 router = router.route(template, on(*method, forward));
             }
-            let router = router.with_state((self.inner.clone(), side));
+            let mut router = router.with_state((self.inner.clone(), side));
+            if side == Side::Command {
+                router = self.route_to_owners(router);
+            }
             routes.merge(match side {
                 Side::Command => ApiRoutes {
                     command: router,
@@ -305,6 +350,177 @@ impl Edge {
             });
         }
         routes
+    }
+}
+
+impl Edge {
+    /// Has `GET /admin/node` show what `source` says about this command
+    /// node's partitions (set once, when the node has joined its group).
+    pub fn report_ownership(&self, source: Arc<dyn OwnershipSource>) {
+        let _ = self.inner.ownership.set(source);
+    }
+
+    /// With several command nodes, sends each command and aggregate read
+    /// to its partition's owner before `router` (the local command routes,
+    /// or the forwarding ones) sees it; without, `router` as it is.
+    pub fn route_to_owners(&self, router: Router) -> Router {
+        if self.inner.owners.is_none() {
+            return router;
+        }
+        router.route_layer(axum::middleware::from_fn_with_state(
+            self.inner.clone(),
+            to_owner,
+        ))
+    }
+}
+
+/// Routes a command-side request by its aggregate's partition: served here
+/// when this node owns it, else sent to the owner the map names (one hop:
+/// a request forwarded here is always served here, where the write side
+/// answers 503 with Retry-After for a partition it does not serve).
+async fn to_owner(
+    State(edge): State<Arc<Inner>>,
+    Path(params): Path<BTreeMap<String, String>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(routing) = edge.owners.as_ref() else {
+        return next.run(request).await;
+    };
+    let (Some(aggregate), Some(id)) = (params.get("aggregate"), params.get("id")) else {
+        return next.run(request).await;
+    };
+    // A request the write side refuses anyway (unknown aggregate, bad id)
+    // is not routed: it gets the same answer on any node.
+    if !routing.aggregates.iter().any(|a| a == aggregate)
+        || crate::command::validate_id(id).is_err()
+    {
+        return next.run(request).await;
+    }
+    let forwarded = request.headers().contains_key(&FORWARDED);
+    if forwarded && edge.role.runs(Side::Command) {
+        return next.run(request).await;
+    }
+    let topic = format!("{}.{aggregate}", routing.topic_prefix);
+    let partition = crate::log::partition_for(id, routing.partitions);
+    let owner = routing.lookup.owner(&topic, partition);
+    if owner.is_some() && owner == edge.advertise_url && edge.role.runs(Side::Command) {
+        return next.run(request).await;
+    }
+    if forwarded {
+        return edge
+            .refuse(Side::Command, Refusal::ForwardedHere)
+            .into_response();
+    }
+    let no_owner = |reason: String| {
+        edge.no_owner.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("cqrsd_edge_refused_total", "side" => "command", "reason" => "no_owner")
+            .increment(1);
+        ApiError::Edge(EdgeError::NoOwner {
+            partition: format!("{topic}:{partition}"),
+            reason,
+            retry_after_secs: routing.retry_after_secs,
+        })
+        .into_response()
+    };
+    let Some(owner) = owner else {
+        return no_owner("no command node has taken it".to_owned());
+    };
+    let (parts, body) = request.into_parts();
+    let body = match read_body(&edge, body).await {
+        Ok(body) => body,
+        Err(error) => return error.into_response(),
+    };
+    // An owner that stops (SIGTERM) closes its idle keep-alive connections,
+    // and a request written into one just then breaks off unanswered. A
+    // read, or a command with an Idempotency-Key (the owner answers a second
+    // copy with the first one's answer), is then sent once more, on a new
+    // connection; any other command's outcome is unknown: 502.
+    let resendable = parts.method == Method::GET || parts.headers.contains_key("idempotency-key");
+    let mut resent = false;
+    loop {
+        match send(&edge, &edge.to_owner, Side::Command, &owner, &parts, &body).await {
+            Ok(Sent::Answered(response)) => return response,
+            Ok(Sent::Unreachable(reason)) => {
+                return no_owner(format!("its owner {owner}: {reason}"));
+            }
+            Err(ApiError::Edge(EdgeError::PeerFailed { .. })) if resendable && !resent => {
+                resent = true;
+            }
+            Err(error) => return error.into_response(),
+        }
+    }
+}
+
+/// What sending a request to one node came to.
+enum Sent {
+    Answered(Response),
+    /// No connection could be made: nothing reached the node.
+    Unreachable(String),
+}
+
+/// Reads a request body whole (bounded by the body limit).
+async fn read_body(edge: &Inner, body: Body) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(body, edge.body_limit_bytes).await {
+        Ok(body) => Ok(body),
+        Err(error) if exceeds_limit(&error) => {
+            Err(ApiError::PayloadTooLarge(edge.body_limit_bytes))
+        }
+        Err(error) => Err(EdgeError::Body(error.to_string()).into()),
+    }
+}
+
+/// Sends a request to the node at `url` once, counting it in `stats`.
+async fn send(
+    edge: &Inner,
+    stats: &SideStats,
+    side: Side,
+    url: &str,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Result<Sent, ApiError> {
+    let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+    let outgoing = outgoing_request(&parts.method, url, path, &parts.headers, body)?;
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(edge.response_timeout, edge.client.request(outgoing)).await;
+    let elapsed = started.elapsed();
+    let label = |outcome: String| {
+        metrics::counter!("cqrsd_edge_forwarded_total", "side" => side.as_str(), "peer" => url.to_owned(), "outcome" => outcome)
+            .increment(1);
+    };
+    match outcome {
+        Ok(Ok(response)) => {
+            stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            stats.record(elapsed);
+            metrics::histogram!("cqrsd_edge_forward_duration_seconds", "side" => side.as_str(), "peer" => url.to_owned())
+                .record(elapsed.as_secs_f64());
+            label(response.status().as_u16().to_string());
+            Ok(Sent::Answered(incoming_response(response, &edge.shutdown)))
+        }
+        // Nothing reached the node: it is safe to send the request
+        // elsewhere, even a command without an Idempotency-Key.
+        Ok(Err(error)) if error.is_connect() => {
+            label("unreachable".to_owned());
+            Ok(Sent::Unreachable(format!("cannot connect: {error}")))
+        }
+        Ok(Err(error)) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            label("failed".to_owned());
+            Err(EdgeError::PeerFailed {
+                peer: url.to_owned(),
+                reason: error.to_string(),
+            }
+            .into())
+        }
+        Err(_) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            label("timeout".to_owned());
+            Err(EdgeError::PeerTimeout {
+                peer: url.to_owned(),
+                timeout_ms: u64::try_from(edge.response_timeout.as_millis()).unwrap_or(u64::MAX),
+            }
+            .into())
+        }
     }
 }
 
@@ -332,63 +548,16 @@ async fn forward_to_peer(edge: &Inner, side: Side, request: Request) -> Result<R
     let (parts, body) = request.into_parts();
     // The body is read whole (it is bounded by the body limit) so that a
     // forward that could not connect can be sent to another peer.
-    let body = match axum::body::to_bytes(body, edge.body_limit_bytes).await {
-        Ok(body) => body,
-        Err(error) if exceeds_limit(&error) => {
-            return Err(ApiError::PayloadTooLarge(edge.body_limit_bytes));
-        }
-        Err(error) => return Err(EdgeError::Body(error.to_string()).into()),
-    };
-    let path = parts.uri.path_and_query().map_or("/", |path| path.as_str());
+    let body = read_body(edge, body).await?;
     let mut tried = Vec::new();
     loop {
         let Some((index, peer)) = edge.peers.pick(side, &tried) else {
             return Err(edge.refuse(side, Refusal::NoPeer));
         };
         tried.push(index);
-        let outgoing = outgoing_request(&parts.method, &peer.url, path, &parts.headers, &body)?;
-        let started = Instant::now();
-        let outcome =
-            tokio::time::timeout(edge.response_timeout, edge.client.request(outgoing)).await;
-        let elapsed = started.elapsed();
-        let label = |outcome: String| {
-            metrics::counter!("cqrsd_edge_forwarded_total", "side" => side.as_str(), "peer" => peer.url.clone(), "outcome" => outcome)
-                .increment(1);
-        };
-        match outcome {
-            Ok(Ok(response)) => {
-                stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                stats.record(elapsed);
-                metrics::histogram!("cqrsd_edge_forward_duration_seconds", "side" => side.as_str(), "peer" => peer.url.clone())
-                    .record(elapsed.as_secs_f64());
-                label(response.status().as_u16().to_string());
-                return Ok(incoming_response(response, &edge.shutdown));
-            }
-            // Nothing reached the peer: it is safe to send the request to
-            // another one, even a command without an Idempotency-Key.
-            Ok(Err(error)) if error.is_connect() => {
-                label("unreachable".to_owned());
-                peer.mark_down(format!("cannot connect: {error}"));
-            }
-            Ok(Err(error)) => {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                label("failed".to_owned());
-                return Err(EdgeError::PeerFailed {
-                    peer: peer.url.clone(),
-                    reason: error.to_string(),
-                }
-                .into());
-            }
-            Err(_) => {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                label("timeout".to_owned());
-                return Err(EdgeError::PeerTimeout {
-                    peer: peer.url.clone(),
-                    timeout_ms: u64::try_from(edge.response_timeout.as_millis())
-                        .unwrap_or(u64::MAX),
-                }
-                .into());
-            }
+        match send(edge, stats, side, &peer.url, &parts, &body).await? {
+            Sent::Answered(response) => return Ok(response),
+            Sent::Unreachable(reason) => peer.mark_down(reason),
         }
     }
 }
@@ -493,6 +662,37 @@ struct NodeView {
     peers: Vec<PeerView>,
     /// By side: the forwards of requests for a side this node does not run.
     forwards: BTreeMap<&'static str, ForwardView>,
+    /// With `[node] ownership = "group"`: how commands reach the
+    /// partitions' owners, and, on a command node, its partitions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ownership: Option<OwnershipView>,
+}
+
+/// The `ownership` member of `GET /admin/node`.
+#[derive(Debug, Serialize)]
+struct OwnershipView {
+    /// Commands and aggregate reads sent to another node, their owner.
+    to_owner: ForwardView,
+    /// Answered 503 here because the partition had no reachable owner.
+    no_owner: u64,
+    /// On a command node: the partitions it serves now (`topic:partition`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owned: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebalances: Option<RebalanceView>,
+}
+
+#[derive(Debug, Serialize)]
+struct RebalanceView {
+    assignments: u64,
+    revocations: u64,
+    /// Revocations after this node's session had expired.
+    lost: u64,
+    /// Times another node fenced this one.
+    fenced: u64,
+    /// The last assignment's takeover, in milliseconds: from the assignment
+    /// to every partition of it accepting commands.
+    last_takeover_ms: Option<f64>,
 }
 
 /// This node's role, its peers and their health, and its forwards.
@@ -502,25 +702,23 @@ async fn admin_node(State(edge): State<Arc<Inner>>) -> Json<NodeView> {
     let forwards = Side::BOTH
         .into_iter()
         .filter(|side| !edge.role.runs(*side))
-        .map(|side| {
-            let stats = edge.stats(side);
-            let histogram = stats.latency.lock().unwrap_or_else(PoisonError::into_inner);
-            let millis = |micros: u64| micros as f64 / 1000.0;
-            let latency_ms = (!histogram.is_empty()).then(|| LatencyView {
-                p50: millis(histogram.value_at_quantile(0.5)),
-                p99: millis(histogram.value_at_quantile(0.99)),
-                max: millis(histogram.max()),
-            });
-            let view = ForwardView {
-                forwarded: stats.forwarded.load(Ordering::Relaxed),
-                failed: stats.failed.load(Ordering::Relaxed),
-                no_peer: stats.no_peer.load(Ordering::Relaxed),
-                refused_forwarded: stats.refused_forwarded.load(Ordering::Relaxed),
-                latency_ms,
-            };
-            (side.as_str(), view)
-        })
+        .map(|side| (side.as_str(), forward_view(edge.stats(side))))
         .collect();
+    let ownership = edge.owners.as_ref().map(|_| {
+        let report = edge.ownership.get().map(|source| source.report());
+        OwnershipView {
+            to_owner: forward_view(&edge.to_owner),
+            no_owner: edge.no_owner.load(Ordering::Relaxed),
+            owned: report.as_ref().map(|r| r.owned.clone()),
+            rebalances: report.map(|r| RebalanceView {
+                assignments: r.assignments,
+                revocations: r.revocations,
+                lost: r.lost,
+                fenced: r.fenced,
+                last_takeover_ms: r.last_takeover.map(|t| t.as_secs_f64() * 1000.0),
+            }),
+        }
+    });
     let view = NodeView {
         role: edge.role,
         advertise_url: edge.advertise_url.clone(),
@@ -531,8 +729,27 @@ async fn admin_node(State(edge): State<Arc<Inner>>) -> Json<NodeView> {
             .collect(),
         peers: edge.peers.views(),
         forwards,
+        ownership,
     };
     Json(view)
+}
+
+/// One set of forwards' counts and latency.
+fn forward_view(stats: &SideStats) -> ForwardView {
+    let histogram = stats.latency.lock().unwrap_or_else(PoisonError::into_inner);
+    let millis = |micros: u64| micros as f64 / 1000.0;
+    let latency_ms = (!histogram.is_empty()).then(|| LatencyView {
+        p50: millis(histogram.value_at_quantile(0.5)),
+        p99: millis(histogram.value_at_quantile(0.99)),
+        max: millis(histogram.max()),
+    });
+    ForwardView {
+        forwarded: stats.forwarded.load(Ordering::Relaxed),
+        failed: stats.failed.load(Ordering::Relaxed),
+        no_peer: stats.no_peer.load(Ordering::Relaxed),
+        refused_forwarded: stats.refused_forwarded.load(Ordering::Relaxed),
+        latency_ms,
+    }
 }
 
 #[cfg(test)]

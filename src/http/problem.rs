@@ -232,6 +232,13 @@ fn edge_problem(error: &super::edge::EdgeError, detail: String) -> Problem {
             detail,
         ),
         E::Body(_) => Problem::from_status(StatusCode::BAD_REQUEST, detail),
+        E::NoOwner { partition, .. } => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "partition-moving",
+            "Partition not served here",
+            detail,
+        )
+        .with_extension("partition", serde_json::json!(partition)),
     }
 }
 
@@ -300,6 +307,12 @@ fn command_problem(failure: &CommandFailure, detail: String) -> Problem {
             StatusCode::SERVICE_UNAVAILABLE,
             "log-unavailable",
             "Event log unavailable",
+            detail,
+        ),
+        CommandFailure::Moving { .. } => Problem::typed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "partition-moving",
+            "Partition not served here",
             detail,
         ),
         CommandFailure::HistoryBehind { lag } => Problem::typed(
@@ -404,6 +417,13 @@ impl IntoResponse for ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(*wait)),
                 );
+            }
+            ApiError::Command(CommandFailure::Moving {
+                retry_after_secs, ..
+            }) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             ApiError::Command(CommandFailure::HistoryBehind { .. }) => {
                 response

@@ -44,7 +44,11 @@ use tokio::sync::watch;
 use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record};
 
 mod owner;
+mod owners;
 mod raw;
+pub use owners::{
+    GroupSettings, GroupStats, Membership, OwnerMap, OwnershipHandler, TopicPartition,
+};
 pub use raw::RawProducer;
 
 /// Producer settings cqrsd sets itself; the pass-through map may not change them.
@@ -161,6 +165,8 @@ struct Inner {
     /// The partitions this node has taken, with their transactional
     /// producers (only with `transactional_id_prefix`).
     owners: Mutex<HashMap<Key, Arc<owner::Owned>>>,
+    /// How often another node fenced one of this node's owners.
+    fenced: std::sync::atomic::AtomicU64,
 }
 
 /// A handle on the Kafka backend; cheap to clone.
@@ -230,6 +236,7 @@ impl KafkaLog {
             closed: AtomicBool::new(false),
             producer_broken: AtomicBool::new(false),
             owners: Mutex::new(HashMap::new()),
+            fenced: std::sync::atomic::AtomicU64::new(0),
         });
         // Fail at startup, with a clear message, when no broker answers.
         inner
@@ -284,6 +291,40 @@ impl KafkaLog {
         Ok(())
     }
 
+    /// Creates a topic with `partitions` partitions; one that already
+    /// exists is left as it is. Blocking.
+    fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), LogError> {
+        let settings = &self.inner.settings;
+        let admin: AdminClient<Context> = {
+            let mut config = ClientConfig::new();
+            for (key, value) in &settings.producer {
+                config.set(key, value);
+            }
+            config
+                .set("bootstrap.servers", &settings.brokers)
+                .create_with_context(Context)
+                .map_err(|e| unavailable("cannot create the admin client", e))?
+        };
+        let new = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(settings.replication_factor),
+        );
+        let options = AdminOptions::new().operation_timeout(Some(settings.request_timeout));
+        let results = futures::executor::block_on(admin.create_topics([&new], &options))
+            .map_err(|e| unavailable(&format!("cannot create topic {topic}"), e))?;
+        for result in results {
+            match result {
+                Ok(_) => tracing::info!(topic, partitions, "topic created"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(unavailable(&format!("cannot create topic {topic}"), code));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Creates the topic with the configured partitions, or checks that an
     /// existing one has them. Blocking.
     pub fn ensure_topic(&self, topic: &str) -> Result<(), LogError> {
@@ -291,33 +332,7 @@ impl KafkaLog {
         let wanted = settings.partitions as usize;
         let mut count = self.partition_count(topic)?;
         if count == 0 {
-            let admin: AdminClient<Context> = {
-                let mut config = ClientConfig::new();
-                for (key, value) in &settings.producer {
-                    config.set(key, value);
-                }
-                config
-                    .set("bootstrap.servers", &settings.brokers)
-                    .create_with_context(Context)
-                    .map_err(|e| unavailable("cannot create the admin client", e))?
-            };
-            let new = NewTopic::new(
-                topic,
-                settings.partitions as i32,
-                TopicReplication::Fixed(settings.replication_factor),
-            );
-            let options = AdminOptions::new().operation_timeout(Some(settings.request_timeout));
-            let results = futures::executor::block_on(admin.create_topics([&new], &options))
-                .map_err(|e| unavailable(&format!("cannot create topic {topic}"), e))?;
-            for result in results {
-                match result {
-                    Ok(_) => tracing::info!(topic, partitions = wanted, "topic created"),
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => {
-                        return Err(unavailable(&format!("cannot create topic {topic}"), code));
-                    }
-                }
-            }
+            self.create_topic(topic, settings.partitions as i32)?;
             // Wait until the metadata shows the new topic's partitions.
             let deadline = Instant::now() + settings.request_timeout;
             loop {

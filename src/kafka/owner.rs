@@ -152,6 +152,11 @@ impl KafkaLog {
         }
     }
 
+    /// How often another node fenced one of this node's partition owners.
+    pub fn fenced_count(&self) -> u64 {
+        self.inner.fenced.load(Ordering::Relaxed)
+    }
+
     /// The partitions this node owns, sorted.
     pub fn owned_partitions(&self) -> Vec<(String, u32)> {
         let mut owned: Vec<(String, u32)> =
@@ -345,6 +350,7 @@ impl KafkaLog {
             owners.len()
         };
         metrics::gauge!("cqrsd_kafka_partitions_owned").set(owned_now as f64);
+        self.inner.fenced.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("cqrsd_kafka_fenced_total").increment(1);
         tracing::warn!(
             topic,

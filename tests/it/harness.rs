@@ -382,6 +382,45 @@ pub fn kafka_brokers() -> String {
     BROKER.get_or_init(Broker::start).addr.clone()
 }
 
+/// A free loopback port for a node whose URL its peers must know before it
+/// starts (the OS picks it; the node binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The URL of a node on a loopback port.
+pub fn node_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// Starts one node of several on one broker: `role` on `port`, on the
+/// shared `log` section, with `peers` and the `[node]` keys in `node_extra`
+/// (which may go on with other sections).
+pub fn start_node(log: &str, role: &str, port: u16, peers: &[u16], node_extra: &str) -> Process {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("\"{}\"", node_url(*p)))
+        .collect();
+    let config = format!(
+        "{log}\n[node]\nrole = \"{role}\"\nadvertise_url = \"{}\"\npeers = [{}]\n\
+         health_interval_ms = 200\nconnect_timeout_ms = 500\n{node_extra}",
+        node_url(port),
+        peers.join(", ")
+    );
+    Process::start(ProcessOptions {
+        config,
+        env: vec![(
+            "CQRSD__HTTP__LISTEN".to_owned(),
+            format!("127.0.0.1:{port}"),
+        )],
+        domain: None,
+    })
+}
+
 /// Options for starting a child daemon.
 #[derive(Default)]
 pub struct ProcessOptions {

@@ -9,41 +9,19 @@ use serde_json::{Value, json};
 
 use crate::auth::{TestToken, token};
 use crate::harness::{
-    Process, ProcessOptions, client, expect_problem, kafka_brokers, kafka_config, path_str,
-    run_cli, skip_kafka,
+    Process, client, expect_problem, free_port, kafka_brokers, kafka_config, node_url as url,
+    path_str, run_cli, skip_kafka,
 };
-
-/// A free loopback port for a node whose URL its peers must know before it
-/// starts (the OS picks it; the node binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}")
-}
 
 /// Starts one node of `role` on `port`, on the shared `log` section.
 fn node(log: &str, role: &str, port: u16, peers: &[u16], extra: &str) -> Process {
-    let peers: Vec<String> = peers.iter().map(|p| format!("\"{}\"", url(*p))).collect();
-    let config = format!(
-        "{log}\n[node]\nrole = \"{role}\"\nadvertise_url = \"{}\"\npeers = [{}]\n\
-         health_interval_ms = 200\nconnect_timeout_ms = 500\nresponse_timeout_ms = 10000\n{extra}",
-        url(port),
-        peers.join(", ")
-    );
-    Process::start(ProcessOptions {
-        config,
-        env: vec![(
-            "CQRSD__HTTP__LISTEN".to_owned(),
-            format!("127.0.0.1:{port}"),
-        )],
-        domain: None,
-    })
+    crate::harness::start_node(
+        log,
+        role,
+        port,
+        peers,
+        &format!("response_timeout_ms = 10000\n{extra}"),
+    )
 }
 
 /// GETs `path` on `node`, with a bearer token when given.
