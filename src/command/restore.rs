@@ -420,12 +420,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_restore_saves_in_bounded_chunks_and_resumes_from_the_last_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
+    /// An embedded log of one partition with the account topic.
+    fn open_log(dir: &std::path::Path) -> EventLog {
         let log = open_embedded(EmbeddedSettings {
-            data_dir: dir.path().to_owned(),
+            data_dir: dir.to_owned(),
             topic_prefix: "cqrsd".into(),
             partitions: 1,
             group_commit_max_records: 4096,
@@ -435,6 +433,14 @@ mod tests {
         })
         .unwrap();
         log.ensure_topic(TOPIC).unwrap();
+        log
+    }
+
+    #[tokio::test]
+    async fn a_restore_saves_in_bounded_chunks_and_resumes_from_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
+        let log = open_log(dir.path());
         let store = CommandStore::open(dir.path()).unwrap();
         // Ten accounts opened, then three deposits each, round robin, so every
         // account appears again after its chunk was saved.
@@ -484,17 +490,7 @@ mod tests {
     async fn a_restore_after_a_save_cut_before_its_checkpoint_folds_each_event_once() {
         let dir = tempfile::tempdir().unwrap();
         let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
-        let log = open_embedded(EmbeddedSettings {
-            data_dir: dir.path().to_owned(),
-            topic_prefix: "cqrsd".into(),
-            partitions: 1,
-            group_commit_max_records: 4096,
-            group_commit_max_delay: Duration::ZERO,
-            fsync: false,
-            segment_bytes: 64 << 20,
-        })
-        .unwrap();
-        log.ensure_topic(TOPIC).unwrap();
+        let log = open_log(dir.path());
         let store = CommandStore::open(dir.path()).unwrap();
         let append = |from: u64, to: u64| {
             let mut records = Vec::new();

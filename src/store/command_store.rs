@@ -161,15 +161,7 @@ impl CommandStore {
             .iter()
             .map(|(ty, id, snap)| Ok((aggregate_key(ty, id), encode(snap)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let reply_writes = replies
-            .iter()
-            .map(|(ty, id, key, reply)| {
-                let k = reply_key(ty, id, key);
-                let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
-                expiry.extend_from_slice(&k);
-                Ok((k, expiry, encode(reply)?))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        let reply_writes = reply_writes(replies)?;
         let checkpoint = checkpoint_key(topic, partition);
 
         let result: Result<(), TransactionError<()>> = (
@@ -228,13 +220,10 @@ impl CommandStore {
             self.snapshots
                 .insert(aggregate_key(ty, id), encode(snap)?)?;
         }
-        for (ty, id, key, reply) in replies {
-            let k = reply_key(ty, id, key);
-            let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
-            expiry.extend_from_slice(&k);
+        for (key, expiry_key, value) in reply_writes(replies)? {
             // The expiry entry first: a reply without one would never be purged.
-            self.reply_expiry.insert(expiry, &[] as &[u8])?;
-            self.replies.insert(k, encode(reply)?)?;
+            self.reply_expiry.insert(expiry_key, &[] as &[u8])?;
+            self.replies.insert(key, value)?;
         }
         self.db.flush()?;
         self.checkpoints
@@ -289,6 +278,23 @@ impl CommandStore {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Each reply's key, its expiry entry's key and its encoded value.
+type ReplyWrite = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+fn reply_writes(
+    replies: &[(String, String, String, StoredReply)],
+) -> Result<Vec<ReplyWrite>, StoreError> {
+    replies
+        .iter()
+        .map(|(ty, id, key, reply)| {
+            let k = reply_key(ty, id, key);
+            let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
+            expiry.extend_from_slice(&k);
+            Ok((k, expiry, encode(reply)?))
+        })
+        .collect()
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
