@@ -195,10 +195,10 @@ impl CommandStore {
     /// checkpoint, without a transaction: the write side's startup restore
     /// saves its chunks this way. A sled transaction holds sled's global write
     /// lock and one epoch guard over all of its inserts, and sled cannot free
-    /// any node copy replaced anywhere in the process while a guard is held:
-    /// restores committing chunks of 10,000 snapshots back to back kept freed
-    /// nodes alive by the gigabyte (BENCHMARKS.md, issue 13). Each insert here
-    /// pins for itself alone.
+    /// any node copy replaced anywhere in the process while a guard is held
+    /// (a heaptrack of the restore at 100,000 aggregates found most of its
+    /// peak heap in node copies under those commits, BENCHMARKS.md). Each
+    /// insert here pins for itself alone.
     ///
     /// Crash safety comes from the order instead: every snapshot and reply
     /// reaches the disk (`flush`) before the checkpoint is written, so a
