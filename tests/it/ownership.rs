@@ -1081,6 +1081,14 @@ async fn killed_and_stopped_command_nodes_lose_nothing_and_a_zombie_lands_nothin
         commands[killed] = Some(back);
         serve_every_partition(&http, command_urls, partitions).await;
     }
+    // Every view equals a rebuild from the log: what the query node built
+    // while owners were killed, stopped and replaced is what a fresh read
+    // of the whole log gives.
+    let base = urls[3].clone();
+    crate::readside::wait_caught_up(&http, &base).await;
+    let view = crate::projection_crash::read_view(&http, &base).await;
+    let flows = crate::projection_crash::read_flows(&http, &base).await;
+    crate::projection_crash::assert_equal_to_a_rebuild(&http, &base, &view, &flows).await;
     drop(query);
 }
 
