@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrsd::domain::{Domain, EXAMPLE_DOMAIN, ProjectionKind};
-use cqrsd::log::{Encoding, Event, EventMetadata, Record, decode, decode_current, encode};
+use cqrsd::log::{
+    Encoding, Event, EventMetadata, Record, decode, decode_current, decode_current_lazy, encode,
+};
 use cqrsd::projection::{SourceRecord, engine_for};
 use cqrsd::store::ViewStore;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -113,7 +115,7 @@ fn projection_apply(c: &mut Criterion) {
                 topic: topic(),
                 partition: 0,
                 offset: i,
-                events: Ok(vec![event]),
+                events: Ok(vec![event.into()]),
             }
         })
         .collect();
@@ -134,7 +136,9 @@ fn projection_apply(c: &mut Criterion) {
                             topic: "cqrsd.account".to_owned(),
                             partition: 0,
                             offset,
-                            events: Ok(vec![deposit(&format!("acc-{:07}", i % ACCOUNTS), offset)]),
+                            events: Ok(vec![
+                                deposit(&format!("acc-{:07}", i % ACCOUNTS), offset).into(),
+                            ]),
                         }
                     })
                     .collect();
@@ -201,7 +205,8 @@ fn source(domain: &Domain, offset: u64, record: Record) -> SourceRecord {
         topic: "cqrsd.account".to_owned(),
         partition: 0,
         offset,
-        events: decode_current(domain, &record.headers, &record.value).map_err(|e| e.to_string()),
+        events: decode_current_lazy(domain, &record.headers, record.value)
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -239,6 +244,23 @@ fn read_side_batch(c: &mut Criterion) {
     group.throughput(Throughput::Elements(RECORDS));
     group.bench_function("decode as the projection worker does", |b| {
         b.iter_batched(|| records.clone(), decode_all, BatchSize::SmallInput);
+    });
+    // What decoding costs when every event's data is read (the decode above
+    // leaves the data for the projections that read it).
+    group.bench_function("decode, then read every event's data", |b| {
+        b.iter_batched(
+            || records.clone(),
+            |records| {
+                let decoded = decode_all(records);
+                for record in &decoded {
+                    for event in record.events.as_ref().unwrap() {
+                        std::hint::black_box(event.data().unwrap());
+                    }
+                }
+                decoded
+            },
+            BatchSize::SmallInput,
+        );
     });
     group.bench_function(
         "decode, then apply to the accounts view and daily_flows",
