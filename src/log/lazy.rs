@@ -14,7 +14,8 @@
 //! many projections read it; the metadata only when a whole [`Event`] is
 //! asked for. JSON records (not the default encoding) are decoded whole.
 //!
-//! Upcasting runs here, on every path: an event whose type's current
+//! Upcasting runs here ([`upcast`], which [`super::decode_current`] runs
+//! too, so no read path can skip it): an event whose type's current
 //! version differs from the one it was written with has its data decoded
 //! and brought to the current version before the reader sees it.
 
@@ -166,9 +167,11 @@ fn msgpack_part<T: DeserializeOwned>(
 }
 
 /// Decodes a record's events as far as their headers and brings each to
-/// the current version of its type in `domain` (DESIGN.md §3.3): the one
-/// read path of every reader, lazy or not ([`super::decode_current`] is
-/// this, decoded whole). A record is refused here exactly when
+/// the current version of its type in `domain` (DESIGN.md §3.3): the read
+/// path of readers that route events before they read them (projections,
+/// policies, rebuilds); [`super::decode_current`] decodes whole, with the
+/// same upcasting, for those that need every event. A record is refused
+/// here exactly when
 /// [`super::decode`] refuses it, and an event that cannot be upcast makes
 /// the record an [`RecordError::Upcast`] error.
 pub fn decode_current_lazy(
@@ -214,7 +217,10 @@ pub fn decode_current_lazy(
 /// Brings events to the current versions of their types in place. Only an
 /// event written at another version than its type's current one has its
 /// data decoded for it.
-fn upcast(domain: &crate::domain::Domain, events: &mut [LazyEvent]) -> Result<(), RecordError> {
+pub(super) fn upcast(
+    domain: &crate::domain::Domain,
+    events: &mut [LazyEvent],
+) -> Result<(), RecordError> {
     for (index, event) in events.iter_mut().enumerate() {
         if event.schema_version == 1 && !domain.has_versions() {
             continue;
@@ -944,38 +950,6 @@ mod tests {
         assert_eq!(lazy.input().unwrap().data["nested"]["deep"]["n"], json!(-3));
         assert_eq!(lazy.metadata().unwrap(), written.metadata);
         assert_eq!(lazy.to_event().unwrap(), written);
-    }
-
-    /// An event written at an older version has its data upcast by the
-    /// lazy decoder,
-    /// and one at the current version is handed out as stored.
-    #[test]
-    fn the_lazy_decoder_upcasts_old_events_once() {
-        let domain = Domain::from_toml_str(
-            r#"
-[aggregates.account]
-state = { balance = 0 }
-[aggregates.account.commands.deposit]
-emit = [ { event = "MoneyDeposited", data = { cents = "command.cents" } } ]
-[aggregates.account.events.MoneyDeposited]
-version = 2
-set = { balance = "state.balance + event.cents" }
-[aggregates.account.events.MoneyDeposited.upcast.1]
-set = { cents = "event.amount * 100" }
-remove = ["amount"]
-"#,
-        )
-        .unwrap();
-        let old = event(1, "MoneyDeposited", json!({"amount": 2}));
-        let mut new = event(2, "MoneyDeposited", json!({"cents": 300}));
-        new.schema_version = 2;
-        let other = event(3, "FeeCharged", json!({"fee": 1}));
-        let record = encode(&[old, new.clone(), other.clone()], Encoding::MessagePack).unwrap();
-        let events = decode_current_lazy(&domain, &record.headers, record.value).unwrap();
-        assert_eq!(events[0].data().unwrap(), &json!({"cents": 200}));
-        assert_eq!(events[0].schema_version, 2);
-        assert_eq!(events[1].to_event().unwrap(), new);
-        assert_eq!(events[2].to_event().unwrap(), other);
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::lazy::{LazyEvent, decode_current_lazy};
+use super::lazy::{LazyEvent, upcast};
 
 /// The value of the `cqrsd-format` header written by this build, and the only one it reads.
 pub const FORMAT_VERSION: &str = "1";
@@ -385,20 +385,24 @@ pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>,
 }
 
 /// Decodes a record whole and brings every event to the current version
-/// of its event type in `domain` (DESIGN.md §3.3): [`decode_current_lazy`],
-/// the one read path, with every event's data and metadata decoded. Every
-/// read path that hands events to the domain or to clients decodes through
-/// one of the two (the write side's restore and history, projections, the
-/// event stream), so none of them ever sees an older version.
+/// of its event type in `domain` (DESIGN.md §3.3), through the same
+/// upcasting as [`super::decode_current_lazy`]: for a reader that needs every
+/// event whole, one serde pass over the record is cheaper than the lazy
+/// decoder's check and then decoding each part. Every read path that hands
+/// events to the domain or to clients decodes through one of the two (the
+/// write side's restore and history, projections, the event stream), so
+/// none of them ever sees an older version.
 pub fn decode_current(
     domain: &crate::domain::Domain,
     headers: &[(String, Vec<u8>)],
     value: &[u8],
 ) -> Result<Vec<Event>, RecordError> {
-    decode_current_lazy(domain, headers, value.to_vec())?
+    let mut events: Vec<LazyEvent> = decode(headers, value)?
         .into_iter()
-        .map(LazyEvent::into_event)
-        .collect()
+        .map(LazyEvent::from)
+        .collect();
+    upcast(domain, &mut events)?;
+    events.into_iter().map(LazyEvent::into_event).collect()
 }
 
 /// A string field parsed where the decoder holds it (borrowed from the
@@ -688,6 +692,14 @@ remove = ["amount"]
             assert_eq!(current[0].data, json!({"cents": 250}));
             assert_eq!(current[0].schema_version, 2);
             assert_eq!(current[1], new);
+            // The lazy read path hands out the same: the old event's data
+            // upcast, the current one's as stored (decoded when asked for).
+            let lazy =
+                crate::log::decode_current_lazy(&domain, &record.headers, record.value.clone())
+                    .unwrap();
+            assert_eq!(lazy[0].data().unwrap(), &json!({"cents": 250}));
+            assert_eq!(lazy[0].schema_version, 2);
+            assert_eq!(lazy[1].to_event().unwrap(), new);
             // A step that fails names the event and its version.
             let bad = encode(&[event(1, "MoneyDeposited", json!({}))], encoding).unwrap();
             let error = decode_current(&domain, &bad.headers, &bad.value).unwrap_err();

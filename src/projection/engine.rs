@@ -238,33 +238,19 @@ impl Target for SledTarget {
                             continue;
                         }
                         stats.events += 1;
-                        // Data that does not decode makes a poison event.
-                        let input = match event.input() {
-                            Ok(input) => input,
-                            Err(error) => {
-                                quarantine(
-                                    &mut changes,
-                                    record,
-                                    index,
-                                    Some(event),
-                                    error.to_string(),
-                                );
-                                continue;
-                            }
-                        };
                         // The document's key: the aggregate id, or what the
                         // view's key expression says; one that cannot be
-                        // computed makes the event a poison event.
-                        let key = match def.key(&input, &event.aggregate_type) {
-                            Ok(key) => key,
-                            Err(error) => {
-                                quarantine(
-                                    &mut changes,
-                                    record,
-                                    index,
-                                    Some(event),
-                                    error.to_string(),
-                                );
+                        // computed, like data that does not decode, makes
+                        // the event a poison event.
+                        let keyed = event.input().map_err(|e| e.to_string()).and_then(|input| {
+                            def.key(&input, &event.aggregate_type)
+                                .map(|key| (input, key))
+                                .map_err(|e| e.to_string())
+                        });
+                        let (input, key) = match keyed {
+                            Ok(keyed) => keyed,
+                            Err(reason) => {
+                                quarantine(&mut changes, record, index, Some(event), reason);
                                 continue;
                             }
                         };
