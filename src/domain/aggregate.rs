@@ -239,14 +239,6 @@ impl Aggregate {
             .join(",")
     }
 
-    /// Whether [`Aggregate::upcast`] has anything to do (see
-    /// [`super::Domain::upcast_needed`]).
-    pub fn upcast_needed(&self, event_type: &str, schema_version: u64) -> bool {
-        self.events
-            .get(event_type)
-            .is_some_and(|handler| handler.version != schema_version)
-    }
-
     /// The data of `event`, stored at `schema_version`, brought to the
     /// event type's current version by its upcast steps in order; `None`
     /// when the data is current already (or the event type is unknown here,

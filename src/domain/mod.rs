@@ -91,20 +91,6 @@ impl Domain {
         }
     }
 
-    /// Whether [`Domain::upcast`] has anything to do for an event of this
-    /// type written at `schema_version` (steps to run, or a version it does
-    /// not know): only then does a reader need the event's data to upcast it.
-    pub fn upcast_needed(
-        &self,
-        aggregate_type: &str,
-        event_type: &str,
-        schema_version: u64,
-    ) -> bool {
-        self.aggregates
-            .get(aggregate_type)
-            .is_some_and(|aggregate| aggregate.upcast_needed(event_type, schema_version))
-    }
-
     pub fn aggregate(&self, name: &str) -> Option<&Aggregate> {
         self.aggregates.get(name)
     }

@@ -87,12 +87,6 @@ impl ViewDef {
         self.key.is_some() || !self.handler_keys.is_empty()
     }
 
-    /// Whether [`ViewDef::key`] of an event of this type is its aggregate
-    /// id (no key expression applies), so that it needs no event data.
-    pub fn key_is_aggregate_id(&self, event_type: &str) -> bool {
-        self.key.is_none() && !self.handler_keys.contains_key(event_type)
-    }
-
     /// The key of the document `event` changes: its handler's `key`, else
     /// the view's, else the aggregate id. A key is a non-empty string or a
     /// number (as its decimal text) of at most [`MAX_VIEW_KEY_BYTES`];

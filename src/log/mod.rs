@@ -4,13 +4,11 @@
 //! Kafka backend share exactly the same notion of topics, partitions, offsets and records.
 
 mod handle;
-mod lazy;
 pub mod partitioner;
 pub mod position;
 pub mod record;
 
 pub use handle::{AppendFuture, EventLog, LogBackend, LogError};
-pub use lazy::{LazyEvent, decode_current_lazy};
 pub use partitioner::{murmur2, partition_for};
 pub use position::{Position, PositionError, topic_name, validate_topic_name};
 pub use record::{

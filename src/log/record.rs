@@ -10,8 +10,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::lazy::{LazyEvent, upcast};
-
 /// The value of the `cqrsd-format` header written by this build, and the only one it reads.
 pub const FORMAT_VERSION: &str = "1";
 
@@ -27,7 +25,7 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// The same nesting limit serde_json applies by default, so that a hostile or corrupt
 /// MessagePack value cannot exhaust the stack of the thread decoding it.
-pub(super) const MAX_MSGPACK_DEPTH: usize = 128;
+const MAX_MSGPACK_DEPTH: usize = 128;
 
 /// How a record's value is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -329,23 +327,17 @@ pub fn encode(events: &[Event], encoding: Encoding) -> Result<Record, RecordErro
     })
 }
 
-/// The encoding of a record this build can read, from its headers.
-pub(super) fn encoding_of(headers: &[(String, Vec<u8>)]) -> Result<Encoding, RecordError> {
+/// Decodes a record's value into its events, using the headers to pick the decoder.
+///
+/// Never panics: any malformed input is a [`RecordError`].
+pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>, RecordError> {
     let format = header_str(headers, HEADER_FORMAT)?;
     if format.trim() != FORMAT_VERSION {
         return Err(RecordError::UnsupportedFormat(format.to_owned()));
     }
     let content_type = header_str(headers, HEADER_CONTENT_TYPE)?;
-    Encoding::from_content_type(content_type)
-        .ok_or_else(|| RecordError::UnsupportedContentType(content_type.to_owned()))
-}
-
-/// Decodes a record's value into its events, using the headers to pick the
-/// decoder, as stored (no upcasting: readers use [`decode_current`]).
-///
-/// Never panics: any malformed input is a [`RecordError`].
-pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>, RecordError> {
-    let encoding = encoding_of(headers)?;
+    let encoding = Encoding::from_content_type(content_type)
+        .ok_or_else(|| RecordError::UnsupportedContentType(content_type.to_owned()))?;
 
     let events: Vec<Event> = match encoding {
         Encoding::MessagePack => {
@@ -384,25 +376,49 @@ pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>,
     Ok(events)
 }
 
-/// Decodes a record whole and brings every event to the current version
-/// of its event type in `domain` (DESIGN.md §3.3), through the same
-/// upcasting as [`super::decode_current_lazy`]: for a reader that needs every
-/// event whole, one serde pass over the record is cheaper than the lazy
-/// decoder's check and then decoding each part. Every read path that hands
-/// events to the domain or to clients decodes through one of the two (the
+/// Decodes a record like [`decode`] and brings every event to the current
+/// version of its event type in `domain` (DESIGN.md §3.3). Every read path
+/// that hands events to the domain or to clients decodes through here (the
 /// write side's restore and history, projections, the event stream), so
-/// none of them ever sees an older version.
+/// none of them ever sees an older version. An event already at the current
+/// version costs one comparison when the domain declares no versions, one
+/// map lookup otherwise.
 pub fn decode_current(
     domain: &crate::domain::Domain,
     headers: &[(String, Vec<u8>)],
     value: &[u8],
 ) -> Result<Vec<Event>, RecordError> {
-    let mut events: Vec<LazyEvent> = decode(headers, value)?
-        .into_iter()
-        .map(LazyEvent::from)
-        .collect();
+    let mut events = decode(headers, value)?;
     upcast(domain, &mut events)?;
-    events.into_iter().map(LazyEvent::into_event).collect()
+    Ok(events)
+}
+
+/// Brings decoded events to the current versions of their types in place.
+pub fn upcast(domain: &crate::domain::Domain, events: &mut [Event]) -> Result<(), RecordError> {
+    for (index, event) in events.iter_mut().enumerate() {
+        if event.schema_version == 1 && !domain.has_versions() {
+            continue;
+        }
+        let upcast = domain
+            .upcast(
+                &event.aggregate_type,
+                &event.as_input(),
+                event.schema_version,
+            )
+            .map_err(|e| RecordError::Upcast {
+                index,
+                event_type: event.event_type.clone(),
+                schema_version: event.schema_version,
+                reason: e.to_string(),
+            })?;
+        if let Some(data) = upcast {
+            event.data = data;
+            event.schema_version = domain
+                .aggregate(&event.aggregate_type)
+                .map_or(1, |a| a.event_version(&event.event_type));
+        }
+    }
+    Ok(())
 }
 
 /// A string field parsed where the decoder holds it (borrowed from the
@@ -692,14 +708,6 @@ remove = ["amount"]
             assert_eq!(current[0].data, json!({"cents": 250}));
             assert_eq!(current[0].schema_version, 2);
             assert_eq!(current[1], new);
-            // The lazy read path hands out the same: the old event's data
-            // upcast, the current one's as stored (decoded when asked for).
-            let lazy =
-                crate::log::decode_current_lazy(&domain, &record.headers, record.value.clone())
-                    .unwrap();
-            assert_eq!(lazy[0].data().unwrap(), &json!({"cents": 250}));
-            assert_eq!(lazy[0].schema_version, 2);
-            assert_eq!(lazy[1].to_event().unwrap(), new);
             // A step that fails names the event and its version.
             let bad = encode(&[event(1, "MoneyDeposited", json!({}))], encoding).unwrap();
             let error = decode_current(&domain, &bad.headers, &bad.value).unwrap_err();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::domain::{Domain, ProjectionKind};
-use crate::log::LazyEvent;
+use crate::log::Event;
 use crate::store::views::{ChangeSet, Generation, Positions, Quarantined, encode_value};
 use crate::store::{StoreError, ViewStore};
 
@@ -23,10 +23,8 @@ pub struct SourceRecord {
     pub topic: String,
     pub partition: u32,
     pub offset: u64,
-    /// The record's events, or why the record does not decode. Their data
-    /// is decoded when a projection first reads it, once for all the
-    /// projections the record is handed to.
-    pub events: Result<Vec<LazyEvent>, String>,
+    /// The record's events, or why the record does not decode.
+    pub events: Result<Vec<Event>, String>,
 }
 
 /// What applying one batch did.
@@ -160,8 +158,8 @@ struct SledTarget {
     cache: WorkingSet,
 }
 
-fn event_json(event: &LazyEvent) -> Option<serde_json::Value> {
-    serde_json::to_value(event.to_event().ok()?).ok()
+fn event_json(event: &Event) -> Option<serde_json::Value> {
+    serde_json::to_value(event).ok()
 }
 
 /// The quarantine entry of event `index` of `record` for projection (or
@@ -170,7 +168,7 @@ pub(super) fn quarantined(
     name: &str,
     record: &SourceRecord,
     index: usize,
-    event: Option<&LazyEvent>,
+    event: Option<&Event>,
     reason: String,
 ) -> Quarantined {
     tracing::warn!(projection = %name, topic = %record.topic, partition = record.partition,
@@ -216,7 +214,7 @@ impl Target for SledTarget {
         let quarantine = |changes: &mut ChangeSet,
                           record: &SourceRecord,
                           index: usize,
-                          event: Option<&LazyEvent>,
+                          event: Option<&Event>,
                           reason: String| {
             changes
                 .quarantined
@@ -238,19 +236,20 @@ impl Target for SledTarget {
                             continue;
                         }
                         stats.events += 1;
+                        let input = event.as_input();
                         // The document's key: the aggregate id, or what the
                         // view's key expression says; one that cannot be
-                        // computed, like data that does not decode, makes
-                        // the event a poison event.
-                        let keyed = event.input().map_err(|e| e.to_string()).and_then(|input| {
-                            def.key(&input, &event.aggregate_type)
-                                .map(|key| (input, key))
-                                .map_err(|e| e.to_string())
-                        });
-                        let (input, key) = match keyed {
-                            Ok(keyed) => keyed,
-                            Err(reason) => {
-                                quarantine(&mut changes, record, index, Some(event), reason);
+                        // computed makes the event a poison event.
+                        let key = match def.key(&input, &event.aggregate_type) {
+                            Ok(key) => key,
+                            Err(error) => {
+                                quarantine(
+                                    &mut changes,
+                                    record,
+                                    index,
+                                    Some(event),
+                                    error.to_string(),
+                                );
                                 continue;
                             }
                         };
@@ -283,18 +282,20 @@ impl Target for SledTarget {
                             continue;
                         }
                         stats.events += 1;
-                        let evaluated =
-                            event.input().map_err(|e| e.to_string()).and_then(|input| {
-                                def.evaluate(&input, &event.aggregate_type)
-                                    .map_err(|e| e.to_string())
-                            });
-                        let (group, inputs) = match evaluated {
-                            Ok(evaluated) => evaluated,
-                            Err(error) => {
-                                quarantine(&mut changes, record, index, Some(event), error);
-                                continue;
-                            }
-                        };
+                        let (group, inputs) =
+                            match def.evaluate(&event.as_input(), &event.aggregate_type) {
+                                Ok(evaluated) => evaluated,
+                                Err(error) => {
+                                    quarantine(
+                                        &mut changes,
+                                        record,
+                                        index,
+                                        Some(event),
+                                        error.to_string(),
+                                    );
+                                    continue;
+                                }
+                            };
                         let mut key = Vec::new();
                         for field in def.group_fields() {
                             encode_value(group.get(field), &mut key);
@@ -349,8 +350,6 @@ impl Target for SledTarget {
 mod tests {
     use serde_json::{Value as Json, json};
 
-    use crate::log::Event;
-
     use super::*;
     use crate::domain::EXAMPLE_DOMAIN;
     use crate::store::views::GROUP;
@@ -364,7 +363,7 @@ mod tests {
             topic: "t".to_owned(),
             partition: 0,
             offset,
-            events: Ok(vec![event.into()]),
+            events: Ok(vec![event]),
         };
         let positions = [(("t".to_owned(), 0), offset + 1)].into_iter().collect();
         target.apply(&[record], &positions).unwrap()
@@ -462,93 +461,5 @@ mod tests {
                 "{stored}"
             );
         }
-    }
-
-    /// Records decoded as the worker decodes them (headers first, data when
-    /// a handler reads it): a view whose handler reads nested fields of the
-    /// data gets them, and a record whose data does not decode is
-    /// quarantined whole, at its first event, as when records were decoded
-    /// whole, while the batch's other records are applied.
-    #[test]
-    fn lazily_decoded_records_give_nested_fields_and_quarantine_malformed_data() {
-        let domain = Arc::new(
-            Domain::from_toml_str(
-                r#"
-[aggregates.person]
-state = { city = "" }
-[aggregates.person.commands.move]
-emit = [ { event = "Moved", data = { address = "command.address" } } ]
-[aggregates.person.events.Moved]
-set = { city = "event.address.city" }
-[projections.places]
-kind = "view"
-source = ["person"]
-[projections.places.on.Moved]
-set = { city = "event.address.city", zip = "event.address.zip" }
-"#,
-            )
-            .unwrap(),
-        );
-        let moved = |id: &str, zip: &str| {
-            let mut event = event(
-                id,
-                "Moved",
-                json!({"address": {"city": "Oslo", "zip": zip}}),
-                1,
-            );
-            event.aggregate_type = "person".to_owned();
-            crate::log::encode(&[event], crate::log::Encoding::MessagePack).unwrap()
-        };
-        // The second record's zip code is a MessagePack `bin`, which no JSON
-        // value holds.
-        let mut bad = moved("p-2", "12345");
-        let at = bad
-            .value
-            .windows(6)
-            .position(|w| w == b"\xa512345")
-            .unwrap();
-        bad.value.splice(at..at + 1, [0xc4, 0x05]);
-        let records: Vec<SourceRecord> = [moved("p-1", "0150"), bad, moved("p-3", "0151")]
-            .into_iter()
-            .zip(0..)
-            .map(|(record, offset)| SourceRecord {
-                topic: "t".to_owned(),
-                partition: 0,
-                offset,
-                events: crate::log::decode_current_lazy(&domain, &record.headers, record.value)
-                    .map_err(|e| e.to_string()),
-            })
-            .collect();
-        assert!(records[1].events.is_err());
-
-        let dir = tempfile::tempdir().unwrap();
-        let store = ViewStore::open(dir.path()).unwrap();
-        let settings = crate::config::ProjectionsConfig::default().engine_settings();
-        let mut places = engine_for(&domain, &store, "places", &settings)
-            .unwrap()
-            .open_live()
-            .unwrap();
-        let positions = [(("t".to_owned(), 0), 3)].into_iter().collect();
-        let stats = places.apply(&records, &positions).unwrap();
-        assert_eq!((stats.events, stats.quarantined), (3, 1));
-        let generation = store.live("places").unwrap();
-        for (id, zip) in [("p-1", "0150"), ("p-3", "0151")] {
-            assert_eq!(
-                generation.doc(id).unwrap(),
-                Some(json!({"city": "Oslo", "zip": zip})),
-                "{id}"
-            );
-        }
-        assert_eq!(generation.doc("p-2").unwrap(), None);
-        let quarantined = generation.quarantined(10).unwrap();
-        assert_eq!(quarantined.len(), 1);
-        assert_eq!((quarantined[0].offset, quarantined[0].index), (1, 0));
-        assert!(quarantined[0].event.is_none());
-        assert!(
-            quarantined[0].reason.contains("msgpack"),
-            "{}",
-            quarantined[0].reason
-        );
-        assert_eq!(generation.positions().unwrap(), positions);
     }
 }

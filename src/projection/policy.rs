@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{BatchStats, Engine, SourceRecord, Target};
 use crate::domain::{Domain, PlannedCommand};
-use crate::log::LazyEvent;
+use crate::log::Event;
 use crate::store::views::{ChangeSet, Generation, Positions, Quarantined};
 use crate::store::{StoreError, ViewStore};
 
@@ -169,9 +169,7 @@ struct Pending {
 struct Item<'r> {
     record: &'r SourceRecord,
     index: usize,
-    event: &'r LazyEvent,
-    /// Its metadata's correlation id, which its commands carry on.
-    correlation_id: Option<String>,
+    event: &'r Event,
     /// Why the event is quarantined, when it is.
     failure: Option<String>,
 }
@@ -181,27 +179,21 @@ fn rejection_key(idempotency_key: &str) -> String {
 }
 
 impl PolicyTarget {
-    fn key(&self, event: &LazyEvent, n: usize) -> String {
+    fn key(&self, event: &Event, n: usize) -> String {
         format!("policy:{}:{}:{n}", self.name, event.event_id)
     }
 
-    /// The command `planned` for the `n`th command of `event`, whose
-    /// metadata's correlation id (if any) it carries on.
-    fn command(
-        &self,
-        event: &LazyEvent,
-        correlation_id: Option<&str>,
-        n: usize,
-        planned: PlannedCommand,
-    ) -> PolicyCommand {
+    fn command(&self, event: &Event, n: usize, planned: PlannedCommand) -> PolicyCommand {
         PolicyCommand {
             aggregate: planned.aggregate,
             id: planned.id,
             command: planned.command,
             body: planned.body,
             idempotency_key: self.key(event, n),
-            correlation_id: correlation_id
-                .map(str::to_owned)
+            correlation_id: event
+                .metadata
+                .correlation_id
+                .clone()
                 .or_else(|| Some(event.event_id.to_string())),
             principal: format!("policy:{}", self.name),
         }
@@ -345,7 +337,7 @@ impl Target for PolicyTarget {
         let quarantine = |quarantined: &mut Vec<Quarantined>,
                           record: &SourceRecord,
                           index: usize,
-                          event: Option<&LazyEvent>,
+                          event: Option<&Event>,
                           reason: String| {
             quarantined.push(super::engine::quarantined(
                 &name, record, index, event, reason,
@@ -367,41 +359,31 @@ impl Target for PolicyTarget {
                     continue;
                 }
                 stats.events += 1;
-                // The plan needs the event's data, and its commands the
-                // metadata's correlation id; either not decoding makes a
-                // poison event.
-                let planned = event
-                    .input()
-                    .map_err(|e| e.to_string())
-                    .and_then(|input| {
-                        policy
-                            .plan(&input, &event.aggregate_type)
-                            .map_err(|e| e.to_string())
-                    })
-                    .and_then(|commands| {
-                        let metadata = event.metadata().map_err(|e| e.to_string())?;
-                        Ok((commands, metadata.correlation_id))
-                    });
-                match planned {
-                    Ok((commands, correlation_id)) => {
+                match policy.plan(&event.as_input(), &event.aggregate_type) {
+                    Ok(commands) => {
                         let item = items.len();
                         items.push(Item {
                             record,
                             index,
                             event,
-                            correlation_id: correlation_id.clone(),
                             failure: None,
                         });
                         for (n, planned) in commands.into_iter().enumerate() {
                             pending.push_back(Pending {
                                 item,
-                                command: self.command(event, correlation_id.as_deref(), n, planned),
+                                command: self.command(event, n, planned),
                                 send: Some(n),
                             });
                         }
                     }
                     Err(error) => {
-                        quarantine(&mut quarantined, record, index, Some(event), error);
+                        quarantine(
+                            &mut quarantined,
+                            record,
+                            index,
+                            Some(event),
+                            error.to_string(),
+                        );
                     }
                 }
             }
@@ -438,20 +420,11 @@ impl Target for PolicyTarget {
                                     "id": c.id,
                                     "command": c.command,
                                 });
-                                // The event's data was decoded for its plan.
-                                let planned =
-                                    item.event.input().map_err(|e| e.to_string()).and_then(
-                                        |input| {
-                                            policy
-                                                .plan_rejected(
-                                                    &input,
-                                                    &item.event.aggregate_type,
-                                                    &rejection,
-                                                )
-                                                .map_err(|e| e.to_string())
-                                        },
-                                    );
-                                match planned {
+                                match policy.plan_rejected(
+                                    &item.event.as_input(),
+                                    &item.event.aggregate_type,
+                                    &rejection,
+                                ) {
                                     Ok(commands) => {
                                         let base = policy.sends() + i * policy.rejected_sends();
                                         for (j, planned) in commands.into_iter().enumerate() {
@@ -459,7 +432,6 @@ impl Target for PolicyTarget {
                                                 item: done.item,
                                                 command: self.command(
                                                     item.event,
-                                                    item.correlation_id.as_deref(),
                                                     base + j,
                                                     planned,
                                                 ),
@@ -468,7 +440,7 @@ impl Target for PolicyTarget {
                                         }
                                     }
                                     Err(error) => {
-                                        item.failure.get_or_insert(error);
+                                        item.failure.get_or_insert(error.to_string());
                                     }
                                 }
                                 remember.docs.insert(
@@ -582,7 +554,7 @@ mod tests {
             topic: "cqrsd.order".to_owned(),
             partition: 0,
             offset: 0,
-            events: Ok(vec![event.into()]),
+            events: Ok(vec![event]),
         }
     }
 

@@ -195,18 +195,8 @@ impl Target for SearchTarget {
                     // The key of the view's document; an event whose key
                     // cannot be computed is quarantined by the view and
                     // changed no document.
-                    // That key needs the event's data only when a key
-                    // expression computes it.
-                    let key = if view.key_is_aggregate_id(&event.event_type) {
-                        std::borrow::Cow::Borrowed(event.aggregate_id.as_str())
-                    } else {
-                        let Ok(input) = event.input() else {
-                            continue;
-                        };
-                        let Ok(key) = view.key(&input, &event.aggregate_type) else {
-                            continue;
-                        };
-                        key
+                    let Ok(key) = view.key(&event.as_input(), &event.aggregate_type) else {
+                        continue;
                     };
                     // A set, so a key changed many times before a commit is
                     // indexed once.

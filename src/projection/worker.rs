@@ -13,7 +13,7 @@ use super::engine::{Engine, SourceRecord, Target};
 use super::{ProjectionError, ProjectionHandle, ProjectionState, RebuildProgress};
 use crate::domain::Domain;
 use crate::health::Readiness;
-use crate::log::{EventLog, LogError, Record, decode_current_lazy};
+use crate::log::{EventLog, LogError, Record, decode_current};
 use crate::store::StoreError;
 use crate::store::views::Positions;
 
@@ -115,7 +115,7 @@ fn advance(
                 topic: topic.clone(),
                 partition: *partition,
                 offset,
-                events: decode_current_lazy(domain, &record.headers, record.value)
+                events: decode_current(domain, &record.headers, &record.value)
                     .map_err(|e| e.to_string()),
             })
             .collect();
@@ -185,7 +185,7 @@ fn read_batch(
                     topic: span.topic.to_owned(),
                     partition: span.partition,
                     offset,
-                    events: decode_current_lazy(domain, &record.headers, record.value)
+                    events: decode_current(domain, &record.headers, &record.value)
                         .map_err(|e| e.to_string()),
                 }),
         );
