@@ -100,7 +100,6 @@ pub(super) fn restore_partition(
     partition: u32,
     idempotency_ttl: Duration,
 ) -> Result<u64, CommandFailure> {
-    let _slot = RESTORES.take(restore_slots());
     restore_in_chunks(
         domain,
         log,
@@ -109,74 +108,6 @@ pub(super) fn restore_partition(
         idempotency_ttl,
         RESTORE_SAVE_EVERY,
     )
-}
-
-/// How many partition restores may run at once in the process: as many as
-/// there are cores. Every partition writer restores at startup on a blocking
-/// thread of its own, and a restore is CPU and sled work, so more of them at
-/// once only multiplies the folded states held (`RESTORE_SAVE_EVERY` each)
-/// and sled's garbage, and does not end sooner.
-static RESTORES: Slots = Slots::new();
-
-fn restore_slots() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-}
-
-/// A counting semaphore for blocking threads.
-struct Slots {
-    running: std::sync::Mutex<usize>,
-    ended: std::sync::Condvar,
-}
-
-/// A place among the restores running at once; given back on drop.
-struct Slot<'a>(&'a Slots);
-
-impl Slots {
-    const fn new() -> Self {
-        Self {
-            running: std::sync::Mutex::new(0),
-            ended: std::sync::Condvar::new(),
-        }
-    }
-
-    fn running(&self) -> std::sync::MutexGuard<'_, usize> {
-        // A poisoned lock only means a thread panicked while counting; the
-        // count itself is still right.
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Waits (blocking) until fewer than `limit` slots are taken.
-    fn take(&self, limit: usize) -> Slot<'_> {
-        let mut running = self.running();
-        while *running >= limit.max(1) {
-            running = self
-                .ended
-                .wait(running)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        *running += 1;
-        Slot(self)
-    }
-
-    /// A slot if fewer than `limit` are taken, without waiting.
-    #[cfg(test)]
-    fn try_take(&self, limit: usize) -> Option<Slot<'_>> {
-        let mut running = self.running();
-        if *running >= limit.max(1) {
-            return None;
-        }
-        *running += 1;
-        Some(Slot(self))
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        *self.0.running() -= 1;
-        self.0.ended.notify_one();
-    }
 }
 
 fn restore_in_chunks(
@@ -353,9 +284,7 @@ fn save(
             )
         })
         .collect();
-    // Not `commit`: a restore writes many chunks back to back, and a
-    // transaction per chunk pins sled's garbage (see `save_in_order`).
-    store.save_in_order(topic, partition, next_offset, &snapshots, replies)?;
+    store.commit(topic, partition, next_offset, &snapshots, replies)?;
     replies.clear();
     Ok(snapshots.len())
 }
@@ -420,10 +349,12 @@ mod tests {
         }
     }
 
-    /// An embedded log of one partition with the account topic.
-    fn open_log(dir: &std::path::Path) -> EventLog {
+    #[tokio::test]
+    async fn a_restore_saves_in_bounded_chunks_and_resumes_from_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
         let log = open_embedded(EmbeddedSettings {
-            data_dir: dir.to_owned(),
+            data_dir: dir.path().to_owned(),
             topic_prefix: "cqrsd".into(),
             partitions: 1,
             group_commit_max_records: 4096,
@@ -433,14 +364,6 @@ mod tests {
         })
         .unwrap();
         log.ensure_topic(TOPIC).unwrap();
-        log
-    }
-
-    #[tokio::test]
-    async fn a_restore_saves_in_bounded_chunks_and_resumes_from_the_last_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
-        let log = open_log(dir.path());
         let store = CommandStore::open(dir.path()).unwrap();
         // Ten accounts opened, then three deposits each, round robin, so every
         // account appears again after its chunk was saved.
@@ -480,94 +403,5 @@ mod tests {
             );
         }
         log.close().unwrap();
-    }
-
-    /// `save_in_order` writes a chunk's snapshots before its checkpoint, so a
-    /// save cut in the middle (a crash) leaves some snapshots newer than the
-    /// stored checkpoint. The next restore folds from that checkpoint again
-    /// and must not apply an event twice to those snapshots.
-    #[tokio::test]
-    async fn a_restore_after_a_save_cut_before_its_checkpoint_folds_each_event_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
-        let log = open_log(dir.path());
-        let store = CommandStore::open(dir.path()).unwrap();
-        let append = |from: u64, to: u64| {
-            let mut records = Vec::new();
-            for version in from..=to {
-                for n in 0..10 {
-                    records.push(
-                        encode(&[event(&format!("a{n}"), version)], Encoding::MessagePack).unwrap(),
-                    );
-                }
-            }
-            records
-        };
-        log.append(TOPIC, 0, append(1, 2)).await.unwrap();
-        let at = ("account", TOPIC, 0);
-        let ttl = Duration::from_secs(60);
-        assert_eq!(
-            restore_in_chunks(&domain, &log, &store, at, ttl, 4).unwrap(),
-            20
-        );
-        assert_eq!(store.checkpoint(TOPIC, 0).unwrap(), Some(20));
-        log.append(TOPIC, 0, append(3, 5)).await.unwrap();
-        // The cut save: half of the accounts' snapshots already hold the
-        // deposits of versions 3 and 4, the checkpoint still says 20.
-        let aggregate = domain.aggregate("account").unwrap();
-        let ahead: Vec<(String, String, Snapshot)> = (0..5)
-            .map(|n| {
-                let id = format!("a{n}");
-                let stored = store.snapshot("account", &id).unwrap().unwrap();
-                let state = AggregateState {
-                    version: stored.version,
-                    state: stored.state,
-                };
-                let events = [event(&id, 3), event(&id, 4)];
-                let state = fold(aggregate, state, &events, &|| id.clone()).unwrap();
-                let snapshot = Snapshot {
-                    version: state.version,
-                    state: state.state,
-                };
-                ("account".to_owned(), id, snapshot)
-            })
-            .collect();
-        store.save_in_order(TOPIC, 0, 20, &ahead, &[]).unwrap();
-        assert_eq!(store.checkpoint(TOPIC, 0).unwrap(), Some(20));
-
-        assert_eq!(
-            restore_in_chunks(&domain, &log, &store, at, ttl, 4).unwrap(),
-            50
-        );
-        assert_eq!(store.checkpoint(TOPIC, 0).unwrap(), Some(50));
-        for n in 0..10 {
-            let snapshot = store
-                .snapshot("account", &format!("a{n}"))
-                .unwrap()
-                .unwrap();
-            assert_eq!(snapshot.version, 5, "a{n}");
-            // Opened, then four deposits of 1.
-            assert_eq!(snapshot.state["balance"].as_f64(), Some(4.0), "a{n}");
-        }
-        log.close().unwrap();
-    }
-
-    #[test]
-    fn no_more_restores_run_at_once_than_there_are_slots() {
-        let slots = Slots::new();
-        let first = slots.take(2);
-        let second = slots.try_take(2).unwrap();
-        assert!(slots.try_take(2).is_none());
-        drop(first);
-        let third = slots.try_take(2).unwrap();
-        assert!(slots.try_take(2).is_none());
-        // A waiting restore goes on once one of the running ones ends.
-        std::thread::scope(|scope| {
-            let waiter = scope.spawn(|| drop(slots.take(2)));
-            drop(second);
-            waiter.join().unwrap();
-        });
-        drop(third);
-        assert_eq!(*slots.running(), 0);
     }
 }

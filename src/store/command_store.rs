@@ -4,8 +4,7 @@
 //! Everything here is derived from the event log, so it is not fsynced: after a crash the
 //! write side replays the log from the last checkpoint that reached the disk. What matters
 //! is that a checkpoint is never ahead of the snapshots and replies it covers, which the
-//! single transaction in [`CommandStore::commit`] guarantees, and the order of the writes
-//! (everything flushed before the checkpoint) in [`CommandStore::save_in_order`].
+//! single transaction in [`CommandStore::commit`] guarantees.
 
 use std::path::Path;
 
@@ -161,7 +160,15 @@ impl CommandStore {
             .iter()
             .map(|(ty, id, snap)| Ok((aggregate_key(ty, id), encode(snap)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let reply_writes = reply_writes(replies)?;
+        let reply_writes = replies
+            .iter()
+            .map(|(ty, id, key, reply)| {
+                let k = reply_key(ty, id, key);
+                let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
+                expiry.extend_from_slice(&k);
+                Ok((k, expiry, encode(reply)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let checkpoint = checkpoint_key(topic, partition);
 
         let result: Result<(), TransactionError<()>> = (
@@ -189,46 +196,6 @@ impl CommandStore {
                 Err(StoreError::Unavailable("commit aborted".into()))
             }
         }
-    }
-
-    /// Writes snapshots and idempotency replies, then the partition's
-    /// checkpoint, without a transaction: the write side's startup restore
-    /// saves its chunks this way. A sled transaction holds sled's global write
-    /// lock and one epoch guard over all of its inserts, and sled cannot free
-    /// any node copy replaced anywhere in the process while a guard is held
-    /// (a heaptrack of the restore at 100,000 aggregates found most of its
-    /// peak heap in node copies under those commits, BENCHMARKS.md). Each
-    /// insert here pins for itself alone.
-    ///
-    /// Crash safety comes from the order instead: every snapshot and reply
-    /// reaches the disk (`flush`) before the checkpoint is written, so a
-    /// checkpoint is never ahead of what it covers, and the checkpoint is one
-    /// 8-byte value, which sled writes whole or not at all. A save cut in the
-    /// middle leaves some snapshots newer than the stored checkpoint, which is
-    /// harmless: a restore folds from that checkpoint and skips every event a
-    /// snapshot already includes, and the replies are those the same records
-    /// produce again. Blocking.
-    pub fn save_in_order(
-        &self,
-        topic: &str,
-        partition: u32,
-        next_offset: u64,
-        snapshots: &[(String, String, Snapshot)],
-        replies: &[(String, String, String, StoredReply)],
-    ) -> Result<(), StoreError> {
-        for (ty, id, snap) in snapshots {
-            self.snapshots
-                .insert(aggregate_key(ty, id), encode(snap)?)?;
-        }
-        for (key, expiry_key, value) in reply_writes(replies)? {
-            // The expiry entry first: a reply without one would never be purged.
-            self.reply_expiry.insert(expiry_key, &[] as &[u8])?;
-            self.replies.insert(key, value)?;
-        }
-        self.db.flush()?;
-        self.checkpoints
-            .insert(checkpoint_key(topic, partition), &next_offset.to_be_bytes())?;
-        Ok(())
     }
 
     /// Removes replies that expired at or before `now_ms`; returns how many.
@@ -278,23 +245,6 @@ impl CommandStore {
         self.db.flush()?;
         Ok(())
     }
-}
-
-/// Each reply's key, its expiry entry's key and its encoded value.
-type ReplyWrite = (Vec<u8>, Vec<u8>, Vec<u8>);
-
-fn reply_writes(
-    replies: &[(String, String, String, StoredReply)],
-) -> Result<Vec<ReplyWrite>, StoreError> {
-    replies
-        .iter()
-        .map(|(ty, id, key, reply)| {
-            let k = reply_key(ty, id, key);
-            let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
-            expiry.extend_from_slice(&k);
-            Ok((k, expiry, encode(reply)?))
-        })
-        .collect()
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
@@ -452,50 +402,6 @@ mod tests {
         }
         reader.join().unwrap();
         assert_eq!(store.checkpoint("t", 0).unwrap(), Some(499));
-    }
-
-    #[test]
-    fn save_in_order_never_puts_a_checkpoint_ahead_of_its_snapshots() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = CommandStore::open(dir.path()).unwrap();
-        let snaps = |n: u64| -> Vec<(String, String, Snapshot)> {
-            (0..4)
-                .map(|i| ("account".into(), format!("a{i}"), snap(n)))
-                .collect()
-        };
-        store.save_in_order("t", 0, 1, &snaps(1), &[]).unwrap();
-        // Without a transaction a reader may see some snapshots of a save and
-        // not others, but never a checkpoint that a snapshot has not reached.
-        let reader = {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                for _ in 0..2_000 {
-                    let cp = store.checkpoint("t", 0).unwrap().unwrap();
-                    for i in 0..4 {
-                        let version = store
-                            .snapshot("account", &format!("a{i}"))
-                            .unwrap()
-                            .unwrap()
-                            .version;
-                        assert!(version >= cp, "checkpoint {cp} ahead of snapshot {version}");
-                    }
-                }
-            })
-        };
-        for n in 2..200 {
-            store.save_in_order("t", 0, n, &snaps(n), &[]).unwrap();
-        }
-        reader.join().unwrap();
-        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(199));
-        // Its replies are stored with their expiry entries, so they are purged.
-        let replies = vec![("account".into(), "a0".into(), "k".into(), reply("h", 10))];
-        store.save_in_order("t", 0, 200, &[], &replies).unwrap();
-        assert_eq!(
-            store.idempotent_reply("account", "a0", "k").unwrap(),
-            Some(reply("h", 10))
-        );
-        assert_eq!(store.purge_expired_replies(10).unwrap(), 1);
-        assert_eq!(store.idempotent_reply("account", "a0", "k").unwrap(), None);
     }
 
     #[test]
