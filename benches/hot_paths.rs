@@ -152,6 +152,113 @@ fn projection_apply(c: &mut Criterion) {
     group.finish();
 }
 
+/// The bank domain's records as the log stores them (MessagePack, one event
+/// per record, metadata as the write side writes it): `accounts` accounts
+/// opened, then deposits and withdrawals over them, `count` records in all.
+fn bank_records(count: u64, accounts: u64) -> Vec<Record> {
+    let start = chrono::DateTime::from_timestamp(1_767_225_600, 0).unwrap();
+    (0..count)
+        .map(|n| {
+            let id = format!("acc-{:07}", n % accounts);
+            let (event_type, command, data) = if n < accounts {
+                (
+                    "AccountOpened",
+                    "open",
+                    json!({ "owner": format!("owner {n}") }),
+                )
+            } else if n % 3 == 0 {
+                ("MoneyWithdrawn", "withdraw", json!({ "amount": 3 }))
+            } else {
+                ("MoneyDeposited", "deposit", json!({ "amount": 25 }))
+            };
+            let event = Event {
+                event_id: uuid::Uuid::now_v7(),
+                aggregate_type: "account".to_owned(),
+                aggregate_id: id,
+                version: n / accounts + 1,
+                event_type: event_type.to_owned(),
+                schema_version: 1,
+                timestamp: start + chrono::Duration::seconds(n as i64 * 60),
+                data,
+                metadata: EventMetadata {
+                    command: command.to_owned(),
+                    command_id: uuid::Uuid::now_v7(),
+                    idempotency_key: None,
+                    correlation_id: Some(uuid::Uuid::now_v7().to_string()),
+                    request_hash: format!("sha256:{:064x}", u128::from(n) * 0x9e37_79b9),
+                    principal: None,
+                },
+            };
+            encode(&[event], Encoding::MessagePack).unwrap()
+        })
+        .collect()
+}
+
+/// A record read from partition 0 of `cqrsd.account`, decoded as the
+/// projection worker decodes it.
+fn source(domain: &Domain, offset: u64, record: Record) -> SourceRecord {
+    SourceRecord {
+        topic: "cqrsd.account".to_owned(),
+        partition: 0,
+        offset,
+        events: decode_current(domain, &record.headers, &record.value).map_err(|e| e.to_string()),
+    }
+}
+
+/// The read side's per-event path on 1,000 bank records: decoding them as
+/// the projection worker does, and that plus applying them to the bank's
+/// sled projections (the `accounts` view and the `daily_flows` aggregation,
+/// each committing the batch to sled, as one worker hands one decoded batch
+/// to every projection at its position).
+fn read_side_batch(c: &mut Criterion) {
+    const RECORDS: u64 = 1000;
+    let domain = Arc::new(Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap());
+    let records = bank_records(RECORDS, 100);
+    let decode_all = |records: Vec<Record>| -> Vec<SourceRecord> {
+        records
+            .into_iter()
+            .zip(0..)
+            .map(|(record, offset)| source(&domain, offset, record))
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = ViewStore::open(dir.path()).unwrap();
+    let settings = cqrsd::config::ProjectionsConfig::default().engine_settings();
+    let mut targets: Vec<_> = ["accounts", "daily_flows"]
+        .into_iter()
+        .map(|name| {
+            engine_for(&domain, &store, name, &settings)
+                .unwrap()
+                .open_live()
+                .unwrap()
+        })
+        .collect();
+    let positions: BTreeMap<(String, u32), u64> =
+        [(("cqrsd.account".to_owned(), 0), RECORDS)].into();
+    let mut group = c.benchmark_group("read side, 1000 bank records");
+    group.throughput(Throughput::Elements(RECORDS));
+    group.bench_function("decode as the projection worker does", |b| {
+        b.iter_batched(|| records.clone(), decode_all, BatchSize::SmallInput);
+    });
+    group.bench_function(
+        "decode, then apply to the accounts view and daily_flows",
+        |b| {
+            b.iter_batched(
+                || records.clone(),
+                |records| {
+                    let decoded = decode_all(records);
+                    for target in &mut targets {
+                        let stats = target.apply(&decoded, &positions).unwrap();
+                        assert_eq!(stats.quarantined, 0, "an event was quarantined");
+                    }
+                },
+                BatchSize::SmallInput,
+            );
+        },
+    );
+    group.finish();
+}
+
 fn log_append(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let log = cqrsd::store::open_embedded(cqrsd::store::EmbeddedSettings {
@@ -190,5 +297,12 @@ fn log_append(c: &mut Criterion) {
     log.close().unwrap();
 }
 
-criterion_group!(benches, codec, upcast, projection_apply, log_append);
+criterion_group!(
+    benches,
+    codec,
+    upcast,
+    projection_apply,
+    read_side_batch,
+    log_append
+);
 criterion_main!(benches);
