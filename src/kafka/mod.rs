@@ -130,6 +130,13 @@ impl ClientContext for Context {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // With `enable.partition.eof` (which the end probes need) librdkafka
+        // also reports every fetch that reached a partition's end here, many
+        // times a second per idle partition. That is the log working, not a
+        // broker error: it must neither fill the log nor count as an error.
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
         metrics::counter!("cqrsd_kafka_broker_errors_total").increment(1);
         tracing::warn!(%error, reason, "kafka client error");
     }

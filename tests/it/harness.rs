@@ -574,6 +574,11 @@ impl Process {
     }
 
     /// Waits until the daemon logs a line containing `needle`.
+    /// The log lines written since the last read of them (without waiting).
+    pub fn logged_lines(&self) -> Vec<String> {
+        self.stderr_lines.try_iter().collect()
+    }
+
     pub fn wait_for_log(&self, needle: &str, bound: Duration) -> String {
         let deadline = Instant::now() + bound;
         loop {

@@ -623,3 +623,62 @@ async fn a_paused_broker_fails_commands_with_503_then_the_daemon_recovers_alone(
         );
     }
 }
+
+/// A fetch that reaches a partition's end is reported by librdkafka (the
+/// end probes ask for it) many times a second per idle partition: an idle
+/// Kafka daemon must neither log it nor count it as a broker error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reaching_a_partitions_end_is_neither_logged_nor_counted_as_a_broker_error() {
+    if skip_kafka() {
+        return;
+    }
+    let daemon = Process::start(ProcessOptions {
+        config: kafka_config(&kafka_brokers()),
+        ..ProcessOptions::default()
+    });
+    daemon.ready().await;
+    let (http, base) = (client(), daemon.url(""));
+    let opened = command(&http, &base, "account/eof/open", json!({"owner": "x"})).await;
+    assert_eq!(opened.status(), 200);
+    let position = opened.json::<Value>().await.unwrap()["position"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let view = http
+        .get(format!(
+            "{base}/views/accounts/eof?consistent_with={position}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(view.status(), 200);
+    // The readers and the end refresher keep fetching at the end meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let noisy: Vec<String> = daemon
+        .logged_lines()
+        .into_iter()
+        .filter(|line| line.contains("PartitionEOF") || line.contains("kafka client error"))
+        .collect();
+    assert!(
+        noisy.is_empty(),
+        "{} lines like {:?}",
+        noisy.len(),
+        noisy.first()
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors = metrics
+        .lines()
+        .find(|line| line.starts_with("cqrsd_kafka_broker_errors_total"))
+        .map(|line| line.rsplit(' ').next().unwrap().to_owned());
+    assert!(
+        errors.is_none() || errors.as_deref() == Some("0"),
+        "{errors:?}"
+    );
+}
