@@ -194,14 +194,7 @@ async fn every_command_status_code_has_its_body(backend: Backend) {
     );
 
     // The write side is visible in the metrics.
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::harness::get_text(&http, &format!("{base}/metrics")).await;
     let log_metrics: &[&str] = match backend {
         Backend::Embedded => &[
             "cqrsd_log_group_commit_records_bucket",

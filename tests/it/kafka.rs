@@ -665,14 +665,7 @@ async fn reaching_a_partitions_end_is_neither_logged_nor_counted_as_a_broker_err
         noisy.len(),
         noisy.first()
     );
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::harness::get_text(&http, &format!("{base}/metrics")).await;
     let errors = metrics
         .lines()
         .find(|line| line.starts_with("cqrsd_kafka_broker_errors_total"))

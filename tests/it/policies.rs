@@ -257,14 +257,7 @@ async fn the_chain_completes_and_a_short_reservation_cancels_its_order(backend: 
         key.starts_with("policy:reserve_stock:") && key.ends_with(":1"),
         "{key}"
     );
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = crate::harness::get_text(&http, &format!("{base}/metrics")).await;
     assert!(
         metrics
             .lines()

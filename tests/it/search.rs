@@ -340,14 +340,7 @@ fn counter(scrape: &str, name_and_labels: &str) -> u64 {
 }
 
 async fn search_counters(http: &reqwest::Client, base: &str) -> (u64, u64) {
-    let scrape = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let scrape = crate::harness::get_text(http, &format!("{base}/metrics")).await;
     (
         counter(
             &scrape,
