@@ -398,13 +398,14 @@ async fn admin_projections(
 }
 
 /// Rebuilds a projection from offset 0 beside the live one, then swaps it in
-/// atomically; queries keep reading the live data meanwhile.
+/// atomically; queries keep reading the live data meanwhile. A policy is never
+/// rebuilt: that would send every command it ever sent again.
 #[utoipa::path(post, path = "/admin/projections/{name}/rebuild", tag = "admin", operation_id = "rebuildProjection",
     params(("name" = String, Path, description = "The projection")),
     responses(
         (status = 202, description = "The rebuild started", body = RebuildAccepted),
         (status = 404, description = "No such projection", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A rebuild is already running", body = Problem, content_type = "application/problem+json")
+        (status = 409, description = "A rebuild is already running, or the name is a policy's (never rebuilt; move its position instead)", body = Problem, content_type = "application/problem+json")
     ))]
 async fn rebuild_projection(
     State(state): State<QueryState>,
