@@ -215,6 +215,16 @@ async fn a_plain_kafka_consumer_decodes_the_records_from_the_format_doc() {
     }
 }
 
+/// A daemon on the test broker with the default settings, ready.
+async fn ready_on_kafka() -> Process {
+    let daemon = Process::start(ProcessOptions {
+        config: kafka_config(&kafka_brokers()),
+        ..ProcessOptions::default()
+    });
+    daemon.ready().await;
+    daemon
+}
+
 async fn get(http: &reqwest::Client, url: String) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
@@ -224,11 +234,7 @@ async fn deleting_the_data_directory_restores_states_versions_and_idempotent_ans
     if skip_kafka() {
         return;
     }
-    let daemon = Process::start(ProcessOptions {
-        config: kafka_config(&kafka_brokers()),
-        ..ProcessOptions::default()
-    });
-    daemon.ready().await;
+    let daemon = ready_on_kafka().await;
     let (http, base) = (client(), daemon.url(""));
     let mut answers = BTreeMap::new();
     for account in 0..10 {
@@ -632,11 +638,7 @@ async fn reaching_a_partitions_end_is_neither_logged_nor_counted_as_a_broker_err
     if skip_kafka() {
         return;
     }
-    let daemon = Process::start(ProcessOptions {
-        config: kafka_config(&kafka_brokers()),
-        ..ProcessOptions::default()
-    });
-    daemon.ready().await;
+    let daemon = ready_on_kafka().await;
     let (http, base) = (client(), daemon.url(""));
     let opened = command(&http, &base, "account/eof/open", json!({"owner": "x"})).await;
     assert_eq!(opened.status(), 200);
