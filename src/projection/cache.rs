@@ -78,69 +78,6 @@ impl WorkingSet {
     }
 }
 
-/// The keys a generation has been given since it was empty, as a Bloom
-/// filter: a document or group whose key it has never seen is surely absent,
-/// so a batch need not ask sled for it.
-///
-/// With many aggregates almost every event opens a key that no batch has
-/// seen, and each such key cost a sled read that found nothing (9 % of the
-/// view's thread with 1M aggregates, BENCHMARKS.md). The filter is only kept
-/// for a generation that was empty when its target opened it, and its one
-/// writer notes every key before the commit that writes it, so a key it
-/// calls absent was never written. A false "maybe" only costs the sled read.
-#[derive(Debug)]
-pub(super) struct WrittenKeys {
-    bits: Vec<u64>,
-    mask: u64,
-}
-
-/// Bits of a generation's filter: 2^24 (2 MiB). Two probes a key keep false
-/// "maybe"s near 1 % at a million keys and near 10 % at three million.
-const WRITTEN_BITS: u32 = 24;
-
-impl WrittenKeys {
-    pub(super) fn new() -> Self {
-        Self::with_bits(WRITTEN_BITS)
-    }
-
-    fn with_bits(bits: u32) -> Self {
-        Self {
-            bits: vec![0; (1usize << bits) / 64],
-            mask: (1u64 << bits) - 1,
-        }
-    }
-
-    /// The two bit positions of a key, from one 64-bit hash; `space` keeps
-    /// documents and groups apart.
-    fn probes(&self, space: u8, key: &[u8]) -> [u64; 2] {
-        use std::hash::{BuildHasher, Hasher};
-        // A fixed seed: the filter lives in one process and is never stored.
-        let mut hasher =
-            std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().build_hasher();
-        hasher.write_u8(space);
-        hasher.write(key);
-        let hash = hasher.finish();
-        [
-            hash & self.mask,
-            ((hash >> 32) ^ hash.rotate_left(17)) & self.mask,
-        ]
-    }
-
-    /// Remembers that `key` is (about to be) written.
-    pub(super) fn note(&mut self, space: u8, key: &[u8]) {
-        for bit in self.probes(space, key) {
-            self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
-        }
-    }
-
-    /// Whether `key` was surely never noted.
-    pub(super) fn surely_absent(&self, space: u8, key: &[u8]) -> bool {
-        self.probes(space, key)
-            .iter()
-            .any(|bit| self.bits[(bit / 64) as usize] & (1 << (bit % 64)) == 0)
-    }
-}
-
 /// What one cached entry costs beyond its key and value: the LRU's node and
 /// hash slot, and the value's allocation headers.
 const ENTRY_OVERHEAD: usize = 96;
@@ -243,25 +180,5 @@ mod tests {
         none.put_doc("a".to_owned(), Some(doc));
         assert_eq!(none.bytes(), 0);
         assert_eq!(none.take_doc("a"), None);
-    }
-
-    #[test]
-    fn a_noted_key_is_never_called_absent_and_most_others_are() {
-        let mut written = WrittenKeys::with_bits(16);
-        for i in 0..2_000 {
-            written.note(0, format!("k{i}").as_bytes());
-        }
-        for i in 0..2_000 {
-            assert!(!written.surely_absent(0, format!("k{i}").as_bytes()));
-        }
-        // The same bytes in the other space, and keys never noted: with 2,000
-        // keys in 65,536 bits, nearly all of them are known to be absent.
-        let absent = (0..2_000)
-            .filter(|i| written.surely_absent(1, format!("k{i}").as_bytes()))
-            .count()
-            + (2_000..4_000)
-                .filter(|i| written.surely_absent(0, format!("k{i}").as_bytes()))
-                .count();
-        assert!(absent > 3_900, "{absent} of 4000 known absent");
     }
 }

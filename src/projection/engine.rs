@@ -14,7 +14,7 @@ use crate::log::Event;
 use crate::store::views::{ChangeSet, Generation, Positions, Quarantined, encode_value};
 use crate::store::{StoreError, ViewStore};
 
-use super::cache::{WorkingSet, WrittenKeys};
+use super::cache::WorkingSet;
 use super::measures;
 
 /// One record read from a source partition, decoded or not.
@@ -129,17 +129,12 @@ pub struct SledEngine {
 
 impl Engine for SledEngine {
     fn open_live(&self) -> Result<Box<dyn Target>, StoreError> {
-        let generation = self.store.live(&self.name)?;
-        // A live generation that holds nothing yet (a first start, a view
-        // added to the domain) is written only by this target from now on.
-        let written = generation.is_empty()?.then(WrittenKeys::new);
         Ok(Box::new(SledTarget {
             domain: self.domain.clone(),
             store: self.store.clone(),
             name: self.name.clone(),
-            generation,
+            generation: self.store.live(&self.name)?,
             cache: WorkingSet::new(self.cache_bytes),
-            written,
         }))
     }
 
@@ -148,11 +143,8 @@ impl Engine for SledEngine {
             domain: self.domain.clone(),
             store: self.store.clone(),
             name: self.name.clone(),
-            // A new generation starts empty (emptied when an interrupted
-            // rebuild left something behind).
             generation: self.store.new_generation(&self.name)?,
             cache: WorkingSet::new(self.cache_bytes),
-            written: Some(WrittenKeys::new()),
         }))
     }
 }
@@ -164,22 +156,6 @@ struct SledTarget {
     generation: Generation,
     /// The committed documents and groups this generation touched lately.
     cache: WorkingSet,
-    /// Every key written since the generation was empty, when it was empty
-    /// at open: a key not in it is absent without asking sled.
-    written: Option<WrittenKeys>,
-}
-
-/// The filter spaces of documents and of groups.
-const DOC_SPACE: u8 = 0;
-const GROUP_SPACE: u8 = 1;
-
-impl SledTarget {
-    /// Whether the key was surely never written to this generation.
-    fn surely_absent(&self, space: u8, key: &[u8]) -> bool {
-        self.written
-            .as_ref()
-            .is_some_and(|written| written.surely_absent(space, key))
-    }
 }
 
 fn event_json(event: &Event) -> Option<serde_json::Value> {
@@ -283,7 +259,6 @@ impl Target for SledTarget {
                         if !changes.docs.contains_key(key.as_ref()) {
                             let stored = match self.cache.take_doc(&key) {
                                 Some(cached) => cached,
-                                None if self.surely_absent(DOC_SPACE, key.as_bytes()) => None,
                                 None => self.generation.doc(&key)?,
                             };
                             changes
@@ -329,9 +304,6 @@ impl Target for SledTarget {
                             Some(state) => state.clone(),
                             None => match self.cache.take_group(&key) {
                                 Some(state) => state,
-                                None if self.surely_absent(GROUP_SPACE, &key) => {
-                                    measures::new_group(def, group)
-                                }
                                 None => match self.generation.group(&key)? {
                                     Some(state) => state,
                                     None => measures::new_group(def, group),
@@ -350,17 +322,6 @@ impl Target for SledTarget {
         }
         stats.quarantined = changes.quarantined.len() as u64;
         changes.positions = positions.clone();
-        // Noted before the commit: a key noted but not written (the commit
-        // failed) only costs a sled read later, while a key written but not
-        // noted would be taken for absent.
-        if let Some(written) = &mut self.written {
-            for id in changes.docs.keys() {
-                written.note(DOC_SPACE, id.as_bytes());
-            }
-            for key in changes.groups.keys() {
-                written.note(GROUP_SPACE, key);
-            }
-        }
         self.generation.commit(&changes)?;
         // Committed: the batch's values are what sled holds now. (Had the
         // commit failed, they would be dropped here with `changes`, and the
@@ -500,105 +461,5 @@ mod tests {
                 "{stored}"
             );
         }
-    }
-    /// A generation that was empty when its target opened it is written by
-    /// that target alone, so a key the target never wrote is absent without a
-    /// sled read; one it wrote is read (the cache is off here), and a target
-    /// opened on a generation that holds data reads every key. A document
-    /// written behind the target's back (which nothing but this test does)
-    /// shows which happened.
-    #[test]
-    fn a_fresh_generation_reads_sled_only_for_keys_it_has_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ViewStore::open(dir.path()).unwrap();
-        let mut accounts = target(&store, "accounts", 0);
-        let opened = |id: &str| event(id, "AccountOpened", json!({"owner": "Ada"}), 1);
-        apply(accounts.as_mut(), 0, opened("acc-1"));
-        let generation = store.live("accounts").unwrap();
-        let planted = |id: &str| {
-            generation
-                .commit(&ChangeSet {
-                    docs: [(id.to_owned(), (None, Some(json!({"planted": true}))))]
-                        .into_iter()
-                        .collect(),
-                    indexes: vec!["owner".to_owned(), "status".to_owned()],
-                    ..ChangeSet::default()
-                })
-                .unwrap();
-        };
-        planted("acc-2");
-        apply(accounts.as_mut(), 1, opened("acc-2"));
-        // Taken for absent: the handler started from no document.
-        let fresh = generation.doc("acc-2").unwrap().unwrap();
-        assert_eq!(fresh.get("planted"), None, "{fresh}");
-        assert_eq!(fresh["owner"], json!("Ada"));
-        // A key it has written is read from sled.
-        let deposit = event("acc-1", "MoneyDeposited", json!({"amount": 25}), 2);
-        assert_eq!(apply(accounts.as_mut(), 2, deposit).quarantined, 0);
-        assert_eq!(
-            generation.doc("acc-1").unwrap().unwrap()["balance"],
-            json!(25)
-        );
-        // Opened again on a generation that holds data: every key is read.
-        drop(accounts);
-        let mut reopened = target(&store, "accounts", 0);
-        planted("acc-3");
-        apply(reopened.as_mut(), 3, opened("acc-3"));
-        let read = generation.doc("acc-3").unwrap().unwrap();
-        assert_eq!(read["planted"], json!(true), "{read}");
-        assert_eq!(read["owner"], json!("Ada"));
-    }
-
-    /// The same for aggregation groups: a group a fresh generation never
-    /// wrote starts new, one it wrote is read.
-    #[test]
-    fn a_fresh_generation_starts_groups_it_never_wrote_without_reading_sled() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = ViewStore::open(dir.path()).unwrap();
-        let mut flows = target(&store, "daily_flows", 0);
-        let deposit = || event("acc-1", "MoneyDeposited", json!({"amount": 25}), 2);
-        apply(flows.as_mut(), 0, deposit());
-        let generation = store.live("daily_flows").unwrap();
-        let (key, _) = generation
-            .scan(&[GROUP], None, false)
-            .next()
-            .unwrap()
-            .unwrap();
-        let key = key[1..].to_vec();
-        let stored = generation.group(&key).unwrap().unwrap();
-        let count = || generation.group(&key).unwrap().unwrap()["measures"][0]["count"].clone();
-        apply(flows.as_mut(), 1, deposit());
-        assert_eq!(count(), json!(2), "{stored}");
-        // A withdrawal is another group (the flow is part of the key): planted
-        // behind the target's back, it is not read.
-        let withdrawn = || event("acc-1", "MoneyWithdrawn", json!({"amount": 5}), 3);
-        // Its key and fresh state, as another store computes them.
-        let elsewhere = tempfile::tempdir().unwrap();
-        let elsewhere = ViewStore::open(elsewhere.path()).unwrap();
-        apply(
-            target(&elsewhere, "daily_flows", 0).as_mut(),
-            0,
-            withdrawn(),
-        );
-        let (other_key, planted) = elsewhere
-            .live("daily_flows")
-            .unwrap()
-            .scan(&[GROUP], None, false)
-            .next()
-            .unwrap()
-            .unwrap();
-        let other_key = other_key[1..].to_vec();
-        assert_ne!(other_key, key);
-        let mut planted: Json = serde_json::from_slice(&planted).unwrap();
-        planted["measures"][0]["count"] = json!(100);
-        generation
-            .commit(&ChangeSet {
-                groups: [(other_key.clone(), planted)].into_iter().collect(),
-                ..ChangeSet::default()
-            })
-            .unwrap();
-        apply(flows.as_mut(), 2, withdrawn());
-        let other = generation.group(&other_key).unwrap().unwrap();
-        assert_eq!(other["measures"][0]["count"], json!(1), "{other}");
     }
 }

@@ -288,12 +288,6 @@ impl Generation {
         Ok(out)
     }
 
-    /// Whether nothing at all is stored in this generation: no document,
-    /// group, quarantine entry or position. Blocking.
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        Ok(self.tree.first()?.is_none())
-    }
-
     /// The current document of `id`. Blocking.
     pub fn doc(&self, id: &str) -> Result<Option<Json>, StoreError> {
         let mut key = vec![DOC];
