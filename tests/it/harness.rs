@@ -789,12 +789,15 @@ pub fn gate_routes(
     })
 }
 
-/// GETs a URL and returns its JSON body, failing the test on a non-200.
-/// The body of a GET as text (e.g. `/metrics`).
+/// GETs a URL and returns its body as text (e.g. `/metrics`), failing the
+/// test on a non-200.
 pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
-    http.get(url).send().await.unwrap().text().await.unwrap()
+    let response = http.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {url}");
+    response.text().await.unwrap()
 }
 
+/// GETs a URL and returns its JSON body, failing the test on a non-200.
 pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
     let response = http.get(url).send().await.unwrap();
     assert_eq!(response.status(), 200, "GET {url}");
