@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::auth::{bearer, token};
-use crate::harness::{Backend, Process, ProcessOptions, client, command, get_json};
+use crate::harness::{Backend, Process, ProcessOptions, client, command, get_json, get_text};
 
 /// How long a test waits for the page to show something before failing.
 const PAGE_BOUND: Duration = Duration::from_secs(30);
@@ -259,13 +259,6 @@ fn now_millis() -> u64 {
             .as_millis(),
     )
     .unwrap()
-}
-
-/// GETs a URL and returns its body, failing the test on a non-200.
-async fn get_text(http: &reqwest::Client, url: &str) -> String {
-    let response = http.get(url).send().await.unwrap();
-    assert_eq!(response.status(), 200, "GET {url}");
-    response.text().await.unwrap()
 }
 
 async fn send(http: &reqwest::Client, base: &str, path: &str, body: Value) {
