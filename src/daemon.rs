@@ -204,9 +204,11 @@ impl Daemon {
         };
         let owners = owner_map.map(|map| crate::http::edge::OwnerRouting {
             lookup: Arc::new(map),
-            topic_prefix: config.log.kafka.topic_prefix.clone(),
             partitions: log.partitions(),
-            aggregates: domain.aggregates().map(|a| a.name().to_owned()).collect(),
+            topics: domain
+                .aggregates()
+                .map(|a| (a.name().to_owned(), log.topic(a.name())))
+                .collect(),
             retry_after_secs: config.node.moving_retry_after_ms.div_ceil(1000).max(1),
         });
         let edge = start_edge(&config, io.handle(), &tracker, &shutdown, owners);
@@ -504,11 +506,17 @@ fn owner_map_topic(config: &Config) -> String {
     format!("{}.command-owners.map", config.log.kafka.topic_prefix)
 }
 
+/// The command-owners group, `<topic_prefix>.command-owners`; also the
+/// prefix of the owned partitions' transactional ids.
+fn owners_group(config: &Config) -> String {
+    format!("{}.command-owners", config.log.kafka.topic_prefix)
+}
+
 /// A command node's place in the command-owners group.
 fn group_settings(config: &Config, domain: &Domain, log: &EventLog) -> crate::kafka::GroupSettings {
     let url = config.node.advertise_url.clone().unwrap_or_default();
     crate::kafka::GroupSettings {
-        group_id: format!("{}.command-owners", config.log.kafka.topic_prefix),
+        group_id: owners_group(config),
         topics: domain.aggregates().map(|a| log.topic(a.name())).collect(),
         map_topic: owner_map_topic(config),
         url: crate::node::canonical_url(&url).unwrap_or(url),
@@ -525,8 +533,7 @@ fn open_group_log(
 ) -> anyhow::Result<(EventLog, crate::kafka::KafkaLog)> {
     let mut settings = kafka_settings(&config.log.kafka);
     if config.node.role.runs(Side::Command) {
-        settings.transactional_id_prefix =
-            Some(format!("{}.command-owners", config.log.kafka.topic_prefix));
+        settings.transactional_id_prefix = Some(owners_group(config));
     }
     let partitions = settings.partitions;
     let kafka = crate::kafka::KafkaLog::open(settings).context("cannot open the event log")?;

@@ -148,12 +148,11 @@ pub struct EdgeOptions {
 #[derive(Debug, Clone)]
 pub struct OwnerRouting {
     pub lookup: Arc<dyn OwnerLookup>,
-    /// Topic names are `<topic_prefix>.<aggregate>`.
-    pub topic_prefix: String,
     pub partitions: u32,
-    /// The domain's aggregate types; a request for another is not routed
-    /// (wherever it goes, it is answered 404).
-    pub aggregates: Vec<String>,
+    /// Each of the domain's aggregate types with its topic, as the log names
+    /// it; a request for another type is not routed (wherever it goes, it is
+    /// answered 404).
+    pub topics: BTreeMap<String, String>,
     /// The `Retry-After` of a command whose partition has no owner now.
     pub retry_after_secs: u64,
 }
@@ -392,18 +391,18 @@ async fn to_owner(
     };
     // A request the write side refuses anyway (unknown aggregate, bad id)
     // is not routed: it gets the same answer on any node.
-    if !routing.aggregates.iter().any(|a| a == aggregate)
-        || crate::command::validate_id(id).is_err()
-    {
+    let Some(topic) = routing.topics.get(aggregate) else {
+        return next.run(request).await;
+    };
+    if crate::command::validate_id(id).is_err() {
         return next.run(request).await;
     }
     let forwarded = request.headers().contains_key(&FORWARDED);
     if forwarded && edge.role.runs(Side::Command) {
         return next.run(request).await;
     }
-    let topic = format!("{}.{aggregate}", routing.topic_prefix);
     let partition = crate::log::partition_for(id, routing.partitions);
-    let owner = routing.lookup.owner(&topic, partition);
+    let owner = routing.lookup.owner(topic, partition);
     if owner.is_some() && owner == edge.advertise_url && edge.role.runs(Side::Command) {
         return next.run(request).await;
     }
