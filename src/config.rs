@@ -477,6 +477,23 @@ pub struct NodeConfig {
     pub moving_retry_after_ms: u64,
 }
 
+impl NodeConfig {
+    /// The `Retry-After`, in whole seconds (at least one), of a command
+    /// whose partition has no owner here or is moving.
+    pub fn moving_retry_after_secs(&self) -> u64 {
+        self.moving_retry_after_ms.div_ceil(1000).max(1)
+    }
+
+    /// `advertise_url` in canonical form, as the owner map and peers
+    /// compare URLs (validation accepted it, so it is kept as written only
+    /// if it somehow does not parse).
+    pub fn canonical_advertise_url(&self) -> Option<String> {
+        self.advertise_url
+            .as_ref()
+            .map(|url| crate::node::canonical_url(url).unwrap_or_else(|_| url.clone()))
+    }
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {

@@ -209,7 +209,7 @@ impl Daemon {
                 .aggregates()
                 .map(|a| (a.name().to_owned(), log.topic(a.name())))
                 .collect(),
-            retry_after_secs: config.node.moving_retry_after_ms.div_ceil(1000).max(1),
+            retry_after_secs: config.node.moving_retry_after_secs(),
         });
         let edge = start_edge(&config, io.handle(), &tracker, &shutdown, owners);
         let mut membership = None;
@@ -248,7 +248,7 @@ impl Daemon {
                 tracker: &tracker,
                 health: &health,
                 ownership: kafka.as_ref().map(|_| crate::command::Ownership {
-                    retry_after_secs: config.node.moving_retry_after_ms.div_ceil(1000).max(1),
+                    retry_after_secs: config.node.moving_retry_after_secs(),
                 }),
             });
             if let Some(kafka) = &kafka {
@@ -487,10 +487,7 @@ fn start_edge(
     let options = EdgeOptions {
         role: node.role,
         // Canonical, as the owner map's URLs are.
-        advertise_url: node
-            .advertise_url
-            .as_ref()
-            .map(|url| crate::node::canonical_url(url).unwrap_or_else(|_| url.clone())),
+        advertise_url: node.canonical_advertise_url(),
         peers,
         connect_timeout: Duration::from_millis(node.connect_timeout_ms),
         response_timeout: Duration::from_millis(node.response_timeout_ms),
@@ -514,12 +511,11 @@ fn owners_group(config: &Config) -> String {
 
 /// A command node's place in the command-owners group.
 fn group_settings(config: &Config, domain: &Domain, log: &EventLog) -> crate::kafka::GroupSettings {
-    let url = config.node.advertise_url.clone().unwrap_or_default();
     crate::kafka::GroupSettings {
         group_id: owners_group(config),
         topics: domain.aggregates().map(|a| log.topic(a.name())).collect(),
         map_topic: owner_map_topic(config),
-        url: crate::node::canonical_url(&url).unwrap_or(url),
+        url: config.node.canonical_advertise_url().unwrap_or_default(),
         session_timeout: Duration::from_millis(config.node.session_timeout_ms),
     }
 }
