@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the hot paths below the command decision (which
 //! `domain.rs` measures): event encode/decode in both encodings, projection
-//! apply (the pure view handler, and a whole batch into the sled view
+//! apply (the pure view handler, and a whole batch into the view
 //! store), and the embedded log's batch append with flush + fdatasync, the
 //! storage limit of durable commands.
 
@@ -91,7 +91,7 @@ fn projection_apply(c: &mut Criterion) {
         });
     });
 
-    // A whole batch into the sled view store: read the documents, apply,
+    // A whole batch into the view store: read the documents, apply,
     // write documents, index entries and positions in one atomic batch.
     let dir = tempfile::tempdir().unwrap();
     let store = ViewStore::open(dir.path()).unwrap();
@@ -122,7 +122,7 @@ fn projection_apply(c: &mut Criterion) {
         .unwrap();
     assert_eq!(stats.quarantined, 0);
     let mut offset = ACCOUNTS;
-    let mut group = c.benchmark_group("view batch into sled");
+    let mut group = c.benchmark_group("view batch into the view store");
     group.throughput(Throughput::Elements(BATCH));
     group.bench_function("1000 deposits over 100 accounts", |b| {
         b.iter_batched(
@@ -207,8 +207,8 @@ fn source(domain: &Domain, offset: u64, record: Record) -> SourceRecord {
 
 /// The read side's per-event path on 1,000 bank records: decoding them as
 /// the projection worker does, and that plus applying them to the bank's
-/// sled projections (the `accounts` view and the `daily_flows` aggregation,
-/// each committing the batch to sled, as one worker hands one decoded batch
+/// stored projections (the `accounts` view and the `daily_flows` aggregation,
+/// each committing the batch to the view store, as one worker hands one decoded batch
 /// to every projection at its position).
 fn read_side_batch(c: &mut Criterion) {
     const RECORDS: u64 = 1000;

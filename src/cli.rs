@@ -327,7 +327,7 @@ fn init(dir: &Path) -> ExitCode {
 }
 
 /// `cqrsd projections rebuild`: an offline rebuild with a progress bar. The
-/// stores' sled locks make it fail clearly while a daemon uses the data directory.
+/// stores' file locks make it fail clearly while a daemon uses the data directory.
 fn rebuild(name: &str, config_path: Option<&Path>) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(config) => config,

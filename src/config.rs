@@ -83,9 +83,9 @@ impl Default for HttpConfig {
 pub struct StorageConfig {
     /// Relative paths are resolved against the working directory.
     pub data_dir: PathBuf,
-    /// sled page cache of the command store (snapshots, idempotency answers), MiB.
+    /// Block cache of the command store (snapshots, idempotency answers), MiB.
     pub command_cache_mib: u64,
-    /// sled page cache of the view store (views, aggregations, positions), MiB.
+    /// Block cache of the view store (views, aggregations, positions), MiB.
     pub view_cache_mib: u64,
     /// sled page cache of the history index, MiB.
     pub history_cache_mib: u64,
@@ -103,12 +103,12 @@ impl Default for StorageConfig {
 }
 
 impl StorageConfig {
-    /// The sled page cache of the command store, in bytes.
+    /// The block cache of the command store, in bytes.
     pub fn command_cache_bytes(&self) -> u64 {
         self.command_cache_mib.saturating_mul(1 << 20)
     }
 
-    /// The sled page cache of the view store, in bytes.
+    /// The block cache of the view store, in bytes.
     pub fn view_cache_bytes(&self) -> u64 {
         self.view_cache_mib.saturating_mul(1 << 20)
     }

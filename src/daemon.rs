@@ -691,7 +691,7 @@ pub fn kafka_settings(kafka: &crate::config::KafkaConfig) -> KafkaSettings {
 }
 
 /// Rebuilds one projection offline, for `cqrsd projections rebuild`. Opening
-/// the log and the view store takes their sled locks, so this fails with a
+/// the log and the view store takes their file locks, so this fails with a
 /// clear error while a daemon runs on the same data directory. `progress_bar`
 /// makes the bar for the number of records to read.
 pub fn rebuild_projection(

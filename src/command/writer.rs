@@ -96,6 +96,11 @@ pub(super) struct Writer {
     /// Set when an append failed: its records may still land in the log, so
     /// the partition is re-read to its end before the next command.
     needs_resync: bool,
+    /// Set while the unsaved states were dropped by a resync whose restore
+    /// has not yet succeeded: the store's snapshots plus `dirty` then no
+    /// longer cover every record below `next_offset`, so no checkpoint may
+    /// be written until the restore has folded them again.
+    unsaved_dropped: bool,
     /// Appends in flight, oldest first, with their batches.
     appending: FuturesOrdered<Appending>,
     /// How many batches may be in flight (1 when the log cannot pipeline).
@@ -138,6 +143,7 @@ impl Writer {
             append_offset: 0,
             records_since_checkpoint: 0,
             needs_resync: false,
+            unsaved_dropped: false,
             appending: FuturesOrdered::new(),
             depth,
             next_seq: 0,
@@ -359,7 +365,12 @@ impl Writer {
         self.dirty.clear();
         self.replies.clear();
         self.records_since_checkpoint = 0;
+        // If the restore fails too (a disk still full), a later checkpoint
+        // would claim the dropped states as saved: found by the full-disk
+        // test once the command store reported its write errors at once.
+        self.unsaved_dropped = true;
         self.restore().await?;
+        self.unsaved_dropped = false;
         self.needs_resync = false;
         tracing::info!(topic = %self.topic, partition = self.partition, next_offset = self.next_offset, "partition re-read after a failed append");
         Ok(())
@@ -784,6 +795,9 @@ impl Writer {
     /// Saves changed snapshots and new idempotency answers with the
     /// partition's position, atomically, so a restart replays only later records.
     async fn checkpoint(&mut self) {
+        if self.unsaved_dropped {
+            return;
+        }
         let snapshots: Vec<(String, String, Snapshot)> = self
             .dirty
             .iter()

@@ -433,18 +433,22 @@ async fn to_owner(
     // An owner that stops (SIGTERM) closes its idle keep-alive connections,
     // and a request written into one just then breaks off unanswered. A
     // read, or a command with an Idempotency-Key (the owner answers a second
-    // copy with the first one's answer), is then sent once more, on a new
-    // connection; any other command's outcome is unknown: 502.
+    // copy with the first one's answer), is then sent again; any other
+    // command's outcome is unknown: 502. The client's pool can hand out
+    // another of those closing connections for the resend (seen under load
+    // in the ownership SIGTERM test), so up to `RESENDS` times: once the
+    // pool has none left, a new connection is answered or refused.
+    const RESENDS: u32 = 3;
     let resendable = parts.method == Method::GET || parts.headers.contains_key("idempotency-key");
-    let mut resent = false;
+    let mut resent = 0;
     loop {
         match send(&edge, &edge.to_owner, Side::Command, &owner, &parts, &body).await {
             Ok(Sent::Answered(response)) => return response,
             Ok(Sent::Unreachable(reason)) => {
                 return no_owner(format!("its owner {owner}: {reason}"));
             }
-            Err(ApiError::Edge(EdgeError::PeerFailed { .. })) if resendable && !resent => {
-                resent = true;
+            Err(ApiError::Edge(EdgeError::PeerFailed { .. })) if resendable && resent < RESENDS => {
+                resent += 1;
             }
             Err(error) => return error.into_response(),
         }

@@ -1,6 +1,6 @@
 //! Query-side routes: views, aggregations, and projection administration.
 //!
-//! Handlers parse and check the request here, then read sled on the query
+//! Handlers parse and check the request here, then read the view store on the query
 //! runtime's blocking pool (`spawn_blocking`), never on an async worker.
 
 use std::time::Duration;

@@ -1,10 +1,10 @@
 //! A projection's working set: the documents and aggregation groups it has
-//! touched lately, kept in memory in front of sled and bounded in bytes.
+//! touched lately, kept in memory in front of the view store and bounded in bytes.
 //!
 //! The cache holds committed values only. A batch takes the values it needs
-//! out of the cache (or reads them from sled on a miss), changes them, and
+//! out of the cache (or reads them from the view store on a miss), changes them, and
 //! puts them back only once their commit has succeeded; a failed commit thus
-//! leaves nothing uncommitted behind, and the retry reads sled again. One
+//! leaves nothing uncommitted behind, and the retry reads the view store again. One
 //! target (one projection generation, written by one thread) owns its cache,
 //! so a swap to a rebuilt generation starts with an empty one.
 

@@ -3,7 +3,7 @@
 //! The pool reads the log, decodes records and hands them to a [`Target`]
 //! (one generation of one projection's storage), which applies them and
 //! commits its data together with the new positions. Views and aggregations
-//! are stored in sled ([`SledEngine`]); search indexes in tantivy
+//! are stored in the view store ([`StoreEngine`]); search indexes in tantivy
 //! ([`super::search::SearchEngine`], positions in the commit payload).
 
 use std::sync::Arc;
@@ -88,7 +88,7 @@ pub struct EngineSettings {
     /// How often, at most, a search index commits.
     pub search_commit_interval: Duration,
     /// The bytes of documents and groups one view or aggregation keeps in
-    /// memory in front of sled (its working set).
+    /// memory in front of the view store (its working set).
     pub cache_bytes: usize,
     /// The memory a search index's writer buffers before it writes a segment.
     pub search_writer_bytes: usize,
@@ -104,7 +104,7 @@ pub fn engine_for(
     settings: &EngineSettings,
 ) -> Option<Box<dyn Engine>> {
     match domain.projection(name)?.kind() {
-        ProjectionKind::View(_) | ProjectionKind::Aggregation(_) => Some(Box::new(SledEngine {
+        ProjectionKind::View(_) | ProjectionKind::Aggregation(_) => Some(Box::new(StoreEngine {
             domain: domain.clone(),
             store: store.clone(),
             name: name.to_owned(),
@@ -119,17 +119,17 @@ pub fn engine_for(
     }
 }
 
-/// Views and aggregations in the sled view store.
-pub struct SledEngine {
+/// Views and aggregations in the view store.
+pub struct StoreEngine {
     domain: Arc<Domain>,
     store: ViewStore,
     name: String,
     cache_bytes: usize,
 }
 
-impl Engine for SledEngine {
+impl Engine for StoreEngine {
     fn open_live(&self) -> Result<Box<dyn Target>, StoreError> {
-        Ok(Box::new(SledTarget {
+        Ok(Box::new(StoreTarget {
             domain: self.domain.clone(),
             store: self.store.clone(),
             name: self.name.clone(),
@@ -139,7 +139,7 @@ impl Engine for SledEngine {
     }
 
     fn open_rebuild(&self) -> Result<Box<dyn Target>, StoreError> {
-        Ok(Box::new(SledTarget {
+        Ok(Box::new(StoreTarget {
             domain: self.domain.clone(),
             store: self.store.clone(),
             name: self.name.clone(),
@@ -149,7 +149,7 @@ impl Engine for SledEngine {
     }
 }
 
-struct SledTarget {
+struct StoreTarget {
     domain: Arc<Domain>,
     store: ViewStore,
     name: String,
@@ -183,7 +183,7 @@ pub(super) fn quarantined(
     }
 }
 
-impl Target for SledTarget {
+impl Target for StoreTarget {
     fn positions(&self) -> Result<Positions, StoreError> {
         self.generation.positions()
     }
@@ -323,7 +323,7 @@ impl Target for SledTarget {
         stats.quarantined = changes.quarantined.len() as u64;
         changes.positions = positions.clone();
         self.generation.commit(&changes)?;
-        // Committed: the batch's values are what sled holds now. (Had the
+        // Committed: the batch's values are what the view store holds now. (Had the
         // commit failed, they would be dropped here with `changes`, and the
         // cache would not know them.)
         for (id, (_, after)) in changes.docs {
@@ -336,7 +336,7 @@ impl Target for SledTarget {
     }
 
     fn promote(self: Box<Self>) -> Result<(), StoreError> {
-        let SledTarget {
+        let StoreTarget {
             store,
             name,
             generation,
@@ -383,11 +383,11 @@ mod tests {
             .unwrap()
     }
 
-    /// The working set is what a batch reads: a document changed in sled
+    /// The working set is what a batch reads: a document changed in the view store
     /// behind the projection's back (which nothing but this test does) is not
     /// read again while it is cached, and is read again without a cache.
     #[test]
-    fn a_batch_reads_sled_only_for_documents_not_in_its_working_set() {
+    fn a_batch_reads_the_store_only_for_documents_not_in_its_working_set() {
         for cache_bytes in [1 << 20, 0] {
             let dir = tempfile::tempdir().unwrap();
             let store = ViewStore::open(dir.path()).unwrap();
@@ -416,7 +416,7 @@ mod tests {
                     (&json!("Ada"), &json!(25))
                 );
             } else {
-                // Read from sled: there is no document, so no balance to add to.
+                // Read from the store: there is no document, so no balance to add to.
                 assert_eq!(stats.quarantined, 1);
                 assert_eq!(after, None);
             }
@@ -429,7 +429,7 @@ mod tests {
 
     /// The same for aggregation groups.
     #[test]
-    fn a_batch_reads_sled_only_for_groups_not_in_its_working_set() {
+    fn a_batch_reads_the_store_only_for_groups_not_in_its_working_set() {
         for cache_bytes in [1 << 20, 0] {
             let dir = tempfile::tempdir().unwrap();
             let store = ViewStore::open(dir.path()).unwrap();

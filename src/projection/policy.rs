@@ -4,7 +4,7 @@
 //! [`PolicyTarget`] turns each batch into commands, sends them through the
 //! write side's own entry point (behind [`CommandSender`]), waits for every
 //! answer, and only then commits its new positions (with what it had to
-//! quarantine) in one sled batch.
+//! quarantine) in one view store batch.
 //!
 //! Exactly once: every command carries the Idempotency-Key
 //! `policy:<name>:<event id>:<n>`, so a batch sent again after a crash is

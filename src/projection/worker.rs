@@ -401,10 +401,27 @@ impl Runner {
                 self.handle
                     .set_state(ProjectionState::Failed, Some(error.to_string()));
                 self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                // A failed storage write may still have landed: fjall's
+                // journal can write out a batch whose commit reported a full
+                // disk once the disk has room again. Memory then no longer
+                // tells what is stored, so the generations are opened again
+                // and the positions read back from the store (a rebuild starts
+                // over, as it is still requested); retrying from the positions
+                // in memory would apply that batch twice.
+                if matches!(error, ProjectionError::Store(_)) {
+                    self.live = None;
+                    self.rebuild = None;
+                }
                 // A failed open of the live generation is retried from scratch.
                 if self.live.is_none() {
-                    match self.engine.open_live() {
-                        Ok(live) => self.live = Some(live),
+                    match self.engine.open_live().and_then(|live| {
+                        let stored = live.positions()?;
+                        Ok((live, stored))
+                    }) {
+                        Ok((live, stored)) => {
+                            self.positions.extend(stored);
+                            self.live = Some(live);
+                        }
                         Err(error) => tracing::error!(%error, "cannot reopen the live generation"),
                     }
                 }

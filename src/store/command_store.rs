@@ -1,16 +1,22 @@
 //! The command side's local state: aggregate snapshots, idempotency replies and the log
-//! checkpoint they correspond to, in a sled database at `<data_dir>/command`.
+//! checkpoint they correspond to, in a fjall database (an LSM tree) at `<data_dir>/command`.
 //!
 //! Everything here is derived from the event log, so it is not fsynced: after a crash the
 //! write side replays the log from the last checkpoint that reached the disk. What matters
 //! is that a checkpoint is never ahead of the snapshots and replies it covers, which the
-//! single transaction in [`CommandStore::commit`] guarantees.
+//! single write batch in [`CommandStore::commit`] guarantees (one journal record over
+//! every keyspace, recovered whole or not at all, and made visible to readers at once).
+//!
+//! It left sled for the reason the view store did (`super::views` says it): the startup
+//! restore of a million aggregates writes a million new snapshot keys, and sled's
+//! transactions over them took a quarter of the CPU of a 1M-aggregate catch-up under sled's
+//! process-wide lock. A data directory of an earlier version is converted once at open.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use fjall::Keyspace;
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::TransactionError;
 
 use super::StoreError;
 
@@ -34,17 +40,17 @@ pub struct StoredReply {
     pub expires_at_ms: i64,
 }
 
+/// The keyspaces:
+/// - `snapshots`: aggregate key → snapshot;
+/// - `replies`: reply key → stored reply;
+/// - `reply_expiry`: `expires_at_ms (order-preserving) ‖ reply key` → empty, so
+///   purging does not scan every reply;
+/// - `checkpoints`: partition key → next offset (u64 BE);
+/// - `folded_versions`: partition key → the event versions its snapshots
+///   were folded with.
 #[derive(Clone)]
 pub struct CommandStore {
-    db: sled::Db,
-    snapshots: sled::Tree,
-    replies: sled::Tree,
-    /// `expires_at_ms (order-preserving) ‖ reply key` → empty, so purging does not scan
-    /// every reply.
-    reply_expiry: sled::Tree,
-    checkpoints: sled::Tree,
-    /// Per partition, the event versions its snapshots were folded with.
-    folded_versions: sled::Tree,
+    engine: Arc<super::lsm::Engine>,
 }
 
 impl std::fmt::Debug for CommandStore {
@@ -60,23 +66,27 @@ impl CommandStore {
         Self::open_with_cache(data_dir, super::COMMAND_STORE_CACHE_BYTES)
     }
 
-    /// Opens (or creates) the store at `<data_dir>/command` with a sled page
-    /// cache of `cache_bytes`. Blocking.
+    /// Opens (or creates) the store at `<data_dir>/command` with a block
+    /// cache of `cache_bytes`, converting a sled store of an earlier version
+    /// first. Blocking.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = super::open_db(&data_dir.join("command"), cache_bytes)?;
+        super::lsm::convert_sled(data_dir, "command", cache_bytes, |tree| {
+            TREES.contains(&tree).then(|| tree.to_owned())
+        })?;
+        let engine = super::lsm::Engine::open(&data_dir.join("command"), cache_bytes)?;
         Ok(Self {
-            snapshots: db.open_tree("snapshots")?,
-            replies: db.open_tree("replies")?,
-            reply_expiry: db.open_tree("reply_expiry")?,
-            checkpoints: db.open_tree("checkpoints")?,
-            folded_versions: db.open_tree("folded_versions")?,
-            db,
+            engine: Arc::new(engine),
         })
+    }
+
+    /// One keyspace's handle, for one operation.
+    fn keyspace(&self, name: &str) -> Result<Keyspace, StoreError> {
+        Ok(self.engine.handles(name, true)?.1)
     }
 
     pub fn snapshot(&self, aggregate_type: &str, id: &str) -> Result<Option<Snapshot>, StoreError> {
         let key = aggregate_key(aggregate_type, id);
-        self.snapshots
+        self.keyspace("snapshots")?
             .get(&key)?
             .map(|bytes| decode(&bytes, || format!("snapshot of {aggregate_type}/{id}")))
             .transpose()
@@ -91,7 +101,7 @@ impl CommandStore {
         key: &str,
     ) -> Result<Option<StoredReply>, StoreError> {
         let k = reply_key(aggregate_type, id, key);
-        self.replies
+        self.keyspace("replies")?
             .get(&k)?
             .map(|bytes| {
                 decode(&bytes, || {
@@ -103,7 +113,10 @@ impl CommandStore {
 
     /// The next offset to read from a partition, as of the last commit.
     pub fn checkpoint(&self, topic: &str, partition: u32) -> Result<Option<u64>, StoreError> {
-        match self.checkpoints.get(checkpoint_key(topic, partition))? {
+        match self
+            .keyspace("checkpoints")?
+            .get(checkpoint_key(topic, partition))?
+        {
             None => Ok(None),
             Some(bytes) => {
                 let arr: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
@@ -122,7 +135,10 @@ impl CommandStore {
     /// what a partition written before event versions existed has (every
     /// event type at version 1).
     pub fn folded_versions(&self, topic: &str, partition: u32) -> Result<String, StoreError> {
-        match self.folded_versions.get(checkpoint_key(topic, partition))? {
+        match self
+            .keyspace("folded_versions")?
+            .get(checkpoint_key(topic, partition))?
+        {
             None => Ok(String::new()),
             Some(bytes) => String::from_utf8(bytes.to_vec()).map_err(|_| {
                 StoreError::corrupt(
@@ -140,13 +156,13 @@ impl CommandStore {
         partition: u32,
         versions: &str,
     ) -> Result<(), StoreError> {
-        self.folded_versions
-            .insert(checkpoint_key(topic, partition), versions.as_bytes())?;
-        Ok(())
+        let keyspace = self.keyspace("folded_versions")?;
+        self.engine
+            .written(keyspace.insert(checkpoint_key(topic, partition), versions.as_bytes()))
     }
 
     /// Atomically writes snapshots, idempotency replies and the partition's checkpoint in
-    /// one sled transaction. Not fsynced (see the module documentation).
+    /// one write batch. Not fsynced (see the module documentation).
     pub fn commit(
         &self,
         topic: &str,
@@ -155,84 +171,57 @@ impl CommandStore {
         snapshots: &[(String, String, Snapshot)],
         replies: &[(String, String, String, StoredReply)],
     ) -> Result<(), StoreError> {
-        // Encode outside the transaction: the closure may run more than once.
-        let snapshot_writes = snapshots
-            .iter()
-            .map(|(ty, id, snap)| Ok((aggregate_key(ty, id), encode(snap)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let reply_writes = replies
-            .iter()
-            .map(|(ty, id, key, reply)| {
-                let k = reply_key(ty, id, key);
-                let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
-                expiry.extend_from_slice(&k);
-                Ok((k, expiry, encode(reply)?))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        let checkpoint = checkpoint_key(topic, partition);
-
-        let result: Result<(), TransactionError<()>> = (
-            &self.snapshots,
-            &self.replies,
-            &self.reply_expiry,
-            &self.checkpoints,
-        )
-            .transaction(|(snaps, reps, expiry, checkpoints)| {
-                for (key, value) in &snapshot_writes {
-                    snaps.insert(key.as_slice(), value.as_slice())?;
-                }
-                for (key, expiry_key, value) in &reply_writes {
-                    reps.insert(key.as_slice(), value.as_slice())?;
-                    expiry.insert(expiry_key.as_slice(), &[] as &[u8])?;
-                }
-                checkpoints.insert(checkpoint.as_slice(), &next_offset.to_be_bytes())?;
-                Ok(())
-            });
-        match result {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-            // The closure never aborts.
-            Err(TransactionError::Abort(())) => {
-                Err(StoreError::Unavailable("commit aborted".into()))
-            }
+        let (db, snapshots_ks) = self.engine.handles("snapshots", true)?;
+        let replies_ks = self.keyspace("replies")?;
+        let expiry_ks = self.keyspace("reply_expiry")?;
+        let checkpoints_ks = self.keyspace("checkpoints")?;
+        let mut batch = db.batch();
+        for (ty, id, snap) in snapshots {
+            batch.insert(&snapshots_ks, aggregate_key(ty, id), encode(snap)?);
         }
+        for (ty, id, key, reply) in replies {
+            let k = reply_key(ty, id, key);
+            let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
+            expiry.extend_from_slice(&k);
+            batch.insert(&replies_ks, k, encode(reply)?);
+            batch.insert(&expiry_ks, expiry, []);
+        }
+        batch.insert(
+            &checkpoints_ks,
+            checkpoint_key(topic, partition),
+            next_offset.to_be_bytes(),
+        );
+        self.engine.written(batch.commit())
     }
 
     /// Removes replies that expired at or before `now_ms`; returns how many.
     pub fn purge_expired_replies(&self, now_ms: i64) -> Result<usize, StoreError> {
         let end = now_ms.checked_add(1).map(expiry_prefix);
         let mut purged = 0;
+        let (db, expiry_ks) = self.engine.handles("reply_expiry", true)?;
+        let replies_ks = self.keyspace("replies")?;
         let entries = match end {
-            Some(end) => self.reply_expiry.range(..end.to_vec()),
-            None => self.reply_expiry.range::<Vec<u8>, _>(..),
+            Some(end) => expiry_ks.range(..end.to_vec()),
+            None => expiry_ks.range::<Vec<u8>, _>(..),
         };
         for item in entries {
-            let (expiry_key, _) = item?;
+            let expiry_key = item.key()?;
             let reply_key = &expiry_key[8.min(expiry_key.len())..];
             // The same reply may have been rewritten with a later expiry; only remove it if
             // the stored reply itself has expired, and drop the stale expiry entry either way.
-            let still_live = match self.replies.get(reply_key)? {
+            let still_live = match replies_ks.get(reply_key)? {
                 Some(bytes) => {
                     let reply: StoredReply = decode(&bytes, || "idempotency reply".to_owned())?;
                     reply.expires_at_ms > now_ms
                 }
                 None => true,
             };
-            let result: Result<(), TransactionError<()>> = (&self.replies, &self.reply_expiry)
-                .transaction(|(reps, expiry)| {
-                    if !still_live {
-                        reps.remove(reply_key)?;
-                    }
-                    expiry.remove(expiry_key.as_ref())?;
-                    Ok(())
-                });
-            match result {
-                Ok(()) => {}
-                Err(TransactionError::Storage(e)) => return Err(e.into()),
-                Err(TransactionError::Abort(())) => {
-                    return Err(StoreError::Unavailable("purge aborted".into()));
-                }
+            let mut batch = db.batch();
+            if !still_live {
+                batch.remove(&replies_ks, reply_key);
             }
+            batch.remove(&expiry_ks, expiry_key.as_ref());
+            self.engine.written(batch.commit())?;
             if !still_live {
                 purged += 1;
             }
@@ -240,12 +229,21 @@ impl CommandStore {
         Ok(purged)
     }
 
-    /// Writes everything to disk (sled's flush; not an fsync, see the module docs).
+    /// Writes everything to disk (an fsync of the journal).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        let db = self.engine.database()?;
+        self.engine.written(db.persist(fjall::PersistMode::SyncAll))
     }
 }
+
+/// The keyspaces, named as the sled trees of earlier versions were.
+const TREES: [&str; 5] = [
+    "snapshots",
+    "replies",
+    "reply_expiry",
+    "checkpoints",
+    "folded_versions",
+];
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     rmp_serde::to_vec_named(value)
@@ -459,20 +457,54 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = CommandStore::open(dir.path()).unwrap();
         store
-            .snapshots
-            .insert(aggregate_key("account", "a"), &[0xc1u8][..])
+            .keyspace("snapshots")
+            .unwrap()
+            .insert(aggregate_key("account", "a"), [0xc1u8])
             .unwrap();
         assert!(matches!(
             store.snapshot("account", "a"),
             Err(StoreError::Corrupt { .. })
         ));
         store
-            .checkpoints
-            .insert(checkpoint_key("t", 0), &[1u8][..])
+            .keyspace("checkpoints")
+            .unwrap()
+            .insert(checkpoint_key("t", 0), [1u8])
             .unwrap();
         assert!(matches!(
             store.checkpoint("t", 0),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_sled_command_store_of_an_earlier_version_is_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = sled::open(dir.path().join("command")).unwrap();
+            old.open_tree("snapshots")
+                .unwrap()
+                .insert(aggregate_key("account", "a"), encode(&snap(7)).unwrap())
+                .unwrap();
+            old.open_tree("checkpoints")
+                .unwrap()
+                .insert(checkpoint_key("t", 0), &42u64.to_be_bytes())
+                .unwrap();
+            old.open_tree("replies")
+                .unwrap()
+                .insert(
+                    reply_key("account", "a", "k1"),
+                    encode(&reply("h1", 1_000)).unwrap(),
+                )
+                .unwrap();
+            old.flush().unwrap();
+        }
+        let store = CommandStore::open(dir.path()).unwrap();
+        assert_eq!(store.checkpoint("t", 0).unwrap(), Some(42));
+        assert_eq!(store.snapshot("account", "a").unwrap(), Some(snap(7)));
+        assert_eq!(
+            store.idempotent_reply("account", "a", "k1").unwrap(),
+            Some(reply("h1", 1_000))
+        );
+        assert!(dir.path().join("command.sled-migrated").is_dir());
     }
 }

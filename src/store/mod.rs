@@ -1,5 +1,6 @@
 //! Local storage: the embedded event log in segment files, the command side's state and
-//! the read models in sled, and the full-text search indexes in tantivy.
+//! the history index in sled, the read models in fjall, and the full-text search indexes
+//! in tantivy.
 //!
 //! This is the only module that knows the storage engine; everything above it speaks in
 //! log records, positions, snapshots and checkpoints.
@@ -7,6 +8,7 @@
 pub mod command_store;
 mod frame;
 pub mod history;
+mod lsm;
 pub mod migrate;
 pub mod search;
 pub mod segment_log;
@@ -27,6 +29,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("storage engine error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("storage engine error: {0}")]
+    Lsm(#[from] fjall::Error),
 
     /// Stored bytes do not decode; never silently skipped.
     #[error("corrupt data in {what}: {detail}")]
@@ -76,9 +80,9 @@ pub enum StoreError {
 // read a 1M-event log once held the whole log in memory (peak RSS 1.1 GiB in
 // `cqrsd bench projection --events 1000000`). The command store is mostly
 // written; the views are read by queries, so they get the larger share.
-/// sled page cache of the command store (snapshots, idempotency answers).
+/// Block cache of the command store (snapshots, idempotency answers).
 pub const COMMAND_STORE_CACHE_BYTES: u64 = 32 << 20;
-/// sled page cache of the view store (views, aggregations, positions).
+/// Block cache of the view store (views, aggregations, positions).
 pub const VIEW_STORE_CACHE_BYTES: u64 = 128 << 20;
 /// sled page cache of the history index (`<data_dir>/history`): written in
 /// order by one indexer per partition and read one aggregate at a time, so it
@@ -125,6 +129,7 @@ impl From<StoreError> for crate::log::LogError {
             StoreError::Unavailable(_)
             | StoreError::Io(_)
             | StoreError::Sled(_)
+            | StoreError::Lsm(_)
             | StoreError::Search(_) => LogError::Unavailable(error.to_string()),
         }
     }

@@ -1,9 +1,9 @@
-//! The read models of view and aggregation projections, in a sled database at
-//! `<data_dir>/views`.
+//! The read models of view and aggregation projections, in a fjall database
+//! (an LSM tree) at `<data_dir>/views`.
 //!
 //! Layout:
-//! - tree `meta`: `live/<projection>` → the live generation (u64 big-endian);
-//! - tree `view/<projection>/<generation>`, one per generation, with key prefixes:
+//! - keyspace `meta`: `live/<projection>` → the live generation (u64 big-endian);
+//! - keyspace `view#<projection>#<generation>`, one per generation, with key prefixes:
 //!   - `d` ‖ id → the document (JSON);
 //!   - `i` ‖ field length (u16 BE) ‖ field ‖ encoded value ‖ id → empty (secondary index);
 //!   - `g` ‖ encoded group values → the group's measure states (JSON);
@@ -15,20 +15,39 @@
 //! scan returns documents in field order, and then by id.
 //!
 //! Each projection has one writer (its worker thread), which commits a batch of
-//! changes and the new positions in one sled `Batch` on the generation's tree:
-//! sled applies a batch atomically, so data and positions never disagree after a
-//! crash (DESIGN.md §2 guarantee 5). Rebuilds fill generation N+1 beside N and
-//! switch `meta` with one write.
+//! changes and the new positions in one fjall write batch: a batch is one
+//! checksummed record of the database's journal, recovered whole or not at
+//! all, so data and positions never disagree after a crash (DESIGN.md §2
+//! guarantee 5). Rebuilds fill generation N+1 beside N and switch `meta` with
+//! one write; the journal is one sequence for every keyspace, so a recovered
+//! switch always comes with the generation it names.
 //!
-//! The same `meta` tree records the live generation of each search index
+//! Why fjall and not sled (which the command store and the history index
+//! still use): a catch-up over a million new documents is random inserts into
+//! a growing tree, and sled 0.34 spent about 8 µs of CPU per key on them, under
+//! one process-wide lock that also stopped every other sled user of the process
+//! (BENCHMARKS.md, "What bounds the 1M-aggregate ready time"). An LSM tree
+//! takes a batch into its journal and memtable and sorts it into files in the
+//! background, so the cost of a write no longer grows with the tree.
+//!
+//! Data directories of earlier versions hold the views in sled; [`ViewStore::open`]
+//! converts them once, keeping every document, index entry and position
+//! (policies' too), so no projection starts again from the log.
+//!
+//! The same `meta` keyspace records the live generation of each search index
 //! (`search-live/<projection>`); the indexes themselves are tantivy
 //! directories at `<data_dir>/search/<projection>/<generation>` (see
 //! [`super::search`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
+use fjall::{Keyspace, PersistMode};
+
+use super::lsm::Engine;
 use serde_json::Value as Json;
 
 use super::StoreError;
@@ -41,21 +60,36 @@ pub const GROUP: u8 = b'g';
 const POSITION: u8 = b'p';
 const QUARANTINE: u8 = b'q';
 
+/// How often commits make the journal durable. A commit reaches the operating
+/// system at once (a crash of the process loses nothing); this bounds what a
+/// power loss can take back, as sled's `flush_every_ms` did. What is lost that
+/// way is only re-read from the log: positions and data go back together.
+const SYNC_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Entries of a scan, as (full key, value), in the order asked for.
+pub type Entries = Box<dyn Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>>>;
+
 /// Where a projection is in one partition: (topic, partition) → next offset.
 pub type Positions = BTreeMap<(String, u32), u64>;
 
-/// The sled database of every view and aggregation; cheap to clone.
+/// The fjall database of every view and aggregation; cheap to clone.
 #[derive(Clone)]
 pub struct ViewStore {
-    db: sled::Db,
-    meta: sled::Tree,
-    /// The live generation's tree of each projection, so queries find it without
-    /// reading `meta`; replaced as a whole when a rebuild swaps generations.
+    engine: Arc<Engine>,
+    /// The live generation's keyspace of each projection, so queries find it
+    /// without reading `meta`; replaced as a whole when a rebuild swaps generations.
     live: Arc<RwLock<HashMap<String, Generation>>>,
     data_dir: PathBuf,
     /// The reader of each search projection's live index, replaced when a
     /// rebuilt index is swapped in, so searches always find the live one.
     search_readers: Arc<RwLock<HashMap<String, super::SearchReader>>>,
+    sync: Arc<Sync>,
+}
+
+/// When the journal was last made durable, in milliseconds since `start`.
+struct Sync {
+    start: Instant,
+    last_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for ViewStore {
@@ -68,7 +102,14 @@ impl std::fmt::Debug for ViewStore {
 #[derive(Clone)]
 pub struct Generation {
     pub number: u64,
-    tree: Arc<sled::Tree>,
+    /// The keyspace's name; its handle is asked of the engine per operation,
+    /// so a reopen after a failed write reaches every generation.
+    name: String,
+    engine: Arc<Engine>,
+    /// Counts the clones of this generation, so a swap can wait for the
+    /// queries that still read the old one.
+    readers: Arc<()>,
+    sync: Arc<Sync>,
 }
 
 impl std::fmt::Debug for Generation {
@@ -109,8 +150,20 @@ fn lock_err<T>(_: T) -> StoreError {
     StoreError::Unavailable("a view store lock was poisoned".to_owned())
 }
 
-fn tree_name(projection: &str, generation: u64) -> String {
-    format!("view/{projection}/{generation}")
+/// The keyspace of one generation. Projection names are `[A-Za-z0-9_]+`
+/// (domain load checks them), so `#` separates the parts unambiguously; fjall
+/// takes names of at most 255 bytes, so a longer projection name is cut and
+/// told apart by a hash of the whole name (FNV-1a: stable across builds, which
+/// the standard library's hasher does not promise).
+fn keyspace_name(projection: &str, generation: u64) -> String {
+    let name = format!("view#{projection}#{generation}");
+    if name.len() <= 255 {
+        return name;
+    }
+    let hash = projection.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("view#{}~{hash:016x}#{generation}", &projection[..200])
 }
 
 fn corrupt(what: &str, detail: impl Into<String>) -> StoreError {
@@ -118,22 +171,80 @@ fn corrupt(what: &str, detail: impl Into<String>) -> StoreError {
 }
 
 impl ViewStore {
-    /// Opens (or creates) the store at `<data_dir>/views`. Blocking. Fails with
-    /// sled's lock error when another process (a running daemon) holds it.
+    /// Opens (or creates) the store at `<data_dir>/views`. Blocking. Fails while
+    /// another process (a running daemon) holds it.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         Self::open_with_cache(data_dir, super::VIEW_STORE_CACHE_BYTES)
     }
 
-    /// Opens the store with a sled page cache of `cache_bytes`. Blocking.
+    /// Opens the store with a block cache of `cache_bytes`, converting a sled
+    /// view store of an earlier version first. Blocking.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = super::open_db(&data_dir.join("views"), cache_bytes)?;
-        let meta = db.open_tree("meta")?;
-        Ok(Self {
-            db,
-            meta,
+        super::lsm::convert_sled(data_dir, "views", cache_bytes, keyspace_of_sled_tree)?;
+        let engine = Engine::open(&data_dir.join("views"), cache_bytes)?;
+        let store = Self {
+            engine: Arc::new(engine),
             live: Arc::default(),
             data_dir: data_dir.to_owned(),
             search_readers: Arc::default(),
+            sync: Arc::new(Sync {
+                start: Instant::now(),
+                last_ms: AtomicU64::new(0),
+            }),
+        };
+        store.drop_stale_generations()?;
+        Ok(store)
+    }
+
+    /// Deletes generations older than the live one of their projection: a
+    /// crash between a rebuild's switch and its deletion of the old generation
+    /// leaves one behind, which nothing would read again. Blocking.
+    fn drop_stale_generations(&self) -> Result<(), StoreError> {
+        let db = self.engine.database()?;
+        let meta = self.meta()?;
+        for name in db.list_keyspace_names() {
+            let name: &str = &name;
+            let Some(rest) = name.strip_prefix("view#") else {
+                continue;
+            };
+            let Some((projection, number)) = rest.rsplit_once('#') else {
+                continue;
+            };
+            let Ok(number) = number.parse::<u64>() else {
+                continue;
+            };
+            if keyspace_name(projection, number) != name {
+                continue;
+            }
+            let key = format!("{LIVE_PREFIX}{projection}");
+            let Some(live) = meta.get(&key)? else {
+                continue;
+            };
+            let live = decode_u64(&live).ok_or_else(|| corrupt(&key, "not 8 bytes"))?;
+            if number < live {
+                let (_, stale) = self.engine.handles(name, false)?;
+                self.engine.forget(name)?;
+                self.engine.written(db.delete_keyspace(stale))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `meta` keyspace, for one operation.
+    fn meta(&self) -> Result<Keyspace, StoreError> {
+        Ok(self.engine.handles("meta", true)?.1)
+    }
+
+    /// A generation's handle, its keyspace created if it does not exist.
+    fn generation(&self, projection: &str, number: u64) -> Result<Generation, StoreError> {
+        let name = keyspace_name(projection, number);
+        self.engine.handles(&name, true)?;
+        Ok(Generation {
+            number,
+            name,
+            engine: self.engine.clone(),
+            readers: Arc::default(),
+            sync: self.sync.clone(),
         })
     }
 
@@ -149,7 +260,7 @@ impl ViewStore {
     /// Blocking.
     pub fn search_generation(&self, projection: &str) -> Result<u64, StoreError> {
         let key = format!("{SEARCH_LIVE_PREFIX}{projection}");
-        match self.meta.get(&key)? {
+        match self.meta()?.get(&key)? {
             Some(bytes) => decode_u64(&bytes).ok_or_else(|| corrupt(&key, "not 8 bytes")),
             None => Ok(0),
         }
@@ -163,11 +274,12 @@ impl ViewStore {
         generation: u64,
         reader: super::SearchReader,
     ) -> Result<(), StoreError> {
-        self.meta.insert(
+        let (db, meta) = self.engine.handles("meta", true)?;
+        self.engine.written(meta.insert(
             format!("{SEARCH_LIVE_PREFIX}{projection}"),
-            &generation.to_be_bytes(),
-        )?;
-        self.meta.flush()?;
+            generation.to_be_bytes(),
+        ))?;
+        self.engine.written(db.persist(PersistMode::SyncAll))?;
         self.publish_search_reader(projection, reader)
     }
 
@@ -197,17 +309,15 @@ impl ViewStore {
             return Ok(generation.clone());
         }
         let key = format!("{LIVE_PREFIX}{projection}");
-        let number = match self.meta.get(&key)? {
+        let meta = self.meta()?;
+        let number = match meta.get(&key)? {
             Some(bytes) => decode_u64(&bytes).ok_or_else(|| corrupt(&key, "not 8 bytes"))?,
             None => {
-                self.meta.insert(&key, &0u64.to_be_bytes())?;
+                self.engine.written(meta.insert(&key, 0u64.to_be_bytes()))?;
                 0
             }
         };
-        let generation = Generation {
-            number,
-            tree: Arc::new(self.db.open_tree(tree_name(projection, number))?),
-        };
+        let generation = self.generation(projection, number)?;
         self.live
             .write()
             .map_err(lock_err)?
@@ -225,54 +335,60 @@ impl ViewStore {
     /// rebuild left data behind. Blocking.
     pub fn new_generation(&self, projection: &str) -> Result<Generation, StoreError> {
         let live = self.live(projection)?;
-        let number = live.number + 1;
-        let tree = self.db.open_tree(tree_name(projection, number))?;
-        tree.clear()?;
-        Ok(Generation {
-            number,
-            tree: Arc::new(tree),
-        })
+        let generation = self.generation(projection, live.number + 1)?;
+        let (_, tree) = self.engine.handles(&generation.name, false)?;
+        self.engine.written(tree.clear())?;
+        Ok(generation)
     }
 
     /// Makes `generation` the live one with one atomic write, then drops the old
     /// generation once no reader holds it any more (bounded wait). Blocking.
     pub fn swap(&self, projection: &str, generation: &Generation) -> Result<(), StoreError> {
         let old = self.live(projection)?;
-        generation.tree.flush()?;
-        self.meta.insert(
+        let (db, meta) = self.engine.handles("meta", true)?;
+        self.engine.written(meta.insert(
             format!("{LIVE_PREFIX}{projection}"),
-            &generation.number.to_be_bytes(),
-        )?;
-        self.meta.flush()?;
+            generation.number.to_be_bytes(),
+        ))?;
+        // One journal for every keyspace: this makes the new generation's
+        // batches durable together with the switch that names it.
+        self.engine.written(db.persist(PersistMode::SyncAll))?;
         self.live
             .write()
             .map_err(lock_err)?
             .insert(projection.to_owned(), generation.clone());
         // Queries clone the generation they read, so waiting for the last clone
-        // keeps a query that started before the swap from seeing the tree vanish.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while Arc::strong_count(&old.tree) > 1 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
+        // keeps a query that started before the swap from finding its keyspace
+        // gone (it would answer 503, never wrong data: a deleted keyspace is
+        // never brought back empty).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Arc::strong_count(&old.readers) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
-        let old_number = old.number;
-        drop(old);
-        self.db.drop_tree(tree_name(projection, old_number))?;
+        let (_, tree) = self.engine.handles(&old.name, false)?;
+        self.engine.forget(&old.name)?;
+        self.engine.written(db.delete_keyspace(tree))?;
         Ok(())
     }
 
     /// Flushes everything to disk. Blocking.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        let db = self.engine.database()?;
+        self.engine.written(db.persist(PersistMode::SyncAll))
     }
 }
 
 impl Generation {
+    /// This generation's keyspace, for one operation.
+    fn tree(&self) -> Result<Keyspace, StoreError> {
+        Ok(self.engine.handles(&self.name, false)?.1)
+    }
+
     /// The stored positions of this generation. Blocking.
     pub fn positions(&self) -> Result<Positions, StoreError> {
         let mut out = Positions::new();
-        for item in self.tree.scan_prefix([POSITION]) {
-            let (key, value) = item?;
+        for item in self.tree()?.prefix([POSITION]) {
+            let (key, value) = item.into_inner()?;
             let rest = &key[1..];
             let split = rest.iter().position(|b| *b == 0);
             let (Some(split), Some(offset)) = (split, decode_u64(&value)) else {
@@ -292,7 +408,7 @@ impl Generation {
     pub fn doc(&self, id: &str) -> Result<Option<Json>, StoreError> {
         let mut key = vec![DOC];
         key.extend_from_slice(id.as_bytes());
-        self.tree
+        self.tree()?
             .get(key)?
             .map(|bytes| {
                 serde_json::from_slice(&bytes)
@@ -305,7 +421,7 @@ impl Generation {
     pub fn doc_by_key(&self, id: &[u8]) -> Result<Option<Json>, StoreError> {
         let mut key = vec![DOC];
         key.extend_from_slice(id);
-        self.tree
+        self.tree()?
             .get(key)?
             .map(|bytes| {
                 serde_json::from_slice(&bytes).map_err(|e| corrupt("document", e.to_string()))
@@ -317,7 +433,7 @@ impl Generation {
     pub fn group(&self, key: &[u8]) -> Result<Option<Json>, StoreError> {
         let mut full = vec![GROUP];
         full.extend_from_slice(key);
-        self.tree
+        self.tree()?
             .get(full)?
             .map(|bytes| {
                 serde_json::from_slice(&bytes).map_err(|e| corrupt("group", e.to_string()))
@@ -328,8 +444,8 @@ impl Generation {
     /// Every quarantined event, in log order. Blocking.
     pub fn quarantined(&self, max: usize) -> Result<Vec<Quarantined>, StoreError> {
         let mut out = Vec::new();
-        for item in self.tree.scan_prefix([QUARANTINE]).take(max) {
-            let (_, value) = item?;
+        for item in self.tree()?.prefix([QUARANTINE]).take(max) {
+            let value = item.value()?;
             out.push(
                 serde_json::from_slice(&value)
                     .map_err(|e| corrupt("quarantine entry", e.to_string()))?,
@@ -341,16 +457,18 @@ impl Generation {
     /// How many events are quarantined. Blocking.
     pub fn quarantine_count(&self) -> Result<u64, StoreError> {
         let mut count = 0;
-        for item in self.tree.scan_prefix([QUARANTINE]) {
-            item?;
+        for item in self.tree()?.prefix([QUARANTINE]) {
+            item.key()?;
             count += 1;
         }
         Ok(count)
     }
 
-    /// Writes a batch's changes and its positions in one atomic sled batch. Blocking.
+    /// Writes a batch's changes and its positions in one atomic write batch. Blocking.
     pub fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let (db, tree) = self.engine.handles(&self.name, false)?;
+        let tree = &tree;
+        let mut batch = db.batch();
         for (id, (before, after)) in &changes.docs {
             if before == after {
                 continue;
@@ -368,12 +486,12 @@ impl Generation {
                 .collect();
             for key in &old_keys {
                 if !new_keys.contains(key) {
-                    batch.remove(key.as_slice());
+                    batch.remove(tree, key.as_slice());
                 }
             }
-            for key in &new_keys {
-                if !old_keys.contains(key) {
-                    batch.insert(key.as_slice(), &[]);
+            for key in new_keys {
+                if !old_keys.contains(&key) {
+                    batch.insert(tree, key, []);
                 }
             }
             let mut doc_key = vec![DOC];
@@ -382,16 +500,16 @@ impl Generation {
                 Some(after) => {
                     let bytes = serde_json::to_vec(after)
                         .map_err(|e| corrupt(&format!("document {id}"), e.to_string()))?;
-                    batch.insert(doc_key, bytes);
+                    batch.insert(tree, doc_key, bytes);
                 }
-                None => batch.remove(doc_key),
+                None => batch.remove(tree, doc_key),
             }
         }
         for (key, state) in &changes.groups {
             let mut full = vec![GROUP];
             full.extend_from_slice(key);
             let bytes = serde_json::to_vec(state).map_err(|e| corrupt("group", e.to_string()))?;
-            batch.insert(full, bytes);
+            batch.insert(tree, full, bytes);
         }
         for entry in &changes.quarantined {
             let mut key = vec![QUARANTINE];
@@ -400,26 +518,43 @@ impl Generation {
             key.extend_from_slice(&entry.index.to_be_bytes());
             let bytes = serde_json::to_vec(entry)
                 .map_err(|e| corrupt("quarantine entry", e.to_string()))?;
-            batch.insert(key, bytes);
+            batch.insert(tree, key, bytes);
         }
         for ((topic, partition), offset) in &changes.positions {
             let mut key = vec![POSITION];
             key.extend_from_slice(&partition_key(topic, *partition));
-            batch.insert(key, &offset.to_be_bytes());
+            batch.insert(tree, key, offset.to_be_bytes());
         }
-        self.tree.apply_batch(batch)?;
+        self.engine.written(batch.commit())?;
+        // The batch is committed now, whatever the sync below does: were its
+        // failure returned, the caller would apply the batch's events again.
+        if let Err(error) = self.sync_if_due(&db) {
+            tracing::warn!(%error, "the view store's periodic sync failed");
+        }
         Ok(())
     }
 
-    /// Entries of the tree whose keys start with `prefix`, in key order (or
+    /// Makes the journal durable when the last time is `SYNC_INTERVAL` ago.
+    fn sync_if_due(&self, db: &fjall::Database) -> Result<(), StoreError> {
+        let now = u64::try_from(self.sync.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.sync.last_ms.load(Ordering::Relaxed);
+        let interval = u64::try_from(SYNC_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(last) >= interval
+            && self
+                .sync
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.engine.written(db.persist(PersistMode::SyncData))?;
+        }
+        Ok(())
+    }
+
+    /// Entries of the keyspace whose keys start with `prefix`, in key order (or
     /// reversed), strictly after `after` (before it when reversed), as full keys.
     /// Blocking.
-    pub fn scan(
-        &self,
-        prefix: &[u8],
-        after: Option<&[u8]>,
-        reverse: bool,
-    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StoreError>> + '_ {
+    pub fn scan(&self, prefix: &[u8], after: Option<&[u8]>, reverse: bool) -> Entries {
         use std::ops::Bound;
         let upper = prefix_end(prefix);
         let (lower, upper) = match (after, reverse) {
@@ -430,14 +565,32 @@ impl Generation {
             ),
             (None, _) => (Bound::Included(prefix.to_vec()), upper),
         };
-        let range = self.tree.range::<Vec<u8>, _>((lower, upper));
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = if reverse {
+        let tree = match self.tree() {
+            Ok(tree) => tree,
+            Err(error) => {
+                return Box::new(std::iter::once(Err(error)));
+            }
+        };
+        let range = tree.range::<Vec<u8>, _>((lower, upper));
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> = if reverse {
             Box::new(range.rev())
         } else {
             Box::new(range)
         };
-        iter.map(|item| item.map_err(StoreError::from))
+        Box::new(iter.map(|item| {
+            let (key, value) = item.into_inner()?;
+            Ok((key.to_vec(), value.to_vec()))
+        }))
     }
+}
+
+/// The keyspace the sled tree `tree` of an earlier version's view store goes to.
+fn keyspace_of_sled_tree(tree: &str) -> Option<String> {
+    if tree == "meta" {
+        return Some(tree.to_owned());
+    }
+    let (projection, number) = tree.strip_prefix("view/")?.rsplit_once('/')?;
+    Some(keyspace_name(projection, number.parse().ok()?))
 }
 
 /// The exclusive upper bound of all keys starting with `prefix`.
@@ -668,5 +821,112 @@ mod tests {
         assert!(index("owner").is_empty());
         assert!(index("status").is_empty());
         assert_eq!(live.doc("a1").unwrap(), None);
+    }
+
+    #[test]
+    fn a_sled_view_store_of_an_earlier_version_is_converted_with_everything_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout earlier versions wrote: `meta` and one tree per generation.
+            let old = sled::open(dir.path().join("views")).unwrap();
+            let meta = old.open_tree("meta").unwrap();
+            meta.insert("live/accounts", &1u64.to_be_bytes()).unwrap();
+            meta.insert("search-live/search", &3u64.to_be_bytes())
+                .unwrap();
+            let tree = old.open_tree("view/accounts/1").unwrap();
+            tree.insert(b"da1", br#"{"owner":"ada"}"#).unwrap();
+            let mut position = vec![POSITION];
+            position.extend_from_slice(&partition_key("cqrsd.account", 2));
+            tree.insert(position, &7u64.to_be_bytes()).unwrap();
+            old.flush().unwrap();
+        }
+        let store = ViewStore::open(dir.path()).unwrap();
+        let live = store.live("accounts").unwrap();
+        assert_eq!(live.number, 1);
+        assert_eq!(live.doc("a1").unwrap(), Some(json!({"owner": "ada"})));
+        assert_eq!(
+            live.positions().unwrap()[&("cqrsd.account".to_owned(), 2)],
+            7
+        );
+        assert_eq!(store.search_generation("search").unwrap(), 3);
+        assert!(
+            dir.path()
+                .join("views.sled-migrated")
+                .join("conf")
+                .is_file()
+        );
+        assert!(!dir.path().join("views.fjall-migrating").exists());
+        drop((live, store));
+        // Opened again, nothing is converted twice and everything is there.
+        let store = ViewStore::open(dir.path()).unwrap();
+        let live = store.live("accounts").unwrap();
+        assert_eq!(live.doc("a1").unwrap(), Some(json!({"owner": "ada"})));
+    }
+
+    #[test]
+    fn a_conversion_cut_between_its_renames_is_finished_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = sled::open(dir.path().join("views")).unwrap();
+            let tree = old.open_tree("view/accounts/0").unwrap();
+            tree.insert(b"da1", br#"{"owner":"ada"}"#).unwrap();
+            old.flush().unwrap();
+        }
+        drop(ViewStore::open(dir.path()).unwrap());
+        // The state a crash after the first rename leaves.
+        std::fs::rename(
+            dir.path().join("views"),
+            dir.path().join("views.fjall-migrating"),
+        )
+        .unwrap();
+        let store = ViewStore::open(dir.path()).unwrap();
+        let live = store.live("accounts").unwrap();
+        assert_eq!(live.doc("a1").unwrap(), Some(json!({"owner": "ada"})));
+        assert!(!dir.path().join("views.fjall-migrating").exists());
+    }
+
+    #[test]
+    fn a_generation_older_than_the_live_one_is_deleted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ViewStore::open(dir.path()).unwrap();
+            let mut changes = ChangeSet::default();
+            changes
+                .docs
+                .insert("a1".to_owned(), (None, Some(json!({"n": 0}))));
+            store.live("accounts").unwrap().commit(&changes).unwrap();
+            let next = store.new_generation("accounts").unwrap();
+            next.commit(&changes).unwrap();
+            // A crash between the switch and the deletion of generation 0.
+            store
+                .meta()
+                .unwrap()
+                .insert("live/accounts", 1u64.to_be_bytes())
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let store = ViewStore::open(dir.path()).unwrap();
+        let names: Vec<String> = store
+            .engine
+            .database()
+            .unwrap()
+            .list_keyspace_names()
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
+        assert!(names.contains(&keyspace_name("accounts", 1)), "{names:?}");
+        assert!(!names.contains(&keyspace_name("accounts", 0)), "{names:?}");
+        assert_eq!(store.live("accounts").unwrap().number, 1);
+    }
+
+    #[test]
+    fn long_projection_names_get_distinct_keyspaces_within_the_limit() {
+        let long = "p".repeat(300);
+        let longer = format!("{long}q");
+        let a = keyspace_name(&long, 3);
+        let b = keyspace_name(&longer, 3);
+        assert!(a.len() <= 255 && b.len() <= 255);
+        assert_ne!(a, b);
+        assert_eq!(keyspace_name("accounts", 3), "view#accounts#3");
     }
 }

@@ -472,6 +472,11 @@ async fn a_full_disk_answers_503_loses_nothing_and_recovers_without_a_restart() 
         history["events"].as_array().unwrap().len() as u64,
         acknowledged
     );
+    // The read side failed its writes too while the disk was full; it takes
+    // them again in the same process and holds every acknowledged deposit.
+    crate::readside::wait_caught_up(&http, &base).await;
+    let view = get_json(&http, &format!("{base}/views/accounts/acc0")).await;
+    assert_eq!(view["doc"]["balance"], acknowledged - 1, "{view}");
     drop(daemon);
     drop(disk);
 }
