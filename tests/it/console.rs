@@ -570,6 +570,11 @@ async fn the_console_lists_quarantined_events_with_their_reasons() {
     };
     let _one = BROWSER.lock().await;
     let daemon = crate::harness::InProcess::start(|_| {}, None);
+    // The events below go straight into the log, as only the read side's
+    // input: were they there when the write side restores, its restore would
+    // fold the poison one and never be ready (its /readyz 503 is an error in
+    // the page's log; seen in CI). So they are written once it has restored.
+    daemon.ready().await;
     let http = client();
     let mut writer = crate::readside::Writer::new(daemon.log.clone());
     writer

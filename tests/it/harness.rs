@@ -534,16 +534,7 @@ impl Process {
 
     /// Waits until `/readyz` answers 200.
     pub async fn ready(&self) {
-        let http = client();
-        for _ in 0..600 {
-            if let Ok(response) = http.get(self.url("/readyz")).send().await
-                && response.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("cqrsd never became ready");
+        wait_ready(&self.url("/readyz")).await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -687,6 +678,12 @@ impl InProcess {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Waits until `/readyz` answers 200: the write side has restored and
+    /// the projections have caught up with the log as it was at the start.
+    pub async fn ready(&self) {
+        wait_ready(&self.url("/readyz")).await;
+    }
+
     /// Starts shutdown without waiting for it.
     pub fn begin_shutdown(&self) {
         self.shutdown.cancel();
@@ -717,6 +714,22 @@ impl Drop for InProcess {
             let _ = thread.join();
         }
     }
+}
+
+/// Polls `readyz` (a full URL) until it answers 200, for at most 30 s.
+async fn wait_ready(readyz: &str) {
+    let http = client();
+    let mut last = String::new();
+    for _ in 0..600 {
+        if let Ok(response) = http.get(readyz).send().await {
+            if response.status() == 200 {
+                return;
+            }
+            last = response.text().await.unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("cqrsd never became ready: {last}");
 }
 
 /// POSTs a JSON command and returns the response.
