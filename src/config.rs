@@ -344,7 +344,7 @@ impl Default for ProjectionsConfig {
             search_commit_interval_ms: 500,
             nice: 10,
             batch_max_ms: 100,
-            cache_mib: 128,
+            cache_mib: 64,
             search_writer_mib: 64,
             search_writer_threads: 1,
             policy_retry_min_ms: 100,
@@ -1467,7 +1467,7 @@ mod tests {
             .is_empty()
         );
         let settings = ProjectionsConfig::default().engine_settings();
-        assert_eq!(settings.cache_bytes, 128 << 20);
+        assert_eq!(settings.cache_bytes, 64 << 20);
         assert_eq!(
             (settings.search_writer_bytes, settings.search_writer_threads),
             (64 << 20, 1)

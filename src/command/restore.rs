@@ -19,7 +19,7 @@ const RESTORE_CHUNK: usize = 1000;
 /// checkpoint once it holds this many, so its memory is bounded by this
 /// number of aggregates, not by the partition's, and a restart in the middle
 /// resumes from the last chunk.
-const RESTORE_SAVE_EVERY: usize = 10_000;
+const RESTORE_SAVE_EVERY: usize = 2_000;
 
 fn aggregate<'a>(domain: &'a Domain, name: &str) -> Result<&'a Aggregate, CommandFailure> {
     domain

@@ -83,7 +83,7 @@ pub enum StoreError {
 /// Block cache of the command store (snapshots, idempotency answers).
 pub const COMMAND_STORE_CACHE_BYTES: u64 = 32 << 20;
 /// Block cache of the view store (views, aggregations, positions).
-pub const VIEW_STORE_CACHE_BYTES: u64 = 128 << 20;
+pub const VIEW_STORE_CACHE_BYTES: u64 = 64 << 20;
 /// sled page cache of the history index (`<data_dir>/history`): written in
 /// order by one indexer per partition and read one aggregate at a time, so it
 /// gains little from a large cache.
