@@ -32,7 +32,7 @@ const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// --aggregates 1000000` was 2.22–2.36× the payload without, 2.36–2.38×
 /// with lz4), while every flush and compaction paid for it: the 1M-aggregate
 /// catch-up was ready in 18.3–19.1 s without, 19.5–20.3 s with, alternated
-/// in one sitting (BENCHMARKS.md, "Results this round").
+/// in one sitting (BENCHMARKS.md, "Results of the previous round").
 pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default()
         .max_memtable_size(MEMTABLE_BYTES)
