@@ -21,7 +21,7 @@ use crate::health::Health;
 use crate::http::edge::{Edge, EdgeOptions};
 use crate::http::{self, ApiRoutes, HttpServer, RequestLimits, Runtimes, ServerOptions};
 use crate::kafka::KafkaSettings;
-use crate::log::EventLog;
+use crate::log::{EventLog, LogError};
 use crate::node::Side;
 use crate::projection::{PoolOptions, ProjectionPool};
 use crate::security::LiveSettings;
@@ -646,14 +646,44 @@ fn open_log(config: &Config, domain: &Domain) -> anyhow::Result<EventLog> {
     Ok(log)
 }
 
-/// Creates (or checks) one topic per aggregate type.
+/// How long startup keeps trying to create or check the topics while the log
+/// answers "unavailable" (a broker that is restarting, or that refused a
+/// connection for a moment) before it gives up: a daemon started together
+/// with its brokers should wait for them, not exit at the first refusal.
+const STARTUP_LOG_WAIT: Duration = Duration::from_secs(30);
+/// The pause between two such tries.
+const STARTUP_LOG_PAUSE: Duration = Duration::from_millis(500);
+
+/// Creates (or checks) one topic per aggregate type. Blocking.
 fn ensure_topics(log: &EventLog, domain: &Domain) -> anyhow::Result<()> {
     for aggregate in domain.aggregates() {
         let topic = log.topic(aggregate.name());
-        log.ensure_topic(&topic)
-            .with_context(|| format!("cannot create or check topic {topic}"))?;
+        retry_unavailable(STARTUP_LOG_WAIT, STARTUP_LOG_PAUSE, || {
+            log.ensure_topic(&topic)
+        })
+        .with_context(|| format!("cannot create or check topic {topic}"))?;
     }
     Ok(())
+}
+
+/// Runs `attempt` until it succeeds, fails with anything but
+/// [`LogError::Unavailable`] (a wrong partition count is final), or `wait`
+/// has passed since the first try; then returns its last result. Blocking.
+fn retry_unavailable<T>(
+    wait: Duration,
+    pause: Duration,
+    mut attempt: impl FnMut() -> Result<T, LogError>,
+) -> Result<T, LogError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match attempt() {
+            Err(LogError::Unavailable(reason)) if std::time::Instant::now() + pause < deadline => {
+                tracing::warn!(%reason, "the event log is unavailable at startup; trying again");
+                std::thread::sleep(pause);
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The embedded log's settings from `[storage]` and `[log.embedded]` (also
@@ -825,5 +855,41 @@ async fn reload(settings: &LiveSettings) {
             tracing::error!("configuration not reloaded, the previous settings stay: {error}");
         }
         Err(error) => tracing::error!(%error, "the reload task failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_tries_an_unavailable_log_again_and_stops_at_other_errors() {
+        let pause = Duration::from_millis(1);
+        // Unavailable twice, then there: the third try's answer.
+        let mut tries = 0;
+        let result = retry_unavailable(Duration::from_secs(10), pause, || {
+            tries += 1;
+            if tries < 3 {
+                Err(LogError::Unavailable("brokers down".into()))
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(result.unwrap(), 3);
+        // Any other error is final at once.
+        let mut tries = 0;
+        let result: Result<(), _> = retry_unavailable(Duration::from_secs(10), pause, || {
+            tries += 1;
+            Err(LogError::Invalid("4 partitions, not 8".into()))
+        });
+        assert!(matches!(result, Err(LogError::Invalid(_))));
+        assert_eq!(tries, 1);
+        // An unavailable log is given up on once the wait has passed.
+        let started = std::time::Instant::now();
+        let result: Result<(), _> = retry_unavailable(Duration::from_millis(50), pause, || {
+            Err(LogError::Unavailable("brokers down".into()))
+        });
+        assert!(matches!(result, Err(LogError::Unavailable(_))));
+        assert!(started.elapsed() >= Duration::from_millis(40));
     }
 }
