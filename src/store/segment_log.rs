@@ -40,7 +40,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::StoreError;
 use super::frame::{
-    FRAME_HEADER_LEN, MAX_PAYLOAD_LEN, Scan, decode_frame, encode_frame, scan_frame,
+    FRAME_HEADER_LEN, MAX_PAYLOAD_LEN, Scan, decode_scanned_frame, encode_frame, scan_frame,
 };
 use crate::log::position::validate_topic_name;
 use crate::log::{AppendFuture, EventLog, LogBackend, LogError, Record};
@@ -431,7 +431,7 @@ impl SegmentLog {
                     ));
                 }
                 let what = || format!("record {}:{next} in {}", part.label, segment.path.display());
-                let (_, record) = decode_frame(frame, &what)?;
+                let record = decode_scanned_frame(frame, &what)?;
                 out.push((offset, record));
                 next += 1;
                 Ok(if next >= limit {
@@ -637,13 +637,16 @@ fn scan_segment(
     visit: &mut Visitor<'_>,
 ) -> Result<ScanEnd, StoreError> {
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    // `buf` holds the file's bytes from `position` on.
+    // `buf[at..]` holds the file's bytes from `position` on. The consumed bytes before
+    // `at` are dropped once per refill, not once per frame: moving the rest of a 64 KiB
+    // chunk to its front after every record was a quarter of a log read's time.
+    let mut at = 0;
     let mut eof = false;
     loop {
-        match scan_frame(&buf) {
+        match scan_frame(&buf[at..]) {
             Scan::Frame { len, .. } => {
-                let flow = visit(position, &buf[..len])?;
-                buf.drain(..len);
+                let flow = visit(position, &buf[at..at + len])?;
+                at += len;
                 position += len as u64;
                 if matches!(flow, Flow::Stop) {
                     return Ok(ScanEnd::Stopped);
@@ -652,7 +655,7 @@ fn scan_segment(
             Scan::Invalid(reason) => return Ok(ScanEnd::Damaged { position, reason }),
             Scan::Short { need } => {
                 if eof {
-                    return Ok(if buf.is_empty() {
+                    return Ok(if at == buf.len() {
                         ScanEnd::End { position }
                     } else {
                         ScanEnd::Damaged {
@@ -661,6 +664,8 @@ fn scan_segment(
                         }
                     });
                 }
+                buf.drain(..at);
+                at = 0;
                 let want = need.max(READ_CHUNK);
                 let have = buf.len();
                 buf.resize(want.max(have), 0);
