@@ -4,6 +4,7 @@
 //! Kafka backend share exactly the same notion of topics, partitions, offsets and records.
 
 mod handle;
+mod msgpack;
 pub mod partitioner;
 pub mod position;
 pub mod record;

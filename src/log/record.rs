@@ -340,14 +340,18 @@ pub fn decode(headers: &[(String, Vec<u8>)], value: &[u8]) -> Result<Vec<Event>,
         .ok_or_else(|| RecordError::UnsupportedContentType(content_type.to_owned()))?;
 
     let events: Vec<Event> = match encoding {
-        Encoding::MessagePack => {
-            let mut de = rmp_serde::Deserializer::from_read_ref(value);
-            de.set_max_depth(MAX_MSGPACK_DEPTH);
-            Deserialize::deserialize(&mut de).map_err(|e| RecordError::Malformed {
-                encoding: "msgpack",
-                reason: e.to_string(),
-            })?
-        }
+        Encoding::MessagePack => match super::msgpack::decode_events(value) {
+            Some(events) => events,
+            // Anything the fast path does not take gets serde's answer, as before.
+            None => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(value);
+                de.set_max_depth(MAX_MSGPACK_DEPTH);
+                Deserialize::deserialize(&mut de).map_err(|e| RecordError::Malformed {
+                    encoding: "msgpack",
+                    reason: e.to_string(),
+                })?
+            }
+        },
         Encoding::Json => serde_json::from_slice(value).map_err(|e| RecordError::Malformed {
             encoding: "json",
             reason: e.to_string(),
