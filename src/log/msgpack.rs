@@ -2,8 +2,8 @@
 //!
 //! `rmp_serde` decodes a record through serde's generic machinery: every field name is
 //! matched through an identifier visitor and every value of an event's `data` goes
-//! through `deserialize_any`. That was about half of reading and decoding the log
-//! (BENCHMARKS.md, "read + decode"). This module reads the one shape
+//! through `deserialize_any`. Decoding was 44 % of reading and decoding the log before
+//! this module (BENCHMARKS.md, "Results at fd4eca9"). This module reads the one shape
 //! `rmp_serde::to_vec_named` gives an event list (an array of maps with string keys) with
 //! `rmp`'s markers straight into [`Event`]s.
 //!
@@ -31,8 +31,7 @@ pub(super) fn decode_events(bytes: &[u8]) -> Option<Vec<Event>> {
     let mut cur = Cursor { rest: bytes };
     let marker = cur.marker()?;
     let len = cur.array_len(marker)?;
-    // Every event takes more than one byte, which bounds the allocation by the input.
-    let mut events = Vec::with_capacity(len.min(cur.rest.len()));
+    let mut events = Vec::with_capacity(cautious::<Event>(len, cur.rest.len()));
     for _ in 0..len {
         events.push(cur.event()?);
     }
@@ -262,7 +261,7 @@ impl<'a> Cursor<'a> {
                     return None;
                 }
                 let len = self.array_len(marker)?;
-                let mut items = Vec::with_capacity(len.min(self.rest.len()));
+                let mut items = Vec::with_capacity(cautious::<Value>(len, self.rest.len()));
                 for _ in 0..len {
                     items.push(self.value(depth + 1)?);
                 }
@@ -285,6 +284,16 @@ impl<'a> Cursor<'a> {
             _ => return None,
         })
     }
+}
+
+/// How many elements to allocate for a container that claims `len` of them: a length
+/// read from the bytes is not trusted further than the bytes left (each element takes
+/// at least one) and than serde's own cap of 1 MiB preallocated, so a corrupt length
+/// cannot make a small record allocate a large block.
+fn cautious<T>(len: usize, bytes_left: usize) -> usize {
+    const MAX_PREALLOC_BYTES: usize = 1 << 20;
+    len.min(bytes_left)
+        .min(MAX_PREALLOC_BYTES / std::mem::size_of::<T>().max(1))
 }
 
 /// Fills a field seen for the first time; `false` when it was seen before.
@@ -403,6 +412,18 @@ mod tests {
                 prop_assert_eq!(serde_decode(&bytes), Ok(fast));
             }
         }
+    }
+
+    #[test]
+    fn a_claimed_length_allocates_no_more_than_the_bytes_and_a_mebibyte_allow() {
+        // A corrupt record of a mebibyte claiming four billion events.
+        let mut bytes = vec![0xdd, 0xff, 0xff, 0xff, 0xff];
+        bytes.resize(1 << 20, 0x90);
+        assert_eq!(decode_events(&bytes), None);
+        let events = cautious::<Event>(u32::MAX as usize, bytes.len());
+        assert!(events * std::mem::size_of::<Event>() <= 1 << 20);
+        assert_eq!(cautious::<Value>(3, 100), 3);
+        assert_eq!(cautious::<Value>(1_000, 10), 10);
     }
 
     #[test]
