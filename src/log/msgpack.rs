@@ -128,20 +128,31 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// An unsigned integer, in any width MessagePack allows for it (serde's `u64` takes
-    /// a non-negative signed encoding too).
+    /// An integer whose marker was just read, in any width MessagePack allows, by the
+    /// signedness of its encoding (as rmp_serde hands it to a visitor); `None` when the
+    /// marker is not an integer's.
+    fn int_after(&mut self, marker: Marker) -> Option<Int> {
+        Some(match marker {
+            Marker::FixPos(n) => Int::Unsigned(u64::from(n)),
+            Marker::U8 => Int::Unsigned(u64::from(self.be::<1>()?[0])),
+            Marker::U16 => Int::Unsigned(u64::from(u16::from_be_bytes(self.be()?))),
+            Marker::U32 => Int::Unsigned(u64::from(u32::from_be_bytes(self.be()?))),
+            Marker::U64 => Int::Unsigned(u64::from_be_bytes(self.be()?)),
+            Marker::FixNeg(n) => Int::Signed(i64::from(n)),
+            Marker::I8 => Int::Signed(i64::from(i8::from_be_bytes(self.be()?))),
+            Marker::I16 => Int::Signed(i64::from(i16::from_be_bytes(self.be()?))),
+            Marker::I32 => Int::Signed(i64::from(i32::from_be_bytes(self.be()?))),
+            Marker::I64 => Int::Signed(i64::from_be_bytes(self.be()?)),
+            _ => return None,
+        })
+    }
+
+    /// An unsigned integer (serde's `u64` takes a non-negative signed encoding too).
     fn u64(&mut self) -> Option<u64> {
-        match self.marker()? {
-            Marker::FixPos(n) => Some(u64::from(n)),
-            Marker::U8 => Some(u64::from(self.be::<1>()?[0])),
-            Marker::U16 => Some(u64::from(u16::from_be_bytes(self.be()?))),
-            Marker::U32 => Some(u64::from(u32::from_be_bytes(self.be()?))),
-            Marker::U64 => Some(u64::from_be_bytes(self.be()?)),
-            Marker::I8 => u64::try_from(i8::from_be_bytes(self.be()?)).ok(),
-            Marker::I16 => u64::try_from(i16::from_be_bytes(self.be()?)).ok(),
-            Marker::I32 => u64::try_from(i32::from_be_bytes(self.be()?)).ok(),
-            Marker::I64 => u64::try_from(i64::from_be_bytes(self.be()?)).ok(),
-            _ => None,
+        let marker = self.marker()?;
+        match self.int_after(marker)? {
+            Int::Unsigned(n) => Some(n),
+            Int::Signed(n) => u64::try_from(n).ok(),
         }
     }
 
@@ -155,9 +166,22 @@ impl<'a> Cursor<'a> {
             .map(|t| t.with_timezone(&Utc))
     }
 
-    fn event(&mut self) -> Option<Event> {
+    /// Reads a struct written as a map, handing each field's name to `field`, which
+    /// reads the value and answers whether the field was seen for the first time. A
+    /// repeated field is an error for serde: the record goes to the serde path to be
+    /// refused there.
+    fn fields(&mut self, mut field: impl FnMut(&mut Self, &'a [u8]) -> Option<bool>) -> Option<()> {
         let marker = self.marker()?;
-        let fields = self.map_len(marker)?;
+        for _ in 0..self.map_len(marker)? {
+            let name = self.key()?;
+            if !field(self, name)? {
+                return None;
+            }
+        }
+        Some(())
+    }
+
+    fn event(&mut self) -> Option<Event> {
         let mut event_id = None;
         let mut aggregate_type = None;
         let mut aggregate_id = None;
@@ -167,25 +191,20 @@ impl<'a> Cursor<'a> {
         let mut timestamp = None;
         let mut data = None;
         let mut metadata = None;
-        for _ in 0..fields {
-            // A repeated field is an error for serde: `replace` finds it, and the
-            // record goes to the serde path to be refused there.
-            let fresh = match self.key()? {
-                b"event_id" => set(&mut event_id, self.uuid()?),
-                b"aggregate_type" => set(&mut aggregate_type, self.str()?.to_owned()),
-                b"aggregate_id" => set(&mut aggregate_id, self.str()?.to_owned()),
-                b"version" => set(&mut version, self.u64()?),
-                b"event_type" => set(&mut event_type, self.str()?.to_owned()),
-                b"schema_version" => set(&mut schema_version, self.u64()?),
-                b"timestamp" => set(&mut timestamp, self.timestamp()?),
-                b"data" => set(&mut data, self.value(0)?),
-                b"metadata" => set(&mut metadata, self.metadata()?),
+        self.fields(|cur, name| {
+            Some(match name {
+                b"event_id" => set(&mut event_id, cur.uuid()?),
+                b"aggregate_type" => set(&mut aggregate_type, cur.str()?.to_owned()),
+                b"aggregate_id" => set(&mut aggregate_id, cur.str()?.to_owned()),
+                b"version" => set(&mut version, cur.u64()?),
+                b"event_type" => set(&mut event_type, cur.str()?.to_owned()),
+                b"schema_version" => set(&mut schema_version, cur.u64()?),
+                b"timestamp" => set(&mut timestamp, cur.timestamp()?),
+                b"data" => set(&mut data, cur.value(0)?),
+                b"metadata" => set(&mut metadata, cur.metadata()?),
                 _ => false,
-            };
-            if !fresh {
-                return None;
-            }
-        }
+            })
+        })?;
         Some(Event {
             event_id: event_id?,
             aggregate_type: aggregate_type?,
@@ -200,28 +219,23 @@ impl<'a> Cursor<'a> {
     }
 
     fn metadata(&mut self) -> Option<EventMetadata> {
-        let marker = self.marker()?;
-        let fields = self.map_len(marker)?;
         let mut command = None;
         let mut command_id = None;
         let mut idempotency_key = None;
         let mut correlation_id = None;
         let mut request_hash = None;
         let mut principal = None;
-        for _ in 0..fields {
-            let fresh = match self.key()? {
-                b"command" => set(&mut command, self.str()?.to_owned()),
-                b"command_id" => set(&mut command_id, self.uuid()?),
-                b"idempotency_key" => set(&mut idempotency_key, self.optional_str()?),
-                b"correlation_id" => set(&mut correlation_id, self.optional_str()?),
-                b"request_hash" => set(&mut request_hash, self.str()?.to_owned()),
-                b"principal" => set(&mut principal, self.optional_str()?),
+        self.fields(|cur, name| {
+            Some(match name {
+                b"command" => set(&mut command, cur.str()?.to_owned()),
+                b"command_id" => set(&mut command_id, cur.uuid()?),
+                b"idempotency_key" => set(&mut idempotency_key, cur.optional_str()?),
+                b"correlation_id" => set(&mut correlation_id, cur.optional_str()?),
+                b"request_hash" => set(&mut request_hash, cur.str()?.to_owned()),
+                b"principal" => set(&mut principal, cur.optional_str()?),
                 _ => false,
-            };
-            if !fresh {
-                return None;
-            }
-        }
+            })
+        })?;
         Some(EventMetadata {
             command: command?,
             command_id: command_id?,
@@ -241,16 +255,21 @@ impl<'a> Cursor<'a> {
             Marker::Null => Value::Null,
             Marker::True => Value::Bool(true),
             Marker::False => Value::Bool(false),
-            Marker::FixPos(n) => Value::Number(u64::from(n).into()),
-            Marker::U8 => Value::Number(u64::from(self.be::<1>()?[0]).into()),
-            Marker::U16 => Value::Number(u64::from(u16::from_be_bytes(self.be()?)).into()),
-            Marker::U32 => Value::Number(u64::from(u32::from_be_bytes(self.be()?)).into()),
-            Marker::U64 => Value::Number(u64::from_be_bytes(self.be()?).into()),
-            Marker::FixNeg(n) => Value::Number(i64::from(n).into()),
-            Marker::I8 => Value::Number(i64::from(i8::from_be_bytes(self.be()?)).into()),
-            Marker::I16 => Value::Number(i64::from(i16::from_be_bytes(self.be()?)).into()),
-            Marker::I32 => Value::Number(i64::from(i32::from_be_bytes(self.be()?)).into()),
-            Marker::I64 => Value::Number(i64::from_be_bytes(self.be()?).into()),
+            Marker::FixPos(_)
+            | Marker::U8
+            | Marker::U16
+            | Marker::U32
+            | Marker::U64
+            | Marker::FixNeg(_)
+            | Marker::I8
+            | Marker::I16
+            | Marker::I32
+            | Marker::I64 => Value::Number(match self.int_after(marker)? {
+                Int::Unsigned(n) => n.into(),
+                // A non-negative signed encoding becomes a `PosInt`, as serde_json's
+                // own `visit_i64` makes it.
+                Int::Signed(n) => n.into(),
+            }),
             Marker::F32 => float(f64::from(f32::from_be_bytes(self.be()?))),
             Marker::F64 => float(f64::from_be_bytes(self.be()?)),
             Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
@@ -284,6 +303,12 @@ impl<'a> Cursor<'a> {
             _ => return None,
         })
     }
+}
+
+/// An integer as its encoding's signedness gives it.
+enum Int {
+    Unsigned(u64),
+    Signed(i64),
 }
 
 /// How many elements to allocate for a container that claims `len` of them: a length

@@ -126,8 +126,7 @@ pub(crate) fn decode_frame(
     let corrupt = |detail: &str| StoreError::corrupt(what(), detail);
     match scan_frame(frame) {
         Scan::Frame { offset, len } if len == frame.len() => {
-            let body = &frame[FRAME_HEADER_LEN + 8..];
-            Ok((offset, decode_body(body, &corrupt)?))
+            Ok((offset, decode_scanned_frame(frame, what)?))
         }
         Scan::Frame { .. } => Err(corrupt("trailing bytes after the frame")),
         Scan::Short { .. } => Err(corrupt("frame is truncated")),
