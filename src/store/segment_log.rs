@@ -1302,13 +1302,12 @@ const MAX_SYNC_HELPERS: usize = 15;
 /// Helper threads that make the files of one group durable at the same time.
 ///
 /// A group that touched several partitions has one segment file per partition to
-/// `fdatasync`. One after another they cost about 0.13 ms each on the development
-/// machine's disk (8 files 0.95-1.3 ms), while the device takes concurrent flushes
-/// together (8 files at once 0.40-0.56 ms; BENCHMARKS.md, "Group commit: the files of a
-/// group synced at once"). The appender syncs the first file itself and hands each other
-/// segment to a helper; the group is published only once
-/// every sync has answered, so what a group acknowledges is exactly what it was before.
-/// The helpers belong to the appender's loop and are joined when it ends.
+/// `fdatasync`. One after another, 8 files took 1.13-1.17 ms (p50) on the development
+/// machine's disk, while the device takes concurrent flushes together: 8 files at once
+/// took 0.42-0.46 ms (BENCHMARKS.md, "Results at 6e1a3aa"). The appender syncs the first
+/// file itself and hands each other segment to a helper; the group is published only
+/// once every sync has answered, so what a group acknowledges is exactly what it was
+/// before. The helpers belong to the appender's loop and are joined when it ends.
 struct Syncers {
     jobs: Vec<mpsc::Sender<SyncJob>>,
     done: mpsc::Receiver<(usize, std::io::Result<()>)>,
