@@ -293,8 +293,35 @@ fn log_append(c: &mut Criterion) {
             );
         });
     }
+    // One group over 8 partitions, as deposits to many accounts make it: one
+    // segment file per partition to make durable. The group waits for all 64
+    // records (at most 5 ms) so the 8 appends always land in one group.
+    let spread_dir = tempfile::tempdir().unwrap();
+    let spread = cqrsd::store::open_embedded(cqrsd::store::EmbeddedSettings {
+        data_dir: spread_dir.path().to_owned(),
+        topic_prefix: "cqrsd".to_owned(),
+        partitions: 8,
+        group_commit_max_records: 64,
+        group_commit_max_delay: Duration::from_millis(5),
+        fsync: true,
+        segment_bytes: 64 << 20,
+    })
+    .unwrap();
+    spread.ensure_topic("cqrsd.account").unwrap();
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("64 records over 8 partitions", |b| {
+        b.iter(|| {
+            let appends = (0..8).map(|partition| {
+                spread.append("cqrsd.account", partition, vec![record.clone(); 8])
+            });
+            for offsets in runtime.block_on(futures::future::join_all(appends)) {
+                offsets.unwrap();
+            }
+        });
+    });
     group.finish();
     log.close().unwrap();
+    spread.close().unwrap();
 }
 
 criterion_group!(
