@@ -88,6 +88,34 @@ fn documents_are_keyed_by_the_handlers_key_else_the_views_else_the_aggregate_id(
     assert!(matches!(key, std::borrow::Cow::Borrowed("acc-1")));
 }
 
+/// The read side skips the read of a document for an aggregate's first event
+/// only where no other aggregate can have written under that key.
+#[test]
+fn only_an_unkeyed_view_of_one_aggregate_type_finds_no_document_on_a_first_event() {
+    let bank = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
+    let fresh = |domain: &Domain, name: &str| {
+        domain
+            .projection(name)
+            .unwrap()
+            .first_event_finds_no_document()
+    };
+    assert!(fresh(&bank, "accounts"));
+    assert!(!fresh(&bank, "daily_flows"));
+    assert!(!fresh(&bank, "account_search"));
+    // Keyed: orders of many aggregates meet in one customer's document.
+    let shop = Domain::from_toml_str(SHOP).unwrap();
+    assert!(!fresh(&shop, "customer_orders"));
+    // Unkeyed over two aggregate types: an order and a customer may share an id.
+    let both = format!(
+        "{SHOP}\n[projections.activity]\nkind = \"view\"\nsource = [\"order\", \"customer\"]\n\
+         [projections.activity.on.OrderPlaced]\nset = {{ seen = \"true\" }}\n\
+         [projections.activity.on.CustomerRegistered]\nset = {{ seen = \"true\" }}\n"
+    );
+    let both = Domain::from_toml_str(&both).unwrap();
+    assert!(!view(&both, "activity").is_keyed());
+    assert!(!fresh(&both, "activity"));
+}
+
 #[test]
 fn a_key_that_fails_or_is_not_a_string_or_number_is_an_error_with_its_place() {
     let domain = Domain::from_toml_str(SHOP).unwrap();

@@ -32,6 +32,22 @@ impl Projection {
     pub fn sources(&self) -> &[String] {
         &self.sources
     }
+
+    /// Whether an aggregate's first event (`version` 1) always finds its
+    /// document absent: true for a view keyed by aggregate id with a single
+    /// source aggregate type. Only that aggregate's own events reach its
+    /// document then, and the write side numbers them from 1, so nothing can
+    /// have been stored under the key before. The read side skips the read of
+    /// such a document. A keyed view, or one over several aggregate types
+    /// (whose ids may coincide), can find a document there, and must read it:
+    /// a document taken as absent would be overwritten and its old index
+    /// entries left behind.
+    pub fn first_event_finds_no_document(&self) -> bool {
+        match &self.kind {
+            ProjectionKind::View(def) => !def.is_keyed() && self.sources.len() == 1,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug)]

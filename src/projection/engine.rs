@@ -15,6 +15,7 @@ use crate::store::views::{ChangeSet, Generation, Positions, Quarantined, encode_
 use crate::store::{StoreError, ViewStore};
 
 use super::cache::WorkingSet;
+use super::feed::{Feed, Feeds};
 use super::measures;
 
 /// One record read from a source partition, decoded or not.
@@ -97,9 +98,12 @@ pub struct EngineSettings {
 }
 
 /// The engine of a projection, or `None` when there is no such projection.
+/// A view's live target publishes its commits to `feeds` and a search
+/// projection's live target takes its view's documents from there.
 pub fn engine_for(
     domain: &Arc<Domain>,
     store: &ViewStore,
+    feeds: &Feeds,
     name: &str,
     settings: &EngineSettings,
 ) -> Option<Box<dyn Engine>> {
@@ -107,12 +111,14 @@ pub fn engine_for(
         ProjectionKind::View(_) | ProjectionKind::Aggregation(_) => Some(Box::new(StoreEngine {
             domain: domain.clone(),
             store: store.clone(),
+            feed: feeds.of(name),
             name: name.to_owned(),
             cache_bytes: settings.cache_bytes,
         })),
-        ProjectionKind::Search(_) => Some(Box::new(super::search::SearchEngine::new(
+        ProjectionKind::Search(def) => Some(Box::new(super::search::SearchEngine::new(
             domain.clone(),
             store.clone(),
+            feeds.of(def.view()),
             name,
             settings,
         ))),
@@ -123,26 +129,36 @@ pub fn engine_for(
 pub struct StoreEngine {
     domain: Arc<Domain>,
     store: ViewStore,
+    /// Where the live target of a view with search projections publishes.
+    feed: Option<Arc<Feed>>,
     name: String,
     cache_bytes: usize,
 }
 
 impl Engine for StoreEngine {
     fn open_live(&self) -> Result<Box<dyn Target>, StoreError> {
+        let generation = self.store.live(&self.name)?;
+        if let Some(feed) = &self.feed {
+            feed.attach(generation.number, generation.positions()?);
+        }
         Ok(Box::new(StoreTarget {
             domain: self.domain.clone(),
             store: self.store.clone(),
             name: self.name.clone(),
-            generation: self.store.live(&self.name)?,
+            feed: self.feed.clone(),
+            generation,
             cache: WorkingSet::new(self.cache_bytes),
         }))
     }
 
     fn open_rebuild(&self) -> Result<Box<dyn Target>, StoreError> {
+        // A rebuild's documents are not what the search projections index
+        // (they index the live generation), so it publishes nothing.
         Ok(Box::new(StoreTarget {
             domain: self.domain.clone(),
             store: self.store.clone(),
             name: self.name.clone(),
+            feed: None,
             generation: self.store.new_generation(&self.name)?,
             cache: WorkingSet::new(self.cache_bytes),
         }))
@@ -153,9 +169,21 @@ struct StoreTarget {
     domain: Arc<Domain>,
     store: ViewStore,
     name: String,
+    /// The feed this (live) target publishes its commits to.
+    feed: Option<Arc<Feed>>,
     generation: Generation,
     /// The committed documents and groups this generation touched lately.
     cache: WorkingSet,
+}
+
+impl Drop for StoreTarget {
+    fn drop(&mut self) {
+        // A target is dropped after a failed write (which may still have
+        // landed) and before a swap: either way, only the store knows now.
+        if let Some(feed) = &self.feed {
+            feed.detach(self.generation.number);
+        }
+    }
 }
 
 fn event_json(event: &Event) -> Option<serde_json::Value> {
@@ -210,6 +238,7 @@ impl Target for StoreTarget {
             },
             ..ChangeSet::default()
         };
+        let first_event_finds_no_document = projection.first_event_finds_no_document();
         let mut stats = BatchStats::default();
         let quarantine = |changes: &mut ChangeSet,
                           record: &SourceRecord,
@@ -256,10 +285,18 @@ impl Target for StoreTarget {
                         // A document seen earlier in the batch is read where it
                         // is; one seen first is loaded once and recorded as it
                         // was (the "before" that its old index entries follow).
+                        // An aggregate's first event needs no read where the
+                        // domain says its document cannot exist yet: with a
+                        // million new aggregates that read (memtables, then every
+                        // table's bloom filter) was a tenth of the view's time.
                         if !changes.docs.contains_key(key.as_ref()) {
-                            let stored = match self.cache.take_doc(&key) {
-                                Some(cached) => cached,
-                                None => self.generation.doc(&key)?,
+                            let stored = if first_event_finds_no_document && event.version == 1 {
+                                None
+                            } else {
+                                match self.cache.take_doc(&key) {
+                                    Some(cached) => cached,
+                                    None => self.generation.doc(&key)?,
+                                }
                             };
                             changes
                                 .docs
@@ -322,10 +359,21 @@ impl Target for StoreTarget {
         }
         stats.quarantined = changes.quarantined.len() as u64;
         changes.positions = positions.clone();
-        self.generation.commit(&changes)?;
+        if let Err(error) = self.generation.commit(&changes) {
+            // The write may still land (see `Drop`): the feed forgets now,
+            // before a search could take a document older than the store's.
+            if let Some(feed) = &self.feed {
+                feed.detach(self.generation.number);
+            }
+            return Err(error);
+        }
         // Committed: the batch's values are what the view store holds now. (Had the
         // commit failed, they would be dropped here with `changes`, and the
         // cache would not know them.)
+        if let Some(feed) = &self.feed {
+            let docs = changes.docs.iter().map(|(id, (_, after))| (id, after));
+            feed.publish(self.generation.number, &changes.positions, docs);
+        }
         for (id, (_, after)) in changes.docs {
             self.cache.put_doc(id, after);
         }
@@ -336,13 +384,7 @@ impl Target for StoreTarget {
     }
 
     fn promote(self: Box<Self>) -> Result<(), StoreError> {
-        let StoreTarget {
-            store,
-            name,
-            generation,
-            ..
-        } = *self;
-        store.swap(&name, &generation)
+        self.store.swap(&self.name, &self.generation)
     }
 }
 
@@ -370,17 +412,99 @@ mod tests {
     }
 
     fn target(store: &ViewStore, name: &str, cache_bytes: usize) -> Box<dyn Target> {
-        let domain = Arc::new(Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap());
+        target_of(EXAMPLE_DOMAIN, store, name, cache_bytes)
+    }
+
+    fn target_of(
+        domain: &str,
+        store: &ViewStore,
+        name: &str,
+        cache_bytes: usize,
+    ) -> Box<dyn Target> {
+        let domain = Arc::new(Domain::from_toml_str(domain).unwrap());
+        let feeds = Feeds::new(&domain, 1 << 20);
+        live_targets(&domain, store, &feeds, &[name], cache_bytes)
+            .pop()
+            .unwrap()
+    }
+
+    /// The live targets of `names`, publishing to and reading from `feeds`.
+    fn live_targets(
+        domain: &Arc<Domain>,
+        store: &ViewStore,
+        feeds: &Feeds,
+        names: &[&str],
+        cache_bytes: usize,
+    ) -> Vec<Box<dyn Target>> {
         let settings = EngineSettings {
             search_commit_interval: Duration::from_secs(1),
             cache_bytes,
             search_writer_bytes: 64 << 20,
             search_writer_threads: 1,
         };
-        engine_for(&domain, store, name, &settings)
-            .unwrap()
-            .open_live()
-            .unwrap()
+        names
+            .iter()
+            .map(|name| {
+                engine_for(domain, store, feeds, name, &settings)
+                    .unwrap()
+                    .open_live()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// A search indexes the document its view committed, handed over by the
+    /// feed, and reads the view store only for what the feed does not hold:
+    /// a document changed in the store behind both projections' backs
+    /// (which nothing but this test does) is not what gets indexed while
+    /// the feed has the committed one, and is what gets indexed without a
+    /// feed.
+    #[test]
+    fn a_search_indexes_the_documents_its_view_handed_over() {
+        let domain = Arc::new(Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap());
+        for with_feed in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ViewStore::open(dir.path()).unwrap();
+            let feeds = if with_feed {
+                Feeds::new(&domain, 1 << 20)
+            } else {
+                Feeds::default()
+            };
+            let names = ["accounts", "account_search"];
+            let mut targets = live_targets(&domain, &store, &feeds, &names, 1 << 20);
+            let opened = event("acc-1", "AccountOpened", json!({"owner": "Ada"}), 1);
+            apply(targets[0].as_mut(), 0, opened.clone());
+            let generation = store.live("accounts").unwrap();
+            let planted = json!({"owner": "Zed", "balance": 0, "status": "open"});
+            generation
+                .commit(&ChangeSet {
+                    docs: [("acc-1".to_owned(), (None, Some(planted)))]
+                        .into_iter()
+                        .collect(),
+                    indexes: vec!["owner".to_owned(), "status".to_owned()],
+                    ..ChangeSet::default()
+                })
+                .unwrap();
+            let search = targets[1].as_mut();
+            assert_eq!(
+                search.read_limit().unwrap(),
+                Some([(("t".to_owned(), 0), 1)].into_iter().collect())
+            );
+            apply(search, 0, opened);
+            search.flush(true).unwrap();
+            let reader = store.search_reader("account_search").unwrap();
+            let hits = |query: &str| {
+                let page = reader.search(query, &[], 10, None).unwrap();
+                page.hits.into_iter().map(|hit| hit.key).collect::<Vec<_>>()
+            };
+            let (indexed, not_indexed) = if with_feed {
+                ("ada", "zed")
+            } else {
+                ("zed", "ada")
+            };
+            assert_eq!(hits(indexed), vec!["acc-1".to_owned()], "{with_feed}");
+            assert_eq!(hits(not_indexed), Vec::<String>::new(), "{with_feed}");
+        }
     }
 
     /// The working set is what a batch reads: a document changed in the view store
@@ -424,6 +548,74 @@ mod tests {
                 generation.positions().unwrap(),
                 [(("t".to_owned(), 0), 2)].into_iter().collect()
             );
+        }
+    }
+
+    /// An account's first event finds no document, so the batch does not
+    /// look: a document planted under a new account's id behind the
+    /// projection's back (which nothing but this test does) is neither read
+    /// from the cache nor from the store, and the new document replaces it.
+    #[test]
+    fn an_aggregates_first_event_reads_no_document_in_a_view_of_its_own() {
+        for cache_bytes in [1 << 20, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ViewStore::open(dir.path()).unwrap();
+            let mut accounts = target(&store, "accounts", cache_bytes);
+            // The planted document, cached too: an earlier event of the
+            // batch stream (not the first of its aggregate) loads it.
+            let generation = store.live("accounts").unwrap();
+            let planted = json!({"owner": "Zed", "planted": true, "balance": 7});
+            generation
+                .commit(&ChangeSet {
+                    docs: [("acc-9".to_owned(), (None, Some(planted)))]
+                        .into_iter()
+                        .collect(),
+                    indexes: vec!["owner".to_owned(), "status".to_owned()],
+                    ..ChangeSet::default()
+                })
+                .unwrap();
+            let deposit = event("acc-9", "MoneyDeposited", json!({"amount": 1}), 2);
+            apply(accounts.as_mut(), 0, deposit);
+            let opened = event("acc-9", "AccountOpened", json!({"owner": "Ada"}), 1);
+            apply(accounts.as_mut(), 1, opened);
+            let doc = generation.doc("acc-9").unwrap().unwrap();
+            assert_eq!(doc["owner"], json!("Ada"));
+            assert_eq!(doc["balance"], json!(0));
+            assert_eq!(doc.get("planted"), None, "{doc}");
+        }
+    }
+
+    /// Where documents are keyed by something else than the aggregate id,
+    /// a first event may find another aggregate's document and must read it.
+    #[test]
+    fn a_first_event_reads_the_document_of_a_keyed_view() {
+        const SHOP: &str = r#"
+[aggregates.order]
+state = { customer = "" }
+[aggregates.order.commands.place]
+emit = [ { event = "OrderPlaced", data = { customer = "command.customer" } } ]
+[aggregates.order.events.OrderPlaced]
+set = { customer = "event.customer" }
+
+[projections.customer_orders]
+kind = "view"
+source = ["order"]
+key = "event.customer"
+[projections.customer_orders.on.OrderPlaced]
+set = { orders = "(has(doc.orders) ? doc.orders : 0) + 1" }
+"#;
+        for cache_bytes in [1 << 20, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ViewStore::open(dir.path()).unwrap();
+            let mut orders = target_of(SHOP, &store, "customer_orders", cache_bytes);
+            for (offset, order) in ["o-1", "o-2"].into_iter().enumerate() {
+                let mut placed = event(order, "OrderPlaced", json!({"customer": "c-1"}), 1);
+                placed.aggregate_type = "order".to_owned();
+                let stats = apply(orders.as_mut(), offset as u64, placed);
+                assert_eq!(stats.quarantined, 0);
+            }
+            let doc = store.live("customer_orders").unwrap().doc("c-1").unwrap();
+            assert_eq!(doc.unwrap()["orders"], json!(2));
         }
     }
 

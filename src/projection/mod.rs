@@ -11,6 +11,7 @@
 
 mod cache;
 mod engine;
+mod feed;
 mod measures;
 mod policy;
 mod priority;
@@ -27,6 +28,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use engine::{BatchStats, Engine, EngineSettings, SourceRecord, Target, engine_for};
+pub use feed::Feeds;
 pub use policy::{CommandSender, PolicyCommand, PolicyOptions, PolicySender, SendAnswer};
 pub use query::{ListRequest, Page, QueryError, SortOrder, parse_value};
 pub(crate) use query::{hex, unhex};
@@ -225,19 +227,19 @@ impl ProjectionPool {
         let mut assignments: Vec<Vec<worker::Runner>> = (0..workers).map(|_| Vec::new()).collect();
         let wakes: Vec<Arc<Notify>> = (0..workers).map(|_| Arc::new(Notify::new())).collect();
         let mut next = 0;
-        let cached = domain
-            .projections()
-            .filter(|p| !matches!(p.kind(), ProjectionKind::Search(_)))
-            .count();
+        // The working sets of views and aggregations and the documents a
+        // view hands to each search projection share `cache_mib` equally.
+        let shares = domain.projections().count();
         let settings = EngineSettings {
-            cache_bytes: options.engine.cache_bytes / cached.max(1),
+            cache_bytes: options.engine.cache_bytes / shares.max(1),
             ..options.engine
         };
+        let feeds = Feeds::new(&domain, settings.cache_bytes);
         // Policies run beside the projections, on the same workers.
         let mut engines: Vec<(&str, &'static str, Box<dyn Engine>)> = Vec::new();
         for projection in domain.projections() {
             let name = projection.name();
-            let Some(engine) = engine_for(&domain, &store, name, &settings) else {
+            let Some(engine) = engine_for(&domain, &store, &feeds, name, &settings) else {
                 continue;
             };
             let kind = match projection.kind() {

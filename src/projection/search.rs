@@ -9,6 +9,11 @@
 //! a document that is newer than the batch is simply indexed early and
 //! indexed again when its later events come by.
 //!
+//! The live index takes those documents from its view's [`Feed`], where the
+//! view's live target put them after its commit, and reads no further than
+//! the feed's positions; a document the feed does not have is read from the
+//! view store (module `feed` says why both are exact).
+//!
 //! Tantivy commits are costly (fsync, new segments), so the keys that changed
 //! are collected and their documents handed to the index writer together,
 //! once per key, right before a commit, with the positions in the commit
@@ -17,11 +22,14 @@
 //! positions ([`Target::visible_positions`]), so `consistent_with` waits for
 //! the data to be searchable, not merely applied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::Value as Json;
+
 use super::engine::{BatchStats, Engine, EngineSettings, SourceRecord, Target};
+use super::feed::Feed;
 use crate::domain::{Domain, ProjectionKind, SearchDef};
 use crate::store::views::Positions;
 use crate::store::{SearchIndex, StoreError, ViewStore};
@@ -30,6 +38,8 @@ use crate::store::{SearchIndex, StoreError, ViewStore};
 pub struct SearchEngine {
     domain: Arc<Domain>,
     store: ViewStore,
+    /// The feed of the view this projection indexes.
+    feed: Option<Arc<Feed>>,
     name: String,
     commit_interval: Duration,
     writer_bytes: usize,
@@ -40,12 +50,14 @@ impl SearchEngine {
     pub fn new(
         domain: Arc<Domain>,
         store: ViewStore,
+        feed: Option<Arc<Feed>>,
         name: &str,
         settings: &EngineSettings,
     ) -> Self {
         Self {
             domain,
             store,
+            feed,
             name: name.to_owned(),
             commit_interval: settings.search_commit_interval,
             writer_bytes: settings.search_writer_bytes,
@@ -80,6 +92,9 @@ impl SearchEngine {
         Ok(SearchTarget {
             domain: self.domain.clone(),
             store: self.store.clone(),
+            // A rebuild reads the view store alone: what the feed holds is
+            // the live index's to take.
+            feed: if live { self.feed.clone() } else { None },
             name: self.name.clone(),
             view: def.view().to_owned(),
             generation,
@@ -88,7 +103,8 @@ impl SearchEngine {
             committed,
             dirty_since: None,
             commit_interval: self.commit_interval,
-            pending: BTreeSet::new(),
+            pending: BTreeMap::new(),
+            batch_keys: Vec::new(),
         })
     }
 }
@@ -109,6 +125,7 @@ impl Engine for SearchEngine {
 struct SearchTarget {
     domain: Arc<Domain>,
     store: ViewStore,
+    feed: Option<Arc<Feed>>,
     name: String,
     view: String,
     generation: u64,
@@ -122,23 +139,37 @@ struct SearchTarget {
     commit_interval: Duration,
     /// The keys whose view documents changed since the last commit: they
     /// reach the index writer together, once each, just before the commit.
-    pending: BTreeSet<String>,
+    /// With the document taken from the feed (`None` inside: deleted), or
+    /// `None`: read it from the view store then.
+    pending: BTreeMap<String, Option<Option<Json>>>,
+    /// The distinct keys of the batch being applied (kept for its buffer).
+    batch_keys: Vec<String>,
 }
 
 impl SearchTarget {
-    /// Indexes the current view document of every pending key, then commits
-    /// the index with the applied positions. The documents are read now,
-    /// after the view's positions passed `applied` (the read limit), so each
-    /// includes at least the events below them. The keys stay pending until
-    /// the commit succeeds, so a retry indexes them again.
+    /// Indexes the view document of every pending key, then commits the
+    /// index with the applied positions. A document not taken from the feed
+    /// is read now, after the view's positions passed `applied` (the read
+    /// limit), so each includes at least the events below them. The keys
+    /// stay pending until the commit succeeds, so a retry indexes them again.
     fn commit(&mut self) -> Result<(), StoreError> {
-        if !self.pending.is_empty() {
-            let generation = self.store.live(&self.view)?;
-            for key in &self.pending {
-                let doc = generation.doc(key)?;
-                self.index.upsert(key, doc.as_ref())?;
-            }
+        let mut generation = None;
+        for (key, taken) in &self.pending {
+            let read;
+            let doc = match taken {
+                Some(doc) => doc,
+                None => {
+                    let generation = match &generation {
+                        Some(generation) => generation,
+                        None => generation.insert(self.store.live(&self.view)?),
+                    };
+                    read = generation.doc(key)?;
+                    &read
+                }
+            };
+            self.index.upsert(key, doc.as_ref())?;
         }
+        drop(generation);
         self.index.commit(&self.applied)?;
         // How many documents each commit carries is what batching buys: a
         // catch-up should show few commits, each with many documents.
@@ -165,7 +196,15 @@ impl Target for SearchTarget {
     }
 
     fn read_limit(&self) -> Result<Option<Positions>, StoreError> {
-        Ok(Some(self.store.live(&self.view)?.positions()?))
+        let generation = self.store.live(&self.view)?;
+        let published = self
+            .feed
+            .as_ref()
+            .and_then(|feed| feed.positions(generation.number));
+        match published {
+            Some(positions) => Ok(Some(positions)),
+            None => Ok(Some(generation.positions()?)),
+        }
     }
 
     fn apply(
@@ -183,6 +222,8 @@ impl Target for SearchTarget {
             }
         };
         let mut stats = BatchStats::default();
+        let mut seen = HashSet::new();
+        self.batch_keys.clear();
         for record in records {
             // A record that does not decode is quarantined by the view, which
             // has no document for it either: there is nothing to index.
@@ -198,13 +239,27 @@ impl Target for SearchTarget {
                     let Ok(key) = view.key(&event.as_input(), &event.aggregate_type) else {
                         continue;
                     };
-                    // A set, so a key changed many times before a commit is
-                    // indexed once.
-                    if !self.pending.contains(key.as_ref()) {
-                        self.pending.insert(key.into_owned());
+                    // Once per batch: the feed has at most one document
+                    // per key, the latest, which covers all of the batch.
+                    if !seen.contains(key.as_ref()) {
+                        seen.insert(key.clone());
+                        self.batch_keys.push(key.into_owned());
                     }
                 }
             }
+        }
+        // A map, so a key changed many times before a commit is indexed
+        // once, with its newest document: one taken now replaces an older
+        // one, and a key the feed lacks is read at the commit.
+        let taken = match &self.feed {
+            Some(feed) if !self.batch_keys.is_empty() => {
+                let generation = self.store.live(&self.view)?.number;
+                feed.take(&self.name, generation, &self.batch_keys)
+            }
+            _ => vec![None; self.batch_keys.len()],
+        };
+        for (key, doc) in self.batch_keys.drain(..).zip(taken) {
+            self.pending.insert(key, doc);
         }
         self.applied
             .extend(positions.iter().map(|(k, v)| (k.clone(), *v)));

@@ -760,7 +760,9 @@ pub fn rebuild_offline(
         search_commit_interval: OFFLINE_SEARCH_COMMIT_INTERVAL,
         ..*settings
     };
-    let engine = super::engine_for(domain, store, name, &settings)
+    // Offline, the view is not running: a search reads its documents from
+    // the view store.
+    let engine = super::engine_for(domain, store, &super::Feeds::default(), name, &settings)
         .ok_or_else(|| ProjectionError::NotRebuildable(name.to_owned()))?;
     let topics = super::topics_of(domain, log, name);
     let mut positions = full_positions(&Positions::new(), &topics, log.partitions());
