@@ -305,7 +305,8 @@ pub struct ProjectionsConfig {
     /// applied and committed, in milliseconds.
     pub batch_max_ms: u64,
     /// MiB of documents and aggregation groups that views and aggregations
-    /// keep in memory in front of sled, all together (0 keeps none).
+    /// keep in memory in front of the view store, and of documents on their
+    /// way from a view to its search indexes, all together (0 keeps none).
     pub cache_mib: usize,
     /// MiB a search index's writer buffers before it writes a segment.
     pub search_writer_mib: usize,
