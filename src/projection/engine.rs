@@ -411,6 +411,19 @@ mod tests {
         target.apply(&[record], &positions).unwrap()
     }
 
+    /// Writes `after` over an `accounts` document behind the projections'
+    /// backs (which nothing but these tests does); `before` is what the
+    /// store holds, for its index entries.
+    fn overwrite(generation: &Generation, key: &str, before: Option<Json>, after: Option<Json>) {
+        generation
+            .commit(&ChangeSet {
+                docs: [(key.to_owned(), (before, after))].into_iter().collect(),
+                indexes: vec!["owner".to_owned(), "status".to_owned()],
+                ..ChangeSet::default()
+            })
+            .unwrap();
+    }
+
     fn target(store: &ViewStore, name: &str, cache_bytes: usize) -> Box<dyn Target> {
         target_of(EXAMPLE_DOMAIN, store, name, cache_bytes)
     }
@@ -476,15 +489,7 @@ mod tests {
             apply(targets[0].as_mut(), 0, opened.clone());
             let generation = store.live("accounts").unwrap();
             let planted = json!({"owner": "Zed", "balance": 0, "status": "open"});
-            generation
-                .commit(&ChangeSet {
-                    docs: [("acc-1".to_owned(), (None, Some(planted)))]
-                        .into_iter()
-                        .collect(),
-                    indexes: vec!["owner".to_owned(), "status".to_owned()],
-                    ..ChangeSet::default()
-                })
-                .unwrap();
+            overwrite(&generation, "acc-1", None, Some(planted));
             let search = targets[1].as_mut();
             assert_eq!(
                 search.read_limit().unwrap(),
@@ -521,13 +526,7 @@ mod tests {
             let generation = store.live("accounts").unwrap();
             let doc = generation.doc("acc-1").unwrap();
             assert!(doc.is_some());
-            generation
-                .commit(&ChangeSet {
-                    docs: [("acc-1".to_owned(), (doc, None))].into_iter().collect(),
-                    indexes: vec!["owner".to_owned(), "status".to_owned()],
-                    ..ChangeSet::default()
-                })
-                .unwrap();
+            overwrite(&generation, "acc-1", doc, None);
             let deposit = event("acc-1", "MoneyDeposited", json!({"amount": 25}), 2);
             let stats = apply(accounts.as_mut(), 1, deposit);
             let after = generation.doc("acc-1").unwrap();
@@ -565,15 +564,7 @@ mod tests {
             // batch stream (not the first of its aggregate) loads it.
             let generation = store.live("accounts").unwrap();
             let planted = json!({"owner": "Zed", "planted": true, "balance": 7});
-            generation
-                .commit(&ChangeSet {
-                    docs: [("acc-9".to_owned(), (None, Some(planted)))]
-                        .into_iter()
-                        .collect(),
-                    indexes: vec!["owner".to_owned(), "status".to_owned()],
-                    ..ChangeSet::default()
-                })
-                .unwrap();
+            overwrite(&generation, "acc-9", None, Some(planted));
             let deposit = event("acc-9", "MoneyDeposited", json!({"amount": 1}), 2);
             apply(accounts.as_mut(), 0, deposit);
             let opened = event("acc-9", "AccountOpened", json!({"owner": "Ada"}), 1);
