@@ -21,3 +21,10 @@ pub mod store;
 mod systemd;
 pub mod telemetry;
 pub mod tls;
+
+// The lib's unit tests run on the daemon's allocator (src/main.rs), so the
+// tests of the projections' memory accounting measure what the daemon
+// allocates.
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -45,14 +45,14 @@ impl WorkingSet {
 
     /// Remembers a committed document (or its absence).
     pub(super) fn put_doc(&mut self, id: String, doc: Option<Json>) {
-        let size = id.len() + doc.as_ref().map_or(0, approximate_size) + ENTRY_OVERHEAD;
+        let size = allocation(id.len()) + doc.as_ref().map_or(0, heap_size) + ENTRY_OVERHEAD;
         self.docs.put(id, doc, size);
         self.evict();
     }
 
     /// Remembers a group's committed measure states.
     pub(super) fn put_group(&mut self, key: Vec<u8>, state: Json) {
-        let size = key.len() + approximate_size(&state) + ENTRY_OVERHEAD;
+        let size = allocation(key.len()) + heap_size(&state) + ENTRY_OVERHEAD;
         self.groups.put(key, state, size);
         self.evict();
     }
@@ -78,9 +78,10 @@ impl WorkingSet {
     }
 }
 
-/// What one cached entry costs beyond its key and value: the LRU's node and
-/// hash slot, and the value's allocation headers.
-const ENTRY_OVERHEAD: usize = 96;
+/// What one cached entry costs beyond its key's bytes and its value: the
+/// LRU's node (the key's and value's inline parts, two links, the size) and
+/// its hash slot.
+const ENTRY_OVERHEAD: usize = 112;
 
 /// An LRU map that counts the bytes of what it holds.
 #[derive(Debug)]
@@ -125,24 +126,65 @@ impl<K: Hash + Eq, V> Lru<K, V> {
     }
 }
 
-/// About how many bytes a JSON value takes in memory: the value itself, its
-/// strings, and per object member the key and the map's node share.
-pub(super) fn approximate_size(value: &Json) -> usize {
+/// About how many bytes are allocated behind a JSON value (its inline part,
+/// `size_of::<Json>()`, lives in the map entry that holds it), as the
+/// allocator hands them out.
+///
+/// serde_json keeps an object's members in a `BTreeMap`, whose every node
+/// holds room for eleven keys and values whether it uses one or eleven, so a
+/// small document costs a whole node (632 bytes on 64-bit) before its
+/// strings. Counting members instead under-counted a four-field document by
+/// about 40 %, and the working sets and feeds held that much more than their
+/// share of `cache_mib`. The unit test below checks this model against what a
+/// counting allocator sees.
+pub(super) fn heap_size(value: &Json) -> usize {
     const VALUE: usize = std::mem::size_of::<Json>();
-    VALUE
-        + match value {
-            Json::String(s) => s.len(),
-            Json::Array(items) => items.iter().map(approximate_size).sum(),
-            Json::Object(fields) => fields
-                .iter()
-                .map(|(key, item)| 24 + 16 + key.len() + approximate_size(item))
-                .sum(),
-            _ => 0,
+    match value {
+        Json::String(s) => allocation(s.len()),
+        Json::Array(items) if items.is_empty() => 0,
+        // A parsed array's vector grows by doubling from four elements.
+        Json::Array(items) => {
+            items.len().max(4).next_power_of_two() * VALUE
+                + items.iter().map(heap_size).sum::<usize>()
         }
+        Json::Object(fields) => {
+            btree_nodes(fields.len())
+                + fields
+                    .iter()
+                    .map(|(key, item)| allocation(key.len()) + heap_size(item))
+                    .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+/// The nodes of a `BTreeMap<String, Json>` with `members` entries: one leaf
+/// up to eleven, then about 120 bytes a member (leaves filled by half to
+/// two thirds, and the internal nodes above them), at least the two leaves
+/// and one internal node of the first split.
+fn btree_nodes(members: usize) -> usize {
+    const LEAF: usize = 632;
+    const FIRST_SPLIT: usize = 2 * LEAF + 728;
+    match members {
+        0 => 0,
+        1..=11 => LEAF,
+        _ => (members * 120).max(FIRST_SPLIT),
+    }
+}
+
+/// What the allocator hands out for `len` bytes: nothing for none, else at
+/// least 8 and, above that, the next multiple of 16 (jemalloc's small size
+/// classes are that or coarser).
+pub(super) fn allocation(len: usize) -> usize {
+    match len {
+        0 => 0,
+        1..=8 => 8,
+        _ => len.next_multiple_of(16),
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use serde_json::json;
 
     use super::*;
@@ -165,7 +207,7 @@ mod tests {
     #[test]
     fn the_budget_bounds_the_bytes_and_evicts_the_least_recently_used() {
         let doc = json!({"owner": "Ada", "status": "open", "balance": 100});
-        let one = "k0000".len() + approximate_size(&doc) + ENTRY_OVERHEAD;
+        let one = allocation("k0000".len()) + heap_size(&doc) + ENTRY_OVERHEAD;
         let mut cache = WorkingSet::new(one * 10);
         for i in 0..100 {
             cache.put_doc(format!("k{i:04}"), Some(doc.clone()));
@@ -180,5 +222,55 @@ mod tests {
         none.put_doc("a".to_owned(), Some(doc));
         assert_eq!(none.bytes(), 0);
         assert_eq!(none.take_doc("a"), None);
+    }
+
+    /// Shapes of documents and measure states: the bank's account, a wide
+    /// record, nesting with arrays, a long text.
+    pub(in crate::projection) const SHAPES: [&str; 4] = [
+        r#"{"owner":"owner 123456","status":"open","balance":0,"opened_at":"2026-12-04T10:00:00.123456Z"}"#,
+        r#"{"f00":1,"f01":2,"f02":"three","f03":4.5,"f04":true,"f05":null,"f06":"seven",
+            "f07":8,"f08":9,"f09":"ten","f10":11,"f11":12,"f12":"thirteen","f13":14,
+            "f14":15,"f15":16,"f16":"seventeen","f17":18,"f18":19,"f19":"twenty"}"#,
+        r#"{"id":"a-1","tags":["x","y","z"],"address":{"street":"Main Street 1","city":"Berlin"},
+            "amounts":[1,2,3,4,5,6,7,8,9,10],"count":{"n":3}}"#,
+        r#"{"title":"a title","body":"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum."}"#,
+    ];
+
+    /// The bytes this thread holds allocated, as jemalloc counts them.
+    pub(in crate::projection) fn allocated_here() -> i64 {
+        use tikv_jemalloc_ctl::thread::{allocatedp, deallocatedp};
+        let allocated = allocatedp::read().expect("jemalloc stats").get();
+        let deallocated = deallocatedp::read().expect("jemalloc stats").get();
+        allocated as i64 - deallocated as i64
+    }
+
+    /// Asserts that `counted` is within a quarter of `allocated`.
+    pub(in crate::projection) fn assert_close(shape: &str, counted: usize, allocated: i64) {
+        let ratio = counted as f64 / allocated as f64;
+        assert!(
+            (0.8..1.25).contains(&ratio),
+            "counted {counted} bytes for {allocated} allocated ({ratio:.2}) with {shape}"
+        );
+    }
+
+    #[test]
+    fn the_bytes_counted_are_about_the_bytes_allocated() {
+        for shape in SHAPES {
+            let value: Json = serde_json::from_str(shape).expect("a JSON shape");
+            let mut docs = WorkingSet::new(usize::MAX);
+            let before = allocated_here();
+            for i in 0..10_000 {
+                docs.put_doc(format!("account-{i:06}"), Some(value.clone()));
+            }
+            assert_close(shape, docs.bytes(), allocated_here() - before);
+            drop(docs);
+
+            let mut groups = WorkingSet::new(usize::MAX);
+            let before = allocated_here();
+            for i in 0..10_000u32 {
+                groups.put_group(i.to_be_bytes().repeat(4), value.clone());
+            }
+            assert_close(shape, groups.bytes(), allocated_here() - before);
+        }
     }
 }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value as Json;
 
-use super::cache::approximate_size;
+use super::cache::{allocation, heap_size};
 use crate::domain::{Domain, ProjectionKind};
 use crate::store::views::Positions;
 
@@ -95,11 +95,13 @@ impl Pending {
 }
 
 fn size(key: &str, doc: &Option<Json>) -> usize {
-    key.len() + doc.as_ref().map_or(0, approximate_size) + ENTRY_OVERHEAD
+    allocation(key.len()) + doc.as_ref().map_or(0, heap_size) + ENTRY_OVERHEAD
 }
 
-/// A rough cost of a map entry beside its key and document.
-const ENTRY_OVERHEAD: usize = 64;
+/// What a map entry costs beside its key's bytes and the document's
+/// allocations: the key's and document's inline parts (56 bytes) in a hash
+/// table kept between half and seven eighths full, and its control byte.
+const ENTRY_OVERHEAD: usize = 88;
 
 impl Feed {
     fn new(searches: Vec<String>, budget: usize) -> Self {
@@ -299,5 +301,23 @@ mod tests {
         publish(&feed, 1, 2, &docs(&[("a", Some(json!({"n": 3})))]));
         let taken = feed.take("search", 1, &keys(&["a", "b"]));
         assert_eq!(taken, vec![Some(Some(json!({"n": 3}))), None]);
+    }
+
+    /// The feed's budget counts what its documents really take.
+    #[test]
+    fn the_bytes_counted_are_about_the_bytes_allocated() {
+        use crate::projection::cache::tests::{SHAPES, allocated_here, assert_close};
+        for shape in SHAPES {
+            let value: Json = serde_json::from_str(shape).expect("a JSON shape");
+            let committed: Vec<(String, Option<Json>)> = (0..10_000)
+                .map(|i| (format!("account-{i:06}"), Some(value.clone())))
+                .collect();
+            let feed = feed(usize::MAX);
+            feed.attach(1, positions(0));
+            let before = allocated_here();
+            publish(&feed, 1, 1, &committed);
+            let counted = feed.lock().searches["search"].bytes;
+            assert_close(shape, counted, allocated_here() - before);
+        }
     }
 }
