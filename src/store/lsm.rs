@@ -13,9 +13,12 @@ use super::StoreError;
 
 /// The in-memory write buffer (memtable) of each keyspace. fjall's default is
 /// 64 MiB per keyspace; the view store has a keyspace per projection and a
-/// rebuild one more, so the default alone could hold hundreds of MiB. A smaller
-/// memtable means more, smaller sorted files for the background compaction,
-/// which the catch-up benchmarks did not notice.
+/// rebuild one more, so the default alone could hold hundreds of MiB. fjall
+/// keeps up to four sealed memtables per keyspace besides the active one, so
+/// this also sets the worst case of its memory. Measured at 1M aggregates
+/// (BENCHMARKS.md, "fjall's memtable size"): 8 MiB lowered the peak RSS by
+/// about 35 MiB but made the catch-up 3 s slower (more, smaller sorted files
+/// to compact); 24 MiB was slower too, at 505 MiB.
 const MEMTABLE_BYTES: u64 = 16 << 20;
 
 /// The journal's bound before fjall flushes memtables to free it (fjall's
