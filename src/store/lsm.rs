@@ -235,12 +235,14 @@ impl Engine {
             .ok_or_else(|| StoreError::Unavailable("the store is closed".to_owned()))
     }
 
-    /// Forgets the handle of a keyspace that was deleted.
-    pub(crate) fn forget(&self, name: &str) -> Result<(), StoreError> {
+    /// Deletes the keyspace `name` and forgets its handle, so that a later
+    /// [`Engine::handles`] without `create` refuses it. Blocking.
+    pub(crate) fn delete_keyspace(&self, name: &str) -> Result<(), StoreError> {
+        let (db, keyspace) = self.handles(name, false)?;
         if let Some(open) = self.open.write().map_err(poisoned_lock)?.as_mut() {
             open.keyspaces.remove(name);
         }
-        Ok(())
+        self.written(db.delete_keyspace(keyspace))
     }
 
     /// The result of a write. A failed write (an I/O error, or a database

@@ -222,9 +222,7 @@ impl ViewStore {
             };
             let live = decode_u64(&live).ok_or_else(|| corrupt(&key, "not 8 bytes"))?;
             if number < live {
-                let (_, stale) = self.engine.handles(name, false)?;
-                self.engine.forget(name)?;
-                self.engine.written(db.delete_keyspace(stale))?;
+                self.engine.delete_keyspace(name)?;
             }
         }
         Ok(())
@@ -365,10 +363,7 @@ impl ViewStore {
         while Arc::strong_count(&old.readers) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let (_, tree) = self.engine.handles(&old.name, false)?;
-        self.engine.forget(&old.name)?;
-        self.engine.written(db.delete_keyspace(tree))?;
-        Ok(())
+        self.engine.delete_keyspace(&old.name)
     }
 
     /// Flushes everything to disk. Blocking.
