@@ -357,12 +357,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_restore_saves_in_bounded_chunks_and_resumes_from_the_last_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
+    /// An embedded log of one partition with the account topic.
+    fn one_partition_log(data_dir: &std::path::Path) -> EventLog {
         let log = open_embedded(EmbeddedSettings {
-            data_dir: dir.path().to_owned(),
+            data_dir: data_dir.to_owned(),
             topic_prefix: "cqrsd".into(),
             partitions: 1,
             group_commit_max_records: 4096,
@@ -372,6 +370,14 @@ mod tests {
         })
         .unwrap();
         log.ensure_topic(TOPIC).unwrap();
+        log
+    }
+
+    #[tokio::test]
+    async fn a_restore_saves_in_bounded_chunks_and_resumes_from_the_last_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
+        let log = one_partition_log(dir.path());
         let store = CommandStore::open(dir.path()).unwrap();
         // Ten accounts opened, then three deposits each, round robin, so every
         // account appears again after its chunk was saved.
@@ -421,17 +427,7 @@ mod tests {
     async fn an_aggregates_first_event_after_the_checkpoint_reads_no_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let domain = Domain::from_toml_str(EXAMPLE_DOMAIN).unwrap();
-        let log = open_embedded(EmbeddedSettings {
-            data_dir: dir.path().to_owned(),
-            topic_prefix: "cqrsd".into(),
-            partitions: 1,
-            group_commit_max_records: 4096,
-            group_commit_max_delay: Duration::ZERO,
-            fsync: false,
-            segment_bytes: 64 << 20,
-        })
-        .unwrap();
-        log.ensure_topic(TOPIC).unwrap();
+        let log = one_partition_log(dir.path());
         let records = [event("b", 1), event("a", 1), event("a", 2), event("b", 2)]
             .iter()
             .map(|e| encode(std::slice::from_ref(e), Encoding::MessagePack).unwrap())
