@@ -142,12 +142,7 @@ impl Setup {
             report.set("rss_mib", target::status_kib("VmRSS:") / 1024);
             let data_dir = local.data_dir.clone();
             local.stop()?;
-            let disk = target::dir_bytes(&data_dir);
-            report.set("payload_bytes", payload);
-            report.set("disk_bytes", disk);
-            if payload > 0 {
-                report.set("disk_per_payload", disk as f64 / payload as f64);
-            }
+            disk_footprint(report, &data_dir, payload);
         }
         Ok(())
     }
@@ -198,6 +193,26 @@ async fn post_load(
     let http = http.clone();
     let path = Arc::new(path);
     closed_loop(clients, duration, move |_, _| {
+        let http = http.clone();
+        let path = path.clone();
+        async move { matches!(http.post(&path, body).await, Ok((status, _)) if ok(status)) }
+    })
+    .await
+}
+
+/// POSTs of `body` to `path` sent open loop at `rate` per second; success
+/// is a status in `ok`.
+async fn post_rate(
+    http: &Http,
+    rate: f64,
+    duration: Duration,
+    path: String,
+    body: &'static str,
+    ok: fn(u16) -> bool,
+) -> Stats {
+    let http = http.clone();
+    let path = Arc::new(path);
+    open_loop(rate, duration, move |_| {
         let http = http.clone();
         let path = path.clone();
         async move { matches!(http.post(&path, body).await, Ok((status, _)) if ok(status)) }
@@ -330,10 +345,16 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
                 let baseline = post_load(&setup.http, clients, duration, post_path, post_body, ok).await;
                 let commands = deposits(&setup, accounts, clients, options.rate, duration).await;
                 // The latency target is at half the saturated rate, open loop.
+                // Its limit is the baseline POST sent open loop at the same
+                // rate right after: the latency the server and the generator
+                // alone give at that load on this machine.
                 let half = if options.rate.is_none() && commands.throughput() > 0.0 {
                     let rate = commands.throughput() / 2.0;
-                    eprintln!("commands: open loop at {rate:.0}/s");
-                    Some((rate, deposits(&setup, accounts, clients, Some(rate), duration).await))
+                    eprintln!("commands: open loop at {rate:.0}/s, then {post_name} at that rate");
+                    let half = deposits(&setup, accounts, clients, Some(rate), duration).await;
+                    let (path, body, _) = setup.baseline_post();
+                    let baseline = post_rate(&setup.http, rate, duration, path, body, ok).await;
+                    Some((rate, half, baseline))
                 } else {
                     None
                 };
@@ -348,13 +369,17 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
             if let Some(rate) = options.rate {
                 report.set("open_loop_rate", rate);
             }
-            if let Some((rate, half)) = half {
+            if let Some((rate, half, baseline)) = half {
                 report.set("half_rate", rate);
                 report.set("half_rate_throughput", half.throughput());
                 report.set("half_rate_p50_ms", half.p50_ms());
                 report.set("half_rate_p99_ms", half.p99_ms());
                 report.set("half_rate_p999_ms", half.p999_ms());
                 report.set("half_rate_errors", half.errors);
+                report.set("half_rate_baseline_throughput", baseline.throughput());
+                report.set("half_rate_baseline_p50_ms", baseline.p50_ms());
+                report.set("half_rate_baseline_p99_ms", baseline.p99_ms());
+                report.set("half_rate_baseline_errors", baseline.errors);
             }
             setup.finish(&mut report)?;
             Ok(report)
@@ -612,11 +637,21 @@ fn scan_log(config: &Config) -> anyhow::Result<(u64, f64)> {
 fn footprint(report: &mut Report, data_dir: &std::path::Path, payload: u64) {
     report.set("peak_rss_mib", target::status_kib("VmHWM:") / 1024);
     report.set("rss_mib", target::status_kib("VmRSS:") / 1024);
+    disk_footprint(report, data_dir, payload);
+}
+
+/// The allocated bytes of the whole data directory and of the event log
+/// alone, each also per byte of event payload (issue 13 has a target for
+/// both: the log's frames and indexes, and the log with the read models).
+fn disk_footprint(report: &mut Report, data_dir: &std::path::Path, payload: u64) {
     let disk = target::dir_bytes(data_dir);
+    let log = target::dir_bytes(&data_dir.join(crate::store::segment_log::LOG_DIR));
     report.set("disk_bytes", disk);
+    report.set("log_disk_bytes", log);
     report.set("payload_bytes", payload);
     if payload > 0 {
         report.set("disk_per_payload", disk as f64 / payload as f64);
+        report.set("log_disk_per_payload", log as f64 / payload as f64);
     }
 }
 

@@ -57,6 +57,14 @@ async fn commands_against_a_running_daemon_really_append_the_deposits() {
     assert!(report["limit"].as_f64().unwrap() > 0.0, "{report}");
     assert!(report["ratio"].as_f64().unwrap() > 0.0, "{report}");
     assert!(report["half_rate_p99_ms"].is_number(), "{report}");
+    // The latency limit: the baseline POST (here one the schema rejects)
+    // sent at the same rate in the same run.
+    assert!(report["half_rate_baseline_p99_ms"].is_number(), "{report}");
+    assert!(
+        report["half_rate_baseline_throughput"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert_eq!(report["half_rate_baseline_errors"], 0, "{report}");
     // Every counted deposit is in an account's history: the versions beyond
     // the opening event add up to at least the successful deposits of both phases.
     let prefix = report["account_prefix"].as_str().unwrap();
@@ -131,6 +139,13 @@ fn read_side_scenarios_project_restart_and_rebuild_a_prefilled_log() {
         assert_eq!(report["operations"], 3000, "{report}");
         assert!(
             report["disk_per_payload"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+        // The log alone is part of the data directory, and holds at least
+        // the payload it frames.
+        let log = report["log_disk_per_payload"].as_f64().unwrap();
+        assert!(
+            log >= 1.0 && log <= report["disk_per_payload"].as_f64().unwrap(),
             "{report}"
         );
         if scenario == "projection" {
