@@ -175,16 +175,35 @@ impl CommandStore {
         let replies_ks = self.keyspace("replies")?;
         let expiry_ks = self.keyspace("reply_expiry")?;
         let checkpoints_ks = self.keyspace("checkpoints")?;
-        let mut batch = db.batch();
-        for (ty, id, snap) in snapshots {
-            batch.insert(&snapshots_ks, aggregate_key(ty, id), encode(snap)?);
-        }
+        // Each keyspace's writes go to fjall in key order: its memtable is a
+        // skip list, and nearby keys inserted one after another walk nodes
+        // still in the CPU's caches (the callers' order is a hash map's;
+        // BENCHMARKS.md, "Sorted view commits"). Keys are unique per batch.
+        let mut snapshot_writes = snapshots
+            .iter()
+            .map(|(ty, id, snap)| Ok((aggregate_key(ty, id), encode(snap)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        snapshot_writes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut reply_writes = Vec::with_capacity(replies.len());
+        let mut expiry_writes = Vec::with_capacity(replies.len());
         for (ty, id, key, reply) in replies {
             let k = reply_key(ty, id, key);
             let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
             expiry.extend_from_slice(&k);
-            batch.insert(&replies_ks, k, encode(reply)?);
-            batch.insert(&expiry_ks, expiry, []);
+            reply_writes.push((k, encode(reply)?));
+            expiry_writes.push(expiry);
+        }
+        reply_writes.sort_by(|a, b| a.0.cmp(&b.0));
+        expiry_writes.sort();
+        let mut batch = db.batch();
+        for (key, value) in snapshot_writes {
+            batch.insert(&snapshots_ks, key, value);
+        }
+        for (key, value) in reply_writes {
+            batch.insert(&replies_ks, key, value);
+        }
+        for key in expiry_writes {
+            batch.insert(&expiry_ks, key, []);
         }
         batch.insert(
             &checkpoints_ks,
