@@ -490,15 +490,30 @@ impl SegmentLog {
         }
     }
 
-    /// Refuses new appends, lets the appender finish every queued append, and syncs the
-    /// offset indexes. Idempotent. Blocking (it joins the appender thread).
+    /// Refuses new appends, lets the appender finish every queued append, gives back the
+    /// space preallocated past each active segment's end, and syncs the offset indexes.
+    /// Idempotent. Blocking (it joins the appender thread).
     pub fn close(&self) -> Result<(), StoreError> {
         self.inner.stop();
         let shared = &self.inner.shared;
-        if shared.opts.fsync {
-            for topic in read_lock(&shared.topics).values() {
-                for part in &topic.partitions {
-                    lock(&part.tail).index_file.sync_data()?;
+        for topic in read_lock(&shared.topics).values() {
+            for part in &topic.partitions {
+                let mut tail = lock(&part.tail);
+                // A stopped log holds only its frames and indexes (up to 4 MiB per
+                // partition was reserved ahead of the end). Nothing depends on the
+                // reserve: the next start preallocates again as it writes.
+                if tail.allocated > tail.size {
+                    match tail.segment.file.set_len(tail.size) {
+                        Ok(()) => tail.allocated = tail.size,
+                        Err(error) => tracing::warn!(
+                            segment = %tail.segment.path.display(),
+                            %error,
+                            "cannot give back the space preallocated past the segment's end"
+                        ),
+                    }
+                }
+                if shared.opts.fsync {
+                    tail.index_file.sync_data()?;
                 }
             }
         }
@@ -2129,6 +2144,34 @@ mod tests {
             log.append(TOPIC, 0, vec![rec("a", 1, 1)]).await,
             Err(StoreError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn close_gives_back_the_space_preallocated_past_the_end() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), opts(1));
+        fill(&log, "a", 5).await;
+        let path = segment_file(dir.path(), 0, 0);
+        let allocated = |path: &Path| std::fs::metadata(path).unwrap().blocks() * 512;
+        let open_allocation = allocated(&path);
+        log.close().unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        // Filesystem blocks are at most 64 KiB; the reserve was 4 MiB (where the
+        // filesystem can preallocate at all, which the first check tells).
+        assert!(
+            allocated(&path) <= len.next_multiple_of(64 << 10),
+            "{} bytes allocated for {len} bytes of frames (open: {open_allocation})",
+            allocated(&path)
+        );
+        // Nothing of the log went with the reserve.
+        drop(log);
+        let log = open(dir.path(), opts(1));
+        assert_eq!(log.read(TOPIC, 0, 0, 100).unwrap().len(), 5);
+        assert_eq!(
+            log.append(TOPIC, 0, vec![rec("a", 6, 1)]).await.unwrap(),
+            vec![5]
+        );
     }
 
     #[tokio::test]
