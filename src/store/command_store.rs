@@ -178,7 +178,7 @@ impl CommandStore {
         // Each keyspace's writes go to fjall in key order: its memtable is a
         // skip list, and nearby keys inserted one after another walk nodes
         // still in the CPU's caches (the callers' order is a hash map's;
-        // BENCHMARKS.md, "Sorted view commits"). Keys are unique per batch.
+        // BENCHMARKS.md, "Sorted commits"). Keys are unique per batch.
         let mut snapshot_writes = snapshots
             .iter()
             .map(|(ty, id, snap)| Ok((aggregate_key(ty, id), encode(snap)?)))

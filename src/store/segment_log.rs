@@ -2157,8 +2157,8 @@ mod tests {
         let open_allocation = allocated(&path);
         log.close().unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
-        // Filesystem blocks are at most 64 KiB; the reserve was 4 MiB (where the
-        // filesystem can preallocate at all, which the first check tells).
+        // Filesystem blocks are at most 64 KiB and the reserve was 4 MiB (a
+        // filesystem that cannot preallocate has no reserve to give back).
         assert!(
             allocated(&path) <= len.next_multiple_of(64 << 10),
             "{} bytes allocated for {len} bytes of frames (open: {open_allocation})",

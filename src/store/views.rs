@@ -467,7 +467,7 @@ impl Generation {
         // memtable is a skip list, and consecutive inserts of nearby keys walk
         // the same nodes, still in the CPU's caches, where the document order
         // of a batch (a hash map's) sent every insert to a random place
-        // (BENCHMARKS.md, "Sorted view commits").
+        // (BENCHMARKS.md, "Results at ea790a6", "Sorted commits").
         let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
             Vec::with_capacity(changes.docs.len() * (1 + changes.indexes.len()));
         for (id, (before, after)) in &changes.docs {
