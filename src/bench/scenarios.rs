@@ -181,43 +181,38 @@ async fn open_accounts(setup: &Setup, count: u64, clients: usize) -> anyhow::Res
     Ok(())
 }
 
-/// Closed-loop POSTs of `body` to `path`; success is a status in `ok`.
-async fn post_load(
-    http: &Http,
-    clients: usize,
-    duration: Duration,
-    path: String,
+/// The baseline POST: `body` to `path`, a success when its status is in `ok`.
+#[derive(Clone)]
+struct BaselinePost {
+    http: Http,
+    path: Arc<String>,
     body: &'static str,
     ok: fn(u16) -> bool,
-) -> Stats {
-    let http = http.clone();
-    let path = Arc::new(path);
-    closed_loop(clients, duration, move |_, _| {
-        let http = http.clone();
-        let path = path.clone();
-        async move { matches!(http.post(&path, body).await, Ok((status, _)) if ok(status)) }
-    })
-    .await
 }
 
-/// POSTs of `body` to `path` sent open loop at `rate` per second; success
-/// is a status in `ok`.
-async fn post_rate(
-    http: &Http,
-    rate: f64,
-    duration: Duration,
-    path: String,
-    body: &'static str,
-    ok: fn(u16) -> bool,
-) -> Stats {
-    let http = http.clone();
-    let path = Arc::new(path);
-    open_loop(rate, duration, move |_| {
-        let http = http.clone();
-        let path = path.clone();
-        async move { matches!(http.post(&path, body).await, Ok((status, _)) if ok(status)) }
-    })
-    .await
+impl BaselinePost {
+    fn new(http: &Http, path: String, body: &'static str, ok: fn(u16) -> bool) -> Self {
+        Self {
+            http: http.clone(),
+            path: Arc::new(path),
+            body,
+            ok,
+        }
+    }
+
+    async fn send(self) -> bool {
+        matches!(self.http.post(&self.path, self.body).await, Ok((status, _)) if (self.ok)(status))
+    }
+
+    /// `clients` closed loops for `duration`.
+    async fn closed_loop(self, clients: usize, duration: Duration) -> Stats {
+        closed_loop(clients, duration, move |_, _| self.clone().send()).await
+    }
+
+    /// Sent open loop at `rate` per second for `duration`.
+    async fn open_loop(self, rate: f64, duration: Duration) -> Stats {
+        open_loop(rate, duration, move |_| self.clone().send()).await
+    }
 }
 
 /// Closed-loop GETs of `path`.
@@ -317,8 +312,9 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
                 } else {
                     accept_4xx
                 };
-                let post =
-                    post_load(&setup.http, clients, duration, post_path, post_body, ok).await;
+                let post = BaselinePost::new(&setup.http, post_path, post_body, ok)
+                    .closed_loop(clients, duration)
+                    .await;
                 let get = get_load(&setup.http, clients, duration, get_path).await;
                 (post, get)
             });
@@ -342,7 +338,7 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
                 let open_rate = accounts as f64 / opened.elapsed().as_secs_f64();
                 eprintln!("commands: {open_rate:.0} opens/s; {post_name} baseline, then deposits ({clients} clients, {duration:?})");
                 let ok = if setup.local.is_some() { is_200 } else { accept_4xx };
-                let baseline = post_load(&setup.http, clients, duration, post_path, post_body, ok).await;
+                let baseline = BaselinePost::new(&setup.http, post_path, post_body, ok).closed_loop(clients, duration).await;
                 let commands = deposits(&setup, accounts, clients, options.rate, duration).await;
                 // The latency target is at half the saturated rate, open loop.
                 // Its limit is the baseline POST sent open loop at the same
@@ -353,7 +349,7 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
                     eprintln!("commands: open loop at {rate:.0}/s, then {post_name} at that rate");
                     let half = deposits(&setup, accounts, clients, Some(rate), duration).await;
                     let (path, body, _) = setup.baseline_post();
-                    let baseline = post_rate(&setup.http, rate, duration, path, body, ok).await;
+                    let baseline = BaselinePost::new(&setup.http, path, body, ok).open_loop(rate, duration).await;
                     Some((rate, half, baseline))
                 } else {
                     None
@@ -507,14 +503,13 @@ fn kafka(options: &Options, runtime: &tokio::runtime::Runtime) -> anyhow::Result
         eprintln!(
             "kafka: baseline POST, deposits, raw producer; {clients} clients, {duration:?} each"
         );
-        let baseline = post_load(
+        let baseline = BaselinePost::new(
             &setup.http,
-            clients,
-            duration,
             noop::POST_PATH.to_owned(),
             DEPOSIT_BODY,
             is_200,
         )
+        .closed_loop(clients, duration)
         .await;
         let commands = deposits(&setup, accounts, clients, None, duration).await;
         let topic = Arc::new(topic);
