@@ -70,10 +70,18 @@ impl CommandStore {
     /// cache of `cache_bytes`, converting a sled store of an earlier version
     /// first. Blocking.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        super::lsm::convert_sled(data_dir, "command", cache_bytes, |tree| {
-            TREES.contains(&tree).then(|| tree.to_owned())
-        })?;
-        let engine = super::lsm::Engine::open(&data_dir.join("command"), cache_bytes)?;
+        super::lsm::convert_sled(
+            data_dir,
+            "command",
+            cache_bytes,
+            super::lsm::COMMAND_MEMTABLE_BYTES,
+            |tree| TREES.contains(&tree).then(|| tree.to_owned()),
+        )?;
+        let engine = super::lsm::Engine::open(
+            &data_dir.join("command"),
+            cache_bytes,
+            super::lsm::COMMAND_MEMTABLE_BYTES,
+        )?;
         Ok(Self {
             engine: Arc::new(engine),
         })

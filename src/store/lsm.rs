@@ -11,15 +11,23 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::StoreError;
 
-/// The in-memory write buffer (memtable) of each keyspace. fjall's default is
-/// 64 MiB per keyspace; the view store has a keyspace per projection and a
-/// rebuild one more, so the default alone could hold hundreds of MiB. fjall
-/// keeps up to four sealed memtables per keyspace besides the active one, so
-/// this also sets the worst case of its memory. Measured at 1M aggregates
-/// (BENCHMARKS.md, "fjall's memtable size"): 8 MiB lowered the peak RSS by
-/// about 35 MiB but made the catch-up 3 s slower (more, smaller sorted files
-/// to compact); 24 MiB was slower too, at 505 MiB.
-const MEMTABLE_BYTES: u64 = 16 << 20;
+/// The in-memory write buffer (memtable) of each keyspace of the view store.
+/// fjall's default is 64 MiB per keyspace; the view store has a keyspace per
+/// projection and a rebuild one more, so the default alone could hold
+/// hundreds of MiB. fjall keeps up to four sealed memtables per keyspace
+/// besides the active one, so this also sets the worst case of its memory.
+/// Measured at 1M aggregates (BENCHMARKS.md, "fjall's memtable size" and
+/// "Results at ea790a6"): 8 MiB lowered the peak RSS by 35–70 MiB but made
+/// the catch-up 1.5–3 s slower (more, smaller sorted files to compact); 24
+/// MiB was slower too, at 505 MiB.
+pub(crate) const VIEW_MEMTABLE_BYTES: u64 = 16 << 20;
+
+/// The same for the command store. Its large writes are the startup
+/// restore's snapshots, once per aggregate, while the projections catch up
+/// beside it; at 8 MiB instead of 16 the 1M-aggregate peak RSS was 489–504
+/// MiB instead of 508–521, at the same ready time (BENCHMARKS.md, "Results
+/// at ea790a6").
+pub(crate) const COMMAND_MEMTABLE_BYTES: u64 = 8 << 20;
 
 /// The journal's bound before fjall flushes memtables to free it (fjall's
 /// default is 512 MiB, its minimum 64 MiB): the journal is disk that holds
@@ -36,9 +44,9 @@ const LOCK_RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// with lz4), while every flush and compaction paid for it: the 1M-aggregate
 /// catch-up was ready in 18.3–19.1 s without, 19.5–20.3 s with, alternated
 /// in one sitting (BENCHMARKS.md, "Results of the previous round").
-pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
+pub(crate) fn keyspace_options(memtable_bytes: u64) -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default()
-        .max_memtable_size(MEMTABLE_BYTES)
+        .max_memtable_size(memtable_bytes)
         .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
 }
 
@@ -84,6 +92,7 @@ pub(crate) fn convert_sled(
     data_dir: &Path,
     name: &str,
     cache_bytes: u64,
+    memtable_bytes: u64,
     keyspace: impl Fn(&str) -> Option<String>,
 ) -> Result<(), StoreError> {
     let old_dir = data_dir.join(name);
@@ -113,7 +122,7 @@ pub(crate) fn convert_sled(
                 continue;
             };
             let tree = old.open_tree(&tree_name)?;
-            let target = new.keyspace(&target, keyspace_options)?;
+            let target = new.keyspace(&target, || keyspace_options(memtable_bytes))?;
             let mut batch = new.batch();
             for item in tree.iter() {
                 let (key, value) = item?;
@@ -150,6 +159,8 @@ pub(crate) fn convert_sled(
 pub(crate) struct Engine {
     path: PathBuf,
     cache_bytes: u64,
+    /// Each keyspace's memtable bound (`VIEW_MEMTABLE_BYTES`, `COMMAND_MEMTABLE_BYTES`).
+    memtable_bytes: u64,
     open: RwLock<Option<Open>>,
 }
 
@@ -171,12 +182,18 @@ fn poisoned_lock<T>(_: T) -> StoreError {
 }
 
 impl Engine {
-    /// Opens the database at `path`. Blocking.
-    pub(crate) fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+    /// Opens the database at `path`, whose keyspaces buffer up to
+    /// `memtable_bytes` each in memory. Blocking.
+    pub(crate) fn open(
+        path: &Path,
+        cache_bytes: u64,
+        memtable_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let db = open(path, cache_bytes)?;
         Ok(Self {
             path: path.to_owned(),
             cache_bytes,
+            memtable_bytes,
             open: RwLock::new(Some(Open {
                 db,
                 keyspaces: HashMap::new(),
@@ -206,7 +223,10 @@ impl Engine {
                 self.path.display()
             )));
         }
-        let keyspace = open.db.keyspace(name, keyspace_options)?;
+        let memtable_bytes = self.memtable_bytes;
+        let keyspace = open
+            .db
+            .keyspace(name, || keyspace_options(memtable_bytes))?;
         open.keyspaces.insert(name.to_owned(), keyspace.clone());
         Ok((open.db.clone(), keyspace))
     }

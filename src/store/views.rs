@@ -180,8 +180,18 @@ impl ViewStore {
     /// Opens the store with a block cache of `cache_bytes`, converting a sled
     /// view store of an earlier version first. Blocking.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        super::lsm::convert_sled(data_dir, "views", cache_bytes, keyspace_of_sled_tree)?;
-        let engine = Engine::open(&data_dir.join("views"), cache_bytes)?;
+        super::lsm::convert_sled(
+            data_dir,
+            "views",
+            cache_bytes,
+            super::lsm::VIEW_MEMTABLE_BYTES,
+            keyspace_of_sled_tree,
+        )?;
+        let engine = Engine::open(
+            &data_dir.join("views"),
+            cache_bytes,
+            super::lsm::VIEW_MEMTABLE_BYTES,
+        )?;
         let store = Self {
             engine: Arc::new(engine),
             live: Arc::default(),
