@@ -200,6 +200,7 @@ impl BaselinePost {
         }
     }
 
+    /// Sends it once; whether the answer counts as a success.
     async fn send(self) -> bool {
         matches!(self.http.post(&self.path, self.body).await, Ok((status, _)) if (self.ok)(status))
     }
@@ -338,7 +339,8 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
                 let open_rate = accounts as f64 / opened.elapsed().as_secs_f64();
                 eprintln!("commands: {open_rate:.0} opens/s; {post_name} baseline, then deposits ({clients} clients, {duration:?})");
                 let ok = if setup.local.is_some() { is_200 } else { accept_4xx };
-                let baseline = BaselinePost::new(&setup.http, post_path, post_body, ok).closed_loop(clients, duration).await;
+                let baseline_post = BaselinePost::new(&setup.http, post_path, post_body, ok);
+                let baseline = baseline_post.clone().closed_loop(clients, duration).await;
                 let commands = deposits(&setup, accounts, clients, options.rate, duration).await;
                 // The latency target is at half the saturated rate, open loop.
                 // Its limit is the baseline POST sent open loop at the same
@@ -348,8 +350,7 @@ pub(super) fn run_one(options: &Options, scenario: Scenario) -> anyhow::Result<R
                     let rate = commands.throughput() / 2.0;
                     eprintln!("commands: open loop at {rate:.0}/s, then {post_name} at that rate");
                     let half = deposits(&setup, accounts, clients, Some(rate), duration).await;
-                    let (path, body, _) = setup.baseline_post();
-                    let baseline = BaselinePost::new(&setup.http, path, body, ok).open_loop(rate, duration).await;
+                    let baseline = baseline_post.open_loop(rate, duration).await;
                     Some((rate, half, baseline))
                 } else {
                     None

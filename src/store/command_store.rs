@@ -183,36 +183,24 @@ impl CommandStore {
         let replies_ks = self.keyspace("replies")?;
         let expiry_ks = self.keyspace("reply_expiry")?;
         let checkpoints_ks = self.keyspace("checkpoints")?;
-        // Each keyspace's writes go to fjall in key order: its memtable is a
-        // skip list, and nearby keys inserted one after another walk nodes
-        // still in the CPU's caches (the callers' order is a hash map's;
-        // BENCHMARKS.md, "Sorted commits"). Keys are unique per batch.
-        let mut snapshot_writes = snapshots
+        // Each keyspace's writes go to fjall in key order (`write_in_key_order`).
+        let snapshot_writes = snapshots
             .iter()
-            .map(|(ty, id, snap)| Ok((aggregate_key(ty, id), encode(snap)?)))
+            .map(|(ty, id, snap)| Ok((aggregate_key(ty, id), Some(encode(snap)?))))
             .collect::<Result<Vec<_>, StoreError>>()?;
-        snapshot_writes.sort_by(|a, b| a.0.cmp(&b.0));
         let mut reply_writes = Vec::with_capacity(replies.len());
         let mut expiry_writes = Vec::with_capacity(replies.len());
         for (ty, id, key, reply) in replies {
             let k = reply_key(ty, id, key);
             let mut expiry = expiry_prefix(reply.expires_at_ms).to_vec();
             expiry.extend_from_slice(&k);
-            reply_writes.push((k, encode(reply)?));
-            expiry_writes.push(expiry);
+            reply_writes.push((k, Some(encode(reply)?)));
+            expiry_writes.push((expiry, Some(Vec::new())));
         }
-        reply_writes.sort_by(|a, b| a.0.cmp(&b.0));
-        expiry_writes.sort();
         let mut batch = db.batch();
-        for (key, value) in snapshot_writes {
-            batch.insert(&snapshots_ks, key, value);
-        }
-        for (key, value) in reply_writes {
-            batch.insert(&replies_ks, key, value);
-        }
-        for key in expiry_writes {
-            batch.insert(&expiry_ks, key, []);
-        }
+        super::lsm::write_in_key_order(&mut batch, &snapshots_ks, snapshot_writes);
+        super::lsm::write_in_key_order(&mut batch, &replies_ks, reply_writes);
+        super::lsm::write_in_key_order(&mut batch, &expiry_ks, expiry_writes);
         batch.insert(
             &checkpoints_ks,
             checkpoint_key(topic, partition),

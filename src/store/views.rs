@@ -473,12 +473,8 @@ impl Generation {
     pub fn commit(&self, changes: &ChangeSet) -> Result<(), StoreError> {
         let (db, tree) = self.engine.handles(&self.name, false)?;
         let tree = &tree;
-        // The writes are gathered first and handed to fjall in key order: its
-        // memtable is a skip list, and consecutive inserts of nearby keys walk
-        // the same nodes, still in the CPU's caches, where the document order
-        // of a batch (a hash map's) sent every insert to a random place
-        // (BENCHMARKS.md, "Results at ea790a6", "Sorted commits").
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+        // Gathered first, then handed to fjall in key order (`write_in_key_order`).
+        let mut writes: Vec<super::lsm::Write> =
             Vec::with_capacity(changes.docs.len() * (1 + changes.indexes.len()));
         for (id, (before, after)) in &changes.docs {
             if before == after {
@@ -495,14 +491,14 @@ impl Generation {
                 .iter()
                 .flat_map(|doc| index_keys(&changes.indexes, doc, id))
                 .collect();
-            for key in &old_keys {
-                if !new_keys.contains(key) {
-                    writes.push((key.clone(), None));
+            for key in &new_keys {
+                if !old_keys.contains(key) {
+                    writes.push((key.clone(), Some(Vec::new())));
                 }
             }
-            for key in new_keys {
-                if !old_keys.contains(&key) {
-                    writes.push((key, Some(Vec::new())));
+            for key in old_keys {
+                if !new_keys.contains(&key) {
+                    writes.push((key, None));
                 }
             }
             let mut doc_key = vec![DOC];
@@ -536,17 +532,8 @@ impl Generation {
             key.extend_from_slice(&partition_key(topic, *partition));
             writes.push((key, Some(offset.to_be_bytes().to_vec())));
         }
-        // Every key above is written once per batch (index keys end with the
-        // document's id), so the order changes nothing but speed; a stable
-        // sort would keep a repeated key's writes in order all the same.
-        writes.sort_by(|a, b| a.0.cmp(&b.0));
         let mut batch = db.batch();
-        for (key, value) in writes {
-            match value {
-                Some(value) => batch.insert(tree, key, value),
-                None => batch.remove(tree, key),
-            }
-        }
+        super::lsm::write_in_key_order(&mut batch, tree, writes);
         self.engine.written(batch.commit())?;
         // The batch is committed now, whatever the sync below does: were its
         // failure returned, the caller would apply the batch's events again.
